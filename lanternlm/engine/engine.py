@@ -1,0 +1,228 @@
+"""The serving engine: continuous batching over a slotted KV cache, in one background thread.
+
+Each step admits waiting requests into free cache slots, runs one prefill chunk (so a long prompt cannot
+stall running streams for long), then decodes every running sequence together in one batched forward:
+weights are read once per step for all of them. Sequences join and leave between steps. Running
+sequences are kept packed in slots 0..n-1 (a finished one's slot is refilled by moving the last one into
+it), so the batched decode reads the cache as views, never a gathered copy.
+
+Front ends call `submit` (thread-safe) with a callback that receives Events; the callback runs on the
+engine thread and must only hand the event over (e.g. to an asyncio queue), never block.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LanternError
+from ..generate import OutputStream, plan_lengths
+from ..model import CausalLM, KVCache
+from ..sampling import SamplingParams, make_generator, process_logits, sample
+from ..tokenizer import Tokenizer
+from .sequence import Event, Sequence
+
+log = logging.getLogger("lanternlm.engine")
+
+
+class QueueFullError(LanternError):
+    """Too many requests are waiting; retry later."""
+
+
+class EngineDeadError(LanternError):
+    """The engine thread stopped after an internal failure."""
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    requests_total: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, context: int, max_batch: int = 8,
+                 max_queue: int = 64, prefill_chunk: int = 512, device: torch.device | str = "cpu",
+                 observer: Callable[[str, float], None] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.context, self.max_batch, self.max_queue, self.prefill_chunk = context, max_batch, max_queue, prefill_chunk
+        self.device = torch.device(device)
+        self.cache = KVCache(model.config, slots=max_batch, max_len=context, dtype=model.lm_head.weight.dtype,
+                             device=self.device)
+        self.observer = observer            # (metric name, value): time_to_first_token, inter_token_latency
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []   # running[i] lives in cache slot i
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._aborts: set[str] = set()
+        self._stop = False
+        self.dead: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="lantern-engine", daemon=True)
+
+    # ------------------------------------------------------------------ public, thread-safe
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+               request_id: str | None = None) -> str:
+        """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once."""
+        max_new = plan_lengths(len(prompt_ids), params, self.context)
+        if self.dead:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
+                       OutputStream(self.tokenizer, params, prompt_ids, max_new), make_generator(params.seed),
+                       on_event)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+            self.waiting.append(seq)
+            self.stats.requests_total += 1
+            self._wake.notify()
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone): its slot is freed before the next step."""
+        with self._lock:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Finish the steps in flight, abort what remains, and stop the thread."""
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def snapshot(self) -> EngineStats:
+        with self._lock:
+            self.stats.running, self.stats.waiting = len(self.running), len(self.waiting)
+            return EngineStats(**vars(self.stats))
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        while not self._stop and not self.waiting and not self.running and not self._aborts:
+                            self._wake.wait()
+                        if self._stop:
+                            break
+                    self.step()
+        except Exception as e:  # keep serving errors visible: /health turns 503 and every request ends
+            log.exception("engine failure")
+            self.dead = f"{type(e).__name__}: {e}"
+        with self._lock:
+            leftovers = list(self.running) + list(self.waiting)
+            self.running, self.waiting = [], collections.deque()
+        for seq in leftovers:
+            self._emit(seq, Event(seq.request_id, error=self.dead or "the server is shutting down"))
+
+    def step(self) -> None:
+        """One engine step: aborts, admission, one prefill chunk, one batched decode."""
+        self._apply_aborts()
+        self._admit()
+        prefill = next((s for s in self.running if s.prefilling), None)
+        if prefill is not None:
+            self._prefill_chunk(prefill)
+        decoding = [s for s in self.running if not s.prefilling and not s.finished]
+        if decoding:
+            self._decode(decoding)
+        self._release_finished()
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            for seq in [s for s in self.waiting if s.request_id in aborts]:
+                self.waiting.remove(seq)
+                self.stats.requests_aborted += 1
+        for seq in self.running:
+            if seq.request_id in aborts:
+                seq.aborted = True
+        self._release_finished()
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and len(self.running) < self.max_batch:
+                seq = self.waiting.popleft()
+                seq.slot = len(self.running)
+                self.running.append(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        start = seq.computed
+        chunk = seq.prompt_ids[start:start + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        logits = self.model(ids, positions, self.cache, slots=seq.slot, logits_to_keep=1).logits[0, -1]
+        seq.computed += len(chunk)
+        self.stats.prompt_tokens_total += len(chunk)
+        if not seq.prefilling:  # the prompt is in: its last logits give the first token
+            self._sample_and_emit(seq, logits)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        # Running sequences are packed, so a contiguous run of slots is a view of the cache.
+        first = seqs[0].slot
+        contiguous = all(s.slot == first + i for i, s in enumerate(seqs))
+        slots = first if contiguous else torch.tensor([s.slot for s in seqs], device=self.device)
+        ids = torch.tensor([[s.stream.output_ids[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
+        logits = self.model(ids, positions, self.cache, slots=slots, logits_to_keep=1).logits[:, -1]
+        for seq, row in zip(seqs, logits):
+            self._sample_and_emit(seq, row)
+
+    def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        params = seq.stream.params
+        processed = process_logits(logits.float(), params, seq.prompt_ids, seq.stream.output_ids)
+        token = sample(processed, params, seq.generator)
+        step = seq.stream.append(token)
+        now = time.monotonic()
+        if self.observer:
+            if seq.first_token_at is None:
+                self.observer("time_to_first_token", now - seq.arrived)
+            else:
+                self.observer("inter_token_latency", now - seq.last_token_at)
+        seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        self.stats.generation_tokens_total += 1
+        self._emit(seq, Event(seq.request_id, step, prompt_tokens=len(seq.prompt_ids),
+                              completion_tokens=len(seq.stream.output_ids)))
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer's failure must not take the engine down
+            log.exception("event callback failed for %s", seq.request_id)
+            seq.aborted = True
+
+    def _release_finished(self) -> None:
+        """Free the slots of finished or aborted sequences, keeping the rest packed in slots 0..n-1."""
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if not (seq.finished or seq.aborted):
+                i += 1
+                continue
+            if seq.aborted and not seq.finished:
+                self.stats.requests_aborted += 1
+            else:
+                self.stats.requests_finished += 1
+            last = self.running.pop()
+            if last is not seq:  # move the last sequence into the freed slot
+                self.cache.move(last.slot, seq.slot, min(last.length, self.context))
+                last.slot = seq.slot
+                self.running[i] = last

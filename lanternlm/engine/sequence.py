@@ -1,0 +1,57 @@
+"""One request inside the engine: its prompt, parameters, progress through prefill, and output stream."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import OutputStream, Step
+
+_ids = itertools.count()
+
+
+@dataclass
+class Event:
+    """What the engine reports for a request: a step, or an error that ended it."""
+
+    request_id: str
+    step: Step | None = None
+    error: str | None = None           # set when the engine aborted the request (shutdown, failure)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    stream: OutputStream
+    generator: torch.Generator | None
+    on_event: Callable[[Event], None]
+    slot: int = -1                       # KV cache row while running
+    computed: int = 0                    # prompt tokens already in the cache
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    aborted: bool = False
+
+    @staticmethod
+    def new_id() -> str:
+        return f"req-{next(_ids)}"
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose keys are in the cache once the next forward has run."""
+        return len(self.prompt_ids) + len(self.stream.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.stream.finish_reason is not None

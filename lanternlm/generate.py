@@ -1,0 +1,139 @@
+"""Generation as a generator of steps: token id, the new text it completes, and a finish reason on the last.
+
+`OutputStream` turns sampled token ids into safe text for one sequence (UTF-8 whole characters only, stop
+strings never emitted, not even in part) and decides when the sequence ends; `generate` runs the model
+for one sequence with a KV cache and feeds it. The server's batched engine reuses OutputStream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LanternError
+from .model import CausalLM, KVCache
+from .sampling import SamplingParams, make_generator, process_logits, sample
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+class ContextLengthError(LanternError):
+    """The prompt (plus what must be generated) does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int
+    text: str                          # text completed by this token ("" while a character or a stop is pending)
+    finish_reason: str | None = None   # None while generating; "stop" or "length" on the last step
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string; reports the text before a stop once it appears."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        # The stop that completes first wins (ties: the one starting first), as a token-by-token stream would
+        # see it; this makes the result independent of how the text arrives in pieces.
+        hits = [(i + len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)[1]], ""
+            return out, True
+        keep = 0  # longest tail of pending that is a proper prefix of some stop string
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class OutputStream:
+    """One sequence's output: token ids in, Steps out, with the finish decided here."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int], max_new_tokens: int):
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.max_new_tokens = max_new_tokens
+        self.end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.end_token_ids))
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=params.skip_special_tokens,
+                                          prompt_ids=self.prompt_ids)
+        self.stops = StopMatcher(params.stop)
+
+    def append(self, token_id: int) -> Step:
+        if self.finish_reason is not None:
+            raise RuntimeError("sequence already finished")
+        self.output_ids.append(token_id)
+        if token_id in self.end_ids:  # end-of-turn token: its own text is never shown
+            return self._finish(token_id, self.stops.push(self.decoder.flush())[0] + self.stops.flush(), "stop")
+        text, stopped = self.stops.push(self.decoder.push(token_id))
+        if stopped:
+            return self._finish(token_id, text, "stop")
+        if len(self.output_ids) >= self.max_new_tokens:
+            text2, stopped = self.stops.push(self.decoder.flush())
+            return self._finish(token_id, text + text2 + ("" if stopped else self.stops.flush()),
+                                "stop" if stopped else "length")
+        self.text += text
+        return Step(token_id, text)
+
+    def _finish(self, token_id: int, text: str, reason: str) -> Step:
+        self.text += text
+        self.finish_reason = reason
+        return Step(token_id, text, reason)
+
+
+def plan_lengths(prompt_len: int, params: SamplingParams, context: int) -> int:
+    """How many new tokens this sequence may produce within `context` positions."""
+    if prompt_len == 0:
+        raise LanternError("the prompt is empty: give at least one token")
+    if prompt_len >= context:
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens but the context holds {context}")
+    room = context - prompt_len
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise ContextLengthError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"the context of {context} tokens")
+    return room if params.max_tokens is None else params.max_tokens
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+             context: int, device: torch.device | str = "cpu") -> Iterator[Step]:
+    """Yield one Step per generated token until an end token, a stop string or the length limit."""
+    max_new = plan_lengths(len(prompt_ids), params, context)
+    if max_new == 0:
+        return
+    stream = OutputStream(tokenizer, params, prompt_ids, max_new)
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
+    generator = make_generator(params.seed)
+    ids = torch.tensor([prompt_ids], device=device)
+    positions = torch.arange(len(prompt_ids), device=device)[None]
+    while True:
+        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1].float()  # (V,)
+        logits = process_logits(logits, params, stream.prompt_ids, stream.output_ids)
+        token = sample(logits, params, generator)
+        step = stream.append(token)
+        yield step
+        if step.finish_reason is not None:
+            return
+        pos = len(prompt_ids) + len(stream.output_ids) - 1
+        ids = torch.tensor([[token]], device=device)
+        positions = torch.tensor([[pos]], device=device)

@@ -1,0 +1,125 @@
+"""What a model is made of, as the seeds show it with print(model) and parameter arithmetic: the module tree
+(repeated layers folded), parameter counts per component and in total, config highlights, tokenizer and
+template facts, and the files. Plain data (`describe`) plus a text rendering (`render_text`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(model) -> dict:
+    """Per component and in total. `total` counts each tensor once (transformers' num_parameters());
+    `total_counting_lm_head` adds a tied lm_head again, as the seeds' arithmetic does."""
+    cfg = model.config
+    layer = model.model.layers[0]
+    attn = {name: count(m) for name, m in layer.self_attn.named_children()}
+    mlp = {name: count(m) for name, m in layer.mlp.named_children() if count(m)}
+    norms = {name: count(m) for name, m in layer.named_children() if name.endswith("layernorm")}
+    per_layer = count(layer)
+    linear_per_layer = sum(count(m) for m in layer.modules() if isinstance(m, nn.Linear))
+    lm_head = model.lm_head.weight.numel()
+    total = count(model)
+    return {
+        "embed_tokens": count(model.model.embed_tokens),
+        "per_layer": {"self_attn": attn, "mlp": mlp, "norms": norms, "total": per_layer,
+                      "linear_only": linear_per_layer},
+        "layers": per_layer * cfg.num_hidden_layers,
+        "final_norm": count(model.model.norm),
+        "lm_head": lm_head,
+        "lm_head_tied": cfg.tie_word_embeddings,
+        "total": total,
+        "total_counting_lm_head": total + (lm_head if cfg.tie_word_embeddings else 0),
+        # The seeds' estimate: each layer's linear weights (biases included) x layers + lm_head.
+        "seeds_estimate": linear_per_layer * cfg.num_hidden_layers + lm_head,
+    }
+
+
+def describe(llm) -> dict:
+    cfg, tok, loaded = llm.config, llm.tokenizer, llm.loaded
+    files = [{"path": str(p), "bytes": p.stat().st_size} for p in loaded.files]
+    for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "chat_template.jinja"):
+        if loaded.format == "hf" and (loaded.path / extra).is_file():
+            files.append({"path": str(loaded.path / extra), "bytes": (loaded.path / extra).stat().st_size})
+    weights_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    rope = cfg.rope_for("full_attention")
+    return {
+        "model": str(loaded.path),
+        "format": loaded.format,
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "config": {
+            "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+            "context_length": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
+            "rope": {"type": rope.rope_type, "theta": rope.rope_theta, "factor": rope.factor,
+                     "partial_rotary_factor": rope.partial_rotary_factor},
+            "sliding_window": cfg.sliding_window,
+            "sliding_layers": sum(t == "sliding_attention" for t in cfg.layer_types),
+            "activation": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
+        },
+        "dtype": {"stored": ({k: v for k, v in loaded.gguf_types.items()} if loaded.gguf_types
+                             else cfg.torch_dtype),
+                  "compute": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
+                  "weights_bytes_in_memory": weights_bytes},
+        "parameters": parameter_counts(llm.model),
+        "tokenizer": {
+            "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token,
+            "end_of_turn": sorted(tok.tokens(sorted(tok.end_token_ids))),
+            "adds_bos": tok.add_bos_token, "special_tokens": len(tok.special_ids),
+        },
+        "chat_template": {"present": loaded.chat_template is not None,
+                          "chars": len(loaded.chat_template or "")},
+        "files": files,
+        "module_tree": str(llm.model),
+    }
+
+
+def render_text(llm, info: dict) -> str:
+    c, p, t = info["config"], info["parameters"], info["tokenizer"]
+    per = p["per_layer"]
+    lines = [
+        f"{info['architecture']} ({info['format']}) from {info['model']}",
+        "",
+        info["module_tree"],
+        "",
+        "parameters",
+        f"  embed_tokens           {p['embed_tokens']:>15,}",
+        f"  one decoder layer      {per['total']:>15,}   (self_attn {sum(per['self_attn'].values()):,}, "
+        f"mlp {sum(per['mlp'].values()):,}, norms {sum(per['norms'].values()):,})",
+        f"  {'x ' + str(c['layers']) + ' layers':<22} {p['layers']:>15,}",
+        f"  final norm             {p['final_norm']:>15,}",
+        f"  lm_head                {p['lm_head']:>15,}   {'(tied: shares embed_tokens)' if p['lm_head_tied'] else ''}",
+        f"  total                  {p['total']:>15,}   (each tensor once, as num_parameters())",
+    ]
+    if p["lm_head_tied"]:
+        lines.append(f"  total + tied lm_head   {p['total_counting_lm_head']:>15,}")
+    lines += [
+        f"  seeds' estimate        {p['seeds_estimate']:>15,}   "
+        f"(linear weights per layer {per['linear_only']:,} x {c['layers']} + lm_head)",
+        "",
+        "config",
+        f"  layers {c['layers']}, hidden {c['hidden_size']}, mlp {c['intermediate_size']} ({c['activation']}), "
+        f"heads {c['heads']}, kv heads {c['kv_heads']}, head_dim {c['head_dim']}",
+        f"  context {c['context_length']}, vocab {c['vocab_size']}, rope {c['rope']['type']} "
+        f"theta {c['rope']['theta']:g}" + (f" factor {c['rope']['factor']:g}" if c['rope']['factor'] else "")
+        + (f", sliding window {c['sliding_window']} on {c['sliding_layers']} layers" if c["sliding_window"] else ""),
+        f"  stored {info['dtype']['stored']}, computed in {info['dtype']['compute']} on {info['dtype']['device']} "
+        f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory)",
+        "",
+        "tokenizer",
+        f"  vocab {t['vocab_size']}, bos {t['bos']!r}, eos {t['eos']!r}, end of turn {t['end_of_turn']}, "
+        f"adds bos: {t['adds_bos']}, {t['special_tokens']} special tokens",
+        f"  chat template: {'yes, ' + str(info['chat_template']['chars']) + ' chars' if info['chat_template']['present'] else 'none'}",
+        "",
+        "files",
+    ]
+    lines += [f"  {f['path']}  ({f['bytes'] / 1e6:.1f} MB)" for f in info["files"]]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Instantiate CausalLM from a config and named tensors without allocating the weights twice.
+
+The module tree is created on the meta device (no memory), the loaded tensors are assigned into it as they
+are, and only the RoPE buffers, which no checkpoint stores, are computed for real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..model import CausalLM, RotaryEmbedding
+
+# Names some checkpoints carry that hold nothing the model needs (old transformers saved RoPE buffers).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source,
+                device: torch.device | str = "cpu") -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # shares model.embed_tokens.weight
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    unexpected = [n for n in tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise ModelFileError(source, f"unexpected tensor {unexpected[0]!r} for {config.architecture}"
+                                     f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        hint = " (the checkpoint has no lm_head: is tie_word_embeddings missing?)" if missing == ["lm_head.weight"] else ""
+        raise ModelFileError(source, f"missing tensor {missing[0]!r}"
+                                     f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}{hint}")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ModelFileError(source, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                         f"config says {tuple(param.shape)}")
+    model.load_state_dict({n: tensors[n] for n in expected}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer_type in list(model.model.rotary.keys()):
+        model.model.rotary[layer_type] = RotaryEmbedding(config.rope_for(layer_type), config.head_dim).to(device)
+    model.requires_grad_(False)
+    return model.eval()

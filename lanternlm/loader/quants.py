@@ -1,0 +1,293 @@
+"""Dequantization of ggml tensor data (F32/F16/BF16 and the Q*_0/Q*_1/Q*_K block formats) to float32, in torch.
+
+This is the only place in Lantern that knows ggml block layouts. Every function works on whole tensors at
+once (blocks are rows of a 2-D uint8 tensor), with no Python loop over blocks. The arithmetic is the same
+float32 operations, in the same order, as gguf-py's reference dequantizer, so results are bit-identical to
+`gguf.quants.dequantize`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from lanternlm.errors import LanternError
+
+# Super-block size of the k-quants (ggml's QK_K).
+_QK_K = 256
+
+# (block_size in elements, type_size in bytes) of each type this module can dequantize.
+# Facts from ggml's block structs; written out here so validation does not depend on a table we also test against.
+_SUPPORTED_LAYOUTS: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    30: (1, 2),  # BF16
+    2: (32, 2 + 16),  # Q4_0: f16 d, 16 bytes of nibbles
+    3: (32, 2 + 2 + 16),  # Q4_1: f16 d, f16 m, 16 bytes of nibbles
+    6: (32, 2 + 4 + 16),  # Q5_0: f16 d, 32 high bits, 16 bytes of nibbles
+    7: (32, 2 + 2 + 4 + 16),  # Q5_1: f16 d, f16 m, 32 high bits, 16 bytes of nibbles
+    8: (32, 2 + 32),  # Q8_0: f16 d, 32 int8
+    10: (_QK_K, 16 + 64 + 2 + 2),  # Q2_K: scales, 2-bit quants, f16 d, f16 dmin
+    11: (_QK_K, 32 + 64 + 12 + 2),  # Q3_K: high-bit mask, 2-bit quants, 6-bit scales, f16 d
+    12: (_QK_K, 2 + 2 + 12 + 128),  # Q4_K: f16 d, f16 dmin, 6-bit scales/mins, nibbles
+    13: (_QK_K, 2 + 2 + 12 + 32 + 128),  # Q5_K: f16 d, f16 dmin, scales/mins, high bits, nibbles
+    14: (_QK_K, 128 + 64 + 16 + 2),  # Q6_K: low nibbles, high 2 bits, int8 scales, f16 d
+}
+
+# The ggml type ids this module dequantizes (an immutable constant, for callers that want to pre-check a file).
+SUPPORTED_TYPES: frozenset[int] = frozenset(_SUPPORTED_LAYOUTS)
+
+
+def type_name(ggml_type: int) -> str:
+    """ggml's name for a type id (e.g. 3 -> 'Q4_1'), or 'unknown type N' for ids ggml does not define."""
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"unknown type {ggml_type}"
+
+
+def type_layout(ggml_type: int) -> tuple[int, int]:
+    """(block_size, type_size) of a ggml type: elements per block and bytes per block.
+
+    Covers every type ggml defines (so a file whose tensors we cannot dequantize can still be opened and
+    validated); raises LanternError for ids ggml does not define.
+    """
+    layout = _SUPPORTED_LAYOUTS.get(ggml_type)
+    if layout is not None:
+        return layout
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise LanternError(f"unknown ggml tensor type {ggml_type}") from None
+
+
+def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of this type and PyTorch shape occupies; raises LanternError if rows do not fill whole blocks."""
+    block_size, type_size = type_layout(ggml_type)
+    count = math.prod(shape)
+    # ggml quantizes along the fastest dimension (PyTorch's last), so each row must be whole blocks.
+    row = shape[-1] if shape else 1
+    if row % block_size != 0:
+        raise LanternError(
+            f"{type_name(ggml_type)} tensor of shape {tuple(shape)} has rows of {row} elements, "
+            f"not a multiple of its block size {block_size}"
+        )
+    return count // block_size * type_size
+
+
+def dequantize(raw: torch.Tensor | np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode a tensor's raw bytes (1-D uint8) of the given ggml type into a new float32 tensor of `shape`.
+
+    Raises LanternError for unsupported types or when the byte count does not match the shape.
+    """
+    shape = tuple(int(d) for d in shape)
+    name = type_name(ggml_type)
+    if ggml_type not in _SUPPORTED_LAYOUTS:
+        supported = ", ".join(sorted(type_name(t) for t in SUPPORTED_TYPES))
+        raise LanternError(f"dequantizing {name} is not supported (supported types: {supported})")
+    expected = tensor_nbytes(ggml_type, shape)
+    data = _owned_bytes(raw, name)
+    if data.numel() != expected:
+        raise LanternError(f"{name} tensor of shape {shape} needs {expected} bytes, got {data.numel()}")
+
+    block_size, type_size = _SUPPORTED_LAYOUTS[ggml_type]
+    if block_size == 1:
+        out = _decode_float(data, ggml_type)
+    else:
+        blocks = data.view(-1, type_size)  # (n_blocks, type_size)
+        out = _BLOCK_DECODERS[ggml_type](blocks)  # (n_blocks, block_size) float32
+    return out.reshape(shape)
+
+
+def _owned_bytes(raw: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    """A fresh, contiguous, writable 1-D uint8 torch copy of `raw`.
+
+    Copying the (compressed) bytes is cheap and means the result never aliases a read-only memory map.
+    """
+    if isinstance(raw, np.ndarray):
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise LanternError(f"{name} raw data must be a 1-D uint8 array, got {raw.dtype} with shape {raw.shape}")
+        return torch.from_numpy(np.array(raw, copy=True))
+    if isinstance(raw, torch.Tensor):
+        if raw.dtype != torch.uint8 or raw.dim() != 1:
+            raise LanternError(
+                f"{name} raw data must be a 1-D uint8 tensor, got {raw.dtype} with shape {tuple(raw.shape)}"
+            )
+        return raw.detach().to("cpu").contiguous().clone()
+    raise LanternError(f"{name} raw data must be a numpy array or torch tensor, got {type(raw).__name__}")
+
+
+def _decode_float(data: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """F32 / F16 / BF16: reinterpret the little-endian bytes; widening to float32 is exact."""
+    if ggml_type == 0:
+        return data.view(torch.float32)
+    if ggml_type == 1:
+        return data.view(torch.float16).float()
+    # BF16 is the top half of a float32: place the 16 bits above 16 zero bits.
+    return (data.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+
+
+# ---- bit-field helpers; `blocks` is always (n_blocks, type_size) uint8 ----
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The little-endian fp16 at byte `start` of each block, widened to float32: (n_blocks, 1)."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _shifts(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+def _split_fields(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
+    """Extract several bit fields from every byte.
+
+    packed (n, groups, width) -> (n, groups, len(shifts), width): field s of byte b is (b >> shifts[s]) & mask.
+    The field index sits between group and byte, which is how ggml orders elements (all low fields of a
+    group of bytes, then the next field of the same bytes, ...).
+    """
+    return (packed.unsqueeze(2) >> shifts.view(1, 1, -1, 1)) & mask
+
+
+def _nibbles(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Low then high nibbles of `groups` runs of bytes: (n, groups*width) uint8 -> (n, groups*2*width) in 0..15."""
+    n = packed.shape[0]
+    return _split_fields(packed.reshape(n, groups, -1), _shifts(0, 4), 0x0F).reshape(n, -1)
+
+
+def _bit_planes(packed: torch.Tensor, planes: int) -> torch.Tensor:
+    """Bit p of byte i -> element p*width + i: (n, width) uint8 -> (n, planes*width) in 0..1."""
+    n = packed.shape[0]
+    return _split_fields(packed.reshape(n, 1, -1), _shifts(*range(planes)), 0x01).reshape(n, -1)
+
+
+def _le_bits(packed: torch.Tensor) -> torch.Tensor:
+    """The bits of a little-endian bit string, in order: (n, width) uint8 -> (n, 8*width), bit p of byte i at 8*i + p."""
+    n = packed.shape[0]
+    return _split_fields(packed.reshape(n, -1, 1), _shifts(*range(8)), 0x01).reshape(n, -1)
+
+
+def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and eight 6-bit mins of Q4_K/Q5_K from their 12 packed bytes: two (n, 8) float32.
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits), bytes 4-7 mins 0-3; scales/mins 4-7 take their low 4 bits from
+    bytes 8-11 (low/high nibble) and their top 2 bits from the top 2 bits of bytes 0-3 / 4-7.
+    """
+    lo_sc, lo_min, extra = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = torch.cat([lo_sc & 0x3F, (extra & 0x0F) | ((lo_sc >> 2) & 0x30)], dim=1)
+    mins = torch.cat([lo_min & 0x3F, (extra >> 4) | ((lo_min >> 2) & 0x30)], dim=1)
+    return scales.float(), mins.float()
+
+
+# ---- one decoder per block format: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 ----
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks, 0)
+    q = _nibbles(blocks[:, 2:18], 1).to(torch.int8) - 8  # (n, 32) in -8..7
+    return d * q.float()
+
+
+def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    q = _nibbles(blocks[:, 4:20], 1).float()  # (n, 32) in 0..15
+    return q.mul_(d).add_(m)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks, 0)
+    high = _le_bits(blocks[:, 2:6])  # bit e of the little-endian uint32 is the 5th bit of element e
+    q = (_nibbles(blocks[:, 6:22], 1) | (high << 4)).to(torch.int8) - 16  # (n, 32) in -16..15
+    return d * q.float()
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    high = _le_bits(blocks[:, 4:8])
+    q = (_nibbles(blocks[:, 8:24], 1) | (high << 4)).float()  # (n, 32) in 0..31
+    return q.mul_(d).add_(m)
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks, 0)
+    q = blocks[:, 2:34].contiguous().view(torch.int8).float()  # (n, 32)
+    return q.mul_(d)
+
+
+def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    packed_scales = blocks[:, 0:16]  # per 16-element sub-block: low nibble scale, high nibble min
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    dl = (d * (packed_scales & 0x0F).float()).view(n, 16, 1)
+    ml = (dmin * (packed_scales >> 4).float()).view(n, 16, 1)
+    # Two halves of 32 bytes; each byte holds four 2-bit quants, for elements 32 apart.
+    q = _split_fields(blocks[:, 16:80].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03)  # (n, 2, 4, 32)
+    q = q.reshape(n, 16, 16).float()
+    return q.mul_(dl).sub_(ml).view(n, _QK_K)
+
+
+def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    d = _f16(blocks, 108)
+    # 16 6-bit scales: low 4 bits from bytes 96..103 (low nibbles then high nibbles),
+    # high 2 bits from bytes 104..107 (four 2-bit fields each).
+    low = _nibbles(blocks[:, 96:104], 1)  # (n, 16)
+    high = _split_fields(blocks[:, 104:108].reshape(n, 1, 4), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16)
+    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (d * scales).view(n, 16, 1)
+    low2 = _split_fields(blocks[:, 32:96].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16, 16)
+    # A clear bit in the 32-byte mask subtracts 4 (ggml stores the high bit inverted).
+    hbit = _bit_planes(blocks[:, 0:32], 8).reshape(n, 16, 16)
+    q = (low2.to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)).float()  # in -4..3
+    return (dl * q).view(n, _QK_K)
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    dl = (d * scales).view(n, 8, 1)
+    ml = (dmin * mins).view(n, 8, 1)
+    q = _nibbles(blocks[:, 16:144], 4).view(n, 8, 32).float()  # 8 sub-blocks of 32
+    return q.mul_(dl).sub_(ml).view(n, _QK_K)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    dl = (d * scales).view(n, 8, 1)
+    ml = (dmin * mins).view(n, 8, 1)
+    high = _bit_planes(blocks[:, 16:48], 8)  # bit s of byte i -> element 32*s + i
+    q = (_nibbles(blocks[:, 48:176], 4) | (high << 4)).view(n, 8, 32).float()
+    return q.mul_(dl).sub_(ml).view(n, _QK_K)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16), one per 16 elements
+    d = _f16(blocks, 208)
+    dl = (d * scales).view(n, 16, 1)
+    # Each 128-element half has 64 bytes of nibbles (element i low, element i+64 high)
+    # and 32 bytes holding the 2-bit high parts of its four runs of 32 elements.
+    low = _nibbles(blocks[:, 0:128], 2)  # (n, 256)
+    high = _split_fields(blocks[:, 128:192].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, _QK_K)
+    q = ((low | (high << 4)).to(torch.int8) - 32).view(n, 16, 16).float()  # in -32..31
+    return (dl * q).view(n, _QK_K)
+
+
+_BLOCK_DECODERS = {
+    2: _q4_0,
+    3: _q4_1,
+    6: _q5_0,
+    7: _q5_1,
+    8: _q8_0,
+    10: _q2_k,
+    11: _q3_k,
+    12: _q4_k,
+    13: _q5_k,
+    14: _q6_k,
+}

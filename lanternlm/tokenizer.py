@@ -1,0 +1,615 @@
+"""Text <-> token ids: builds one `tokenizers.Tokenizer` from a Hugging Face folder or from GGUF metadata, and turns
+a stream of generated ids back into text without ever cutting a multi-byte character in half.
+
+Hugging Face folders are taken exactly as `tokenizer.json` defines them (normalizer, pre-tokenizer, model, decoder,
+added tokens), with the special-token and BOS/EOS settings of `tokenizer_config.json` applied the way transformers
+applies them. GGUF files carry only a vocabulary, so the pipeline is rebuilt the way the model was trained and the
+way llama.cpp reads the same file: byte-level BPE with the pre-tokenizer named by `tokenizer.ggml.pre`, or a
+SentencePiece-style BPE whose merge order comes from the piece scores.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from .errors import LanternError, ModelFileError
+
+# Refuse absurd files before reading them: the largest real tokenizer.json files are a few tens of MiB.
+MAX_TOKENIZER_JSON_BYTES = 256 * 1024 * 1024
+MAX_SIDE_FILE_BYTES = 64 * 1024 * 1024  # tokenizer_config.json, special_tokens_map.json, chat_template.jinja
+MAX_VOCAB = 4_000_000  # far above any real vocabulary (Gemma: 262k); guards against corrupt array lengths
+
+# GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_TOKEN_TYPES = frozenset({NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
+
+SPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible stand-in for a space
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for bytes that are not (yet) valid UTF-8
+
+# Byte-level pre-tokenizer regexes, as the models' own tokenizer.json files define them. Each GGUF variant is a
+# chain: every regex splits the pieces left by the previous one, keeping matches and the gaps between them as
+# separate pieces (llama.cpp's unicode_regex_split, which is `Split(behavior="isolated")` in `tokenizers`).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_ONE_DIGIT = r"\p{N}"
+
+
+@dataclass(frozen=True)
+class _BytePre:
+    """How one `tokenizer.ggml.pre` variant splits text before byte-level BPE."""
+
+    patterns: tuple[str, ...]
+    ignore_merges: bool = False  # a pre-token that is already a whole vocabulary entry skips the merges
+    add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
+    nfc: bool = False  # the HF tokenizer NFC-normalizes first (Qwen2)
+
+
+_LLAMA3_PRE = _BytePre((_LLAMA3,), ignore_merges=True, add_bos=True)
+_QWEN2_PRE = _BytePre((_QWEN2,), nfc=True)
+_GPT2_PRE = _BytePre((_GPT2,))
+_SMOLLM_PRE = _BytePre((_ONE_DIGIT, _GPT2))  # digits one by one, then GPT-2 (SmolLM2/StarCoder's Digits+ByteLevel)
+
+# Names as llama.cpp's convert script writes them. An unknown name is an error (as in llama.cpp): guessing GPT-2
+# would silently give token ids the model never saw in training, which only shows up as worse output.
+BYTE_LEVEL_PRE_TOKENIZERS: MappingProxyType[str, _BytePre] = MappingProxyType({
+    # llama.cpp's fallback for files without a pre-tokenizer name: punctuation runs, GPT-2, number runs, 3 digits.
+    "default": _BytePre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
+    "gpt-2": _GPT2_PRE, "phi-2": _GPT2_PRE, "mpt": _GPT2_PRE, "olmo": _GPT2_PRE, "jais": _GPT2_PRE,
+    "smollm": _SMOLLM_PRE, "starcoder": _SMOLLM_PRE, "refact": _SMOLLM_PRE, "command-r": _SMOLLM_PRE,
+    "codeshell": _SMOLLM_PRE, "exaone": _SMOLLM_PRE,
+    "llama-bpe": _LLAMA3_PRE, "llama3": _LLAMA3_PRE, "llama-v3": _LLAMA3_PRE, "falcon3": _LLAMA3_PRE,
+    "pixtral": _LLAMA3_PRE,
+    "dbrx": _BytePre((_LLAMA3,)), "smaug-bpe": _BytePre((_LLAMA3,)),
+    "qwen2": _QWEN2_PRE, "deepseek-r1-qwen": _QWEN2_PRE, "stablelm2": _BytePre((_QWEN2,)),
+    "falcon": _BytePre((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]")),
+})
+
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+@dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """A model's tokenizer: encode/decode plus the special tokens the rest of Lantern needs.
+
+    `vocab_size` counts every id the tokenizer can produce or decode, added tokens included.
+    `end_token_ids` holds the ids that end a turn; the loader merges in generation_config's via `with_end_ids`.
+    """
+
+    backend: tokenizers.Tokenizer
+    bos_token: str | None
+    bos_token_id: int | None
+    eos_token: str | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    add_bos_token: bool
+    end_token_ids: frozenset[int]
+    chat_template: str | None
+    special_ids: frozenset[int]
+    vocab_size: int
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_hf_folder(cls, folder: Path) -> Tokenizer:
+        """tokenizer.json as written, plus tokenizer_config.json / special_tokens_map.json / chat_template.jinja."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelFileError(folder, "not a directory")
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFileError(path, "missing: Lantern needs the fast-tokenizer file tokenizer.json "
+                                       "(folders with only tokenizer.model or vocab.json/merges.txt are not supported)")
+        backend = _parse_tokenizer_json(path)
+        # Lantern never pads or truncates prompts behind the caller's back (transformers turns these off per call).
+        backend.no_truncation()
+        backend.no_padding()
+
+        config = _read_json_object(folder / "tokenizer_config.json")
+        if "added_tokens_decoder" not in config:
+            # Older folders: transformers lets special_tokens_map.json override the config's named tokens.
+            config.update(_read_json_object(folder / "special_tokens_map.json"))
+        named = {key: _token_content(config.get(key), key, folder / "tokenizer_config.json")
+                 for key in _NAMED_SPECIALS}
+        _register_added_tokens(backend, config, named, folder / "tokenizer_config.json")
+
+        bos, eos = named["bos_token"], named["eos_token"]
+        if "add_bos_token" in config or "add_eos_token" in config:
+            # An explicit setting replaces tokenizer.json's post-processor (transformers' update_post_processor).
+            _set_bos_eos(backend, bos if config.get("add_bos_token") else None,
+                         eos if config.get("add_eos_token") else None)
+        return _finish(backend, bos=bos, eos=eos, pad=named["pad_token"], unk=named["unk_token"],
+                       chat_template=_hf_chat_template(folder, config), extra_end_ids=())
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict[str, Any], source: str = "gguf") -> Tokenizer:
+        """Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.*` keys), as llama.cpp would read it."""
+        return _GGUFVocab(metadata, source).build()
+
+    def with_end_ids(self, ids: Iterable[int]) -> Tokenizer:
+        """A copy whose end-of-turn set also contains `ids` (e.g. generation_config.json's eos_token_id list)."""
+        extra = frozenset(_as_token_id(i, self.vocab_size) for i in ids)
+        return replace(self, end_token_ids=self.end_token_ids | extra)
+
+    # ------------------------------------------------------------------ use
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for `text`; special tokens written in the text match whole, as in transformers."""
+        if not isinstance(text, str):
+            raise LanternError(f"can only tokenize text (str), got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; ids with no token (e.g. a model's padded embedding rows) decode to nothing."""
+        return self.backend.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def tokens(self, ids: Iterable[int]) -> list[str]:
+        """The vocabulary pieces of `ids`, as stored (e.g. 'Ġworld', '▁world', '<0x0A>')."""
+        pieces = []
+        for i in _id_list(ids):
+            piece = self.backend.id_to_token(i)
+            if piece is None:
+                raise LanternError(f"token id {i} is not in the vocabulary (ids run from 0 to {self.vocab_size - 1})")
+            pieces.append(piece)
+        return pieces
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"add_bos={self.add_bos_token}, end_ids={sorted(self.end_token_ids)})")
+
+
+class IncrementalDecoder:
+    """Turns generated ids into text as they arrive.
+
+    It decodes a small window: the tokens already shown (`_ids[:_read]`, context) plus those not yet shown. Text
+    is released only when it grows and does not end in U+FFFD, i.e. once a character split across tokens is
+    complete. Context is kept because a token's text can depend on its neighbours (a SentencePiece '▁' at the
+    very start is stripped, elsewhere it is a space), so the window always starts where the full decode would
+    agree with it. Concatenating every `push` and the final `flush` equals `decode(all ids)`; with `prompt_ids`
+    it equals the text that the generated ids add after the prompt.
+    """
+
+    _PROMPT_CONTEXT = 4  # prompt tokens used as left context
+    _MAX_CONTEXT = 16  # how far back to look for a prompt window that starts on a character boundary
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: list[int] | None = None):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        prompt = _id_list(prompt_ids or [])
+        start = max(0, len(prompt) - self._PROMPT_CONTEXT)
+        # A window starting inside a multi-byte character would decode with a leading U+FFFD; widen it instead.
+        while start > max(0, len(prompt) - self._MAX_CONTEXT) and self._decode(prompt[start:]).startswith(
+                REPLACEMENT_CHAR):
+            start -= 1
+        self._ids: list[int] = prompt[start:]
+        self._read = len(self._ids)  # _ids[:_read] is already shown (or is prompt): it is context only
+        # A prompt that ends inside a character (at most 3 tokens of a 4-byte one): leave those tokens pending,
+        # so the generated token that completes the character releases all of it.
+        while (self._read > 0 and len(self._ids) - self._read < 3
+               and self._decode(self._ids[:self._read]).endswith(REPLACEMENT_CHAR)):
+            self._read -= 1
+        self._shown = self._decode(self._ids[:self._read])  # the text of the context
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text it completes (often "", e.g. half of an emoji)."""
+        self._ids.append(_as_token_id(token_id, None))
+        text = self._decode(self._ids)
+        if len(text) <= len(self._shown) or text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._release(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character at the end shows as U+FFFD)."""
+        if len(self._ids) == self._read:
+            return ""
+        text = self._decode(self._ids)
+        return self._release(text) if len(text) > len(self._shown) else ""
+
+    def _release(self, text: str) -> str:
+        new = text[len(self._shown):]
+        # Slide the window: the tokens just shown become the only context, so each step decodes a few tokens.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._shown = self._decode(self._ids)
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.backend.decode(ids, skip_special_tokens=self._skip)
+
+
+# ---------------------------------------------------------------------- shared helpers
+
+
+def _finish(backend: tokenizers.Tokenizer, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None,
+            chat_template: str | None, extra_end_ids: Iterable[int]) -> Tokenizer:
+    """Resolve names to ids and read back what the built pipeline really does."""
+    bos_id = backend.token_to_id(bos) if bos is not None else None
+    eos_id = backend.token_to_id(eos) if eos is not None else None
+    pad_id = backend.token_to_id(pad) if pad is not None else None
+    unk_id = backend.token_to_id(unk) if unk is not None else None
+    end_ids = frozenset({eos_id} if eos_id is not None else set()) | frozenset(extra_end_ids)
+    special_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
+    # Whether BOS is prepended is whatever the post-processor does; ask it rather than trust a flag.
+    with_special = backend.encode("a", add_special_tokens=True).ids
+    without = backend.encode("a", add_special_tokens=False).ids
+    add_bos = (bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
+               and with_special[1:1 + len(without)] == without)
+    return Tokenizer(backend=backend, bos_token=bos if bos_id is not None else None, bos_token_id=bos_id,
+                     eos_token=eos if eos_id is not None else None, eos_token_id=eos_id, pad_token_id=pad_id,
+                     unk_token_id=unk_id, add_bos_token=add_bos, end_token_ids=end_ids,
+                     chat_template=chat_template, special_ids=special_ids,
+                     vocab_size=backend.get_vocab_size(with_added_tokens=True))
+
+
+def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
+    """Post-processor that adds `bos` in front and/or `eos` at the end (None: don't)."""
+    specials, single, pair = [], "$A:0", "$B:1"
+    if bos is not None and (bos_id := backend.token_to_id(bos)) is not None:
+        specials.append((bos, bos_id))
+        single, pair = f"{bos}:0 {single}", f"{bos}:1 {pair}"
+    if eos is not None and (eos_id := backend.token_to_id(eos)) is not None:
+        specials.append((eos, eos_id))
+        single, pair = f"{single} {eos}:0", f"{pair} {eos}:1"
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} {pair}",
+                                                           special_tokens=specials)
+
+
+def _id_list(ids: Iterable[int]) -> list[int]:
+    if isinstance(ids, (str, bytes)):
+        raise LanternError(f"expected a list of token ids, got {type(ids).__name__}")
+    try:
+        items = list(ids)
+    except TypeError:
+        raise LanternError(f"expected a list of token ids, got {type(ids).__name__}") from None
+    return [_as_token_id(i, None) for i in items]
+
+
+def _as_token_id(value: Any, vocab_size: int | None) -> int:
+    try:
+        i = operator.index(value)  # accepts int, numpy and torch integer scalars; rejects floats and bools' cousins
+    except TypeError:
+        raise LanternError(f"token ids must be integers, got {value!r}") from None
+    if i < 0 or i >= 2**32 or (vocab_size is not None and i >= vocab_size):
+        limit = f"0..{vocab_size - 1}" if vocab_size is not None else "non-negative 32-bit"
+        raise LanternError(f"token id {i} is out of range ({limit})")
+    return i
+
+
+# ---------------------------------------------------------------------- Hugging Face folders
+
+
+def _read_text(path: Path, limit: int) -> str:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ModelFileError(path, f"{size} bytes is too large for this file (limit {limit})")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
+
+
+def _parse_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    text = _read_text(path, MAX_TOKENIZER_JSON_BYTES)
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for every kind of bad file
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as je:
+            raise ModelFileError(path, f"invalid JSON at line {je.lineno} column {je.colno}: {je.msg}") from None
+        raise ModelFileError(path, f"not a tokenizer the tokenizers library can load: {e}") from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """An optional JSON object file: {} if absent, an error naming the file if unreadable or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(_read_text(path, MAX_SIDE_FILE_BYTES))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any, key: str, path: Path) -> str | None:
+    """A special token as written in tokenizer_config.json: a string, {"content": ...}, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ModelFileError(path, f"{key} must be a string or an object with a 'content' string, got {value!r}")
+
+
+def _added_token(value: Any, special: bool, where: str, path: Path) -> AddedToken:
+    """An AddedToken from a config entry: a string or a serialized AddedToken object."""
+    if isinstance(value, str):
+        return AddedToken(value, special=special, normalized=False)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+        return AddedToken(value["content"], special=bool(value.get("special", special)), **flags)
+    raise ModelFileError(path, f"{where} must be a token string or an AddedToken object, got {value!r}")
+
+
+def _register_added_tokens(backend: tokenizers.Tokenizer, config: dict[str, Any], named: dict[str, str | None],
+                           path: Path) -> None:
+    """Make the backend's added tokens match what transformers ends up with after loading the config."""
+    present = {tok.content for tok in backend.get_added_tokens_decoder().values()}
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise ModelFileError(path, "added_tokens_decoder must be an object mapping ids to tokens")
+    missing = []
+    for key, value in sorted(decoder.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else -1):
+        token = _added_token(value, special=False, where=f"added_tokens_decoder[{key!r}]", path=path)
+        if token.content not in present:
+            missing.append(token)
+    if missing:
+        backend.add_tokens(missing)
+
+    # Named and extra special tokens are always special added tokens, matched whole on the raw text.
+    extras: list[Any] = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            extras.extend(value.values())
+        elif isinstance(value, list):
+            extras.extend(value)
+        elif value is not None:
+            raise ModelFileError(path, f"{key} must be a list of tokens, got {value!r}")
+    contents = [c for c in named.values() if c is not None]
+    contents += [_added_token(v, True, f"{key} entry", path).content for v in extras]
+    if contents:
+        backend.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in dict.fromkeys(contents)])
+
+
+def _hf_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja if present (transformers lets the file override the config), else the config's.
+
+    The config's value is a string, or a list of {"name", "template"} of which the 'default' one is used.
+    """
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return _read_text(jinja, MAX_SIDE_FILE_BYTES)
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict) and item.get("name") == "default" and isinstance(item.get("template"), str):
+                return item["template"]
+        return None
+    raise ModelFileError(folder / "tokenizer_config.json",
+                         f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------- GGUF metadata
+
+
+class _GGUFVocab:
+    """Checks the `tokenizer.ggml.*` metadata of one file and builds the matching backend."""
+
+    def __init__(self, metadata: dict[str, Any], source: str):
+        self.meta = metadata
+        self.source = source
+
+    def fail(self, problem: str) -> ModelFileError:
+        return ModelFileError(self.source, problem)
+
+    def build(self) -> Tokenizer:
+        kind = self.meta.get("tokenizer.ggml.model")
+        if kind is None:
+            raise self.fail("no tokenizer in the metadata (tokenizer.ggml.model is missing)")
+        if kind not in ("gpt2", "llama"):
+            raise self.fail(f"tokenizer.ggml.model {kind!r} is not supported (Lantern reads 'gpt2', byte-level BPE, "
+                            "and 'llama', SentencePiece-style BPE)")
+        tokens = self.strings("tokenizer.ggml.tokens")
+        n = len(tokens)
+        if n == 0:
+            raise self.fail("tokenizer.ggml.tokens is empty")
+        types = self.numbers("tokenizer.ggml.token_type", n, int)
+        if types is None:
+            types = [NORMAL] * n
+        bad = next((t for t in types if t not in _TOKEN_TYPES), None)
+        if bad is not None:
+            raise self.fail(f"tokenizer.ggml.token_type contains {bad!r}, not a known token type (1-6)")
+
+        ids = {key: self.token_id(f"tokenizer.ggml.{key}", n) for key in
+               ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                "eom_token_id")}
+        names = {key: (tokens[i] if i is not None else None) for key, i in ids.items()}
+
+        if kind == "gpt2":
+            backend, default_bos = self.byte_level(tokens)
+        else:
+            backend = self.sentencepiece(tokens, types, names["unknown_token_id"])
+            default_bos = True  # llama.cpp's default for SentencePiece vocabularies
+
+        # Control and unknown tokens are special: matched whole in text, dropped by skip_special_tokens.
+        # User-defined tokens are matched whole too but are ordinary text (llama.cpp's partition step).
+        added = []
+        for token, token_type in zip(tokens, types):
+            if token_type in (CONTROL, UNKNOWN):
+                added.append(AddedToken(token, special=True, normalized=False))
+            elif token_type == USER_DEFINED:
+                added.append(self.user_defined(token, kind))
+        if added:
+            backend.add_tokens(added)
+
+        add_bos = self.flag("tokenizer.ggml.add_bos_token", default_bos) and ids["bos_token_id"] is not None
+        add_eos = self.flag("tokenizer.ggml.add_eos_token", False) and ids["eos_token_id"] is not None
+        _set_bos_eos(backend, names["bos_token_id"] if add_bos else None, names["eos_token_id"] if add_eos else None)
+
+        template = self.meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise self.fail(f"tokenizer.chat_template must be a string, got {type(template).__name__}")
+        end_ids = frozenset(ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if ids[k] is not None)
+        tok = _finish(backend, bos=names["bos_token_id"], eos=names["eos_token_id"],
+                      pad=names["padding_token_id"], unk=names["unknown_token_id"], chat_template=template,
+                      extra_end_ids=end_ids)
+        # A vocabulary may repeat a token string; keep the ids the file names rather than the first match by text.
+        return replace(tok, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+                       pad_token_id=ids["padding_token_id"], unk_token_id=ids["unknown_token_id"],
+                       end_token_ids=end_ids, vocab_size=max(tok.vocab_size, n))
+
+    # ---- the two vocabulary kinds
+
+    def byte_level(self, tokens: list[str]) -> tuple[tokenizers.Tokenizer, bool]:
+        pre_name = self.meta.get("tokenizer.ggml.pre")
+        if pre_name is None:
+            warnings.warn(f"{self.source}: no tokenizer.ggml.pre in the metadata; using llama.cpp's 'default' "
+                          "pre-tokenizer, which may not be the one the model was trained with", stacklevel=3)
+            pre_name = "default"
+        spec = BYTE_LEVEL_PRE_TOKENIZERS.get(pre_name)
+        if spec is None:
+            raise self.fail(f"tokenizer.ggml.pre {pre_name!r} is not a pre-tokenizer Lantern knows (known: "
+                            f"{', '.join(sorted(BYTE_LEVEL_PRE_TOKENIZERS))}); tokenizing with another one would "
+                            "give ids the model was not trained on")
+        merges = []
+        for j, merge in enumerate(self.strings("tokenizer.ggml.merges")):
+            parts = merge.split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise self.fail(f"tokenizer.ggml.merges[{j}] is {merge!r}, not two tokens separated by one space")
+            merges.append((parts[0], parts[1]))
+        vocab = _first_ids(tokens)
+        try:
+            model = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec.ignore_merges, fuse_unk=False,
+                               byte_fallback=False)
+        except Exception as e:  # e.g. a merge naming a token that is not in the vocabulary
+            raise self.fail(f"tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {e}") from None
+        backend = tokenizers.Tokenizer(model)
+        if spec.nfc:
+            backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in spec.patterns]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        return backend, spec.add_bos
+
+    def sentencepiece(self, tokens: list[str], types: list[int], unk: str | None) -> tokenizers.Tokenizer:
+        add_space_prefix = self.flag("tokenizer.ggml.add_space_prefix", True)  # llama.cpp's default
+        scores = self.numbers("tokenizer.ggml.scores", len(tokens), float)
+        pieces = [self.user_defined(t, "llama").content if k == USER_DEFINED else t for t, k in zip(tokens, types)]
+        vocab = _first_ids(pieces)
+        merges = _merges_from_scores(pieces, types, scores)
+        has_bytes = any(k == BYTE for k in types)
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                                  byte_fallback=has_bytes))
+        # Spaces become '▁'; with add_space_prefix every stretch of text between matched-whole tokens also gets a
+        # leading '▁' (llama.cpp adds it after each special token too), as the legacy Llama tokenizer.json does.
+        replace_spaces = normalizers.Replace(" ", SPIECE_SPACE)
+        backend.normalizer = (normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), replace_spaces])
+                              if add_space_prefix else replace_spaces)
+        steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_space_prefix:
+            steps.append(decoders.Strip(" ", 1, 0))  # the prefix space added at encode time is not text
+        backend.decoder = decoders.Sequence(steps)
+        return backend
+
+    def user_defined(self, token: str, kind: str) -> AddedToken:
+        """A user-defined token, matched whole wherever it occurs.
+
+        In SentencePiece vocabularies it is matched on the '▁' form of the text, as SentencePiece does;
+        llama.cpp's converter stores such tokens with real spaces, so put the '▁' back (Gemma's runs of spaces).
+        """
+        if kind == "llama":
+            return AddedToken(token.replace(" ", SPIECE_SPACE), special=False, normalized=True)
+        return AddedToken(token, special=False, normalized=False)
+
+    # ---- typed metadata access
+
+    def strings(self, key: str) -> list[str]:
+        value = self.meta.get(key)
+        if value is None:
+            raise self.fail(f"{key} is missing from the metadata")
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise self.fail(f"{key} must be an array of strings, got {type(value).__name__}")
+        if len(value) > MAX_VOCAB * 2:
+            raise self.fail(f"{key} has {len(value)} entries, more than any real tokenizer")
+        out = list(value)
+        bad = next((i for i, s in enumerate(out) if not isinstance(s, str)), None)
+        if bad is not None:
+            raise self.fail(f"{key}[{bad}] is {out[bad]!r}, not a string")
+        return out
+
+    def numbers(self, key: str, n: int, kind: Callable[[Any], Any]) -> list | None:
+        """A numeric per-token array (numpy array or list) that must have exactly one entry per token."""
+        value = self.meta.get(key)
+        if value is None:
+            return None
+        if getattr(value, "ndim", 1) != 1 or isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise self.fail(f"{key} must be a 1-D numeric array")
+        if len(value) != n:
+            raise self.fail(f"{key} has {len(value)} entries but tokenizer.ggml.tokens has {n}")
+        items = value.tolist() if hasattr(value, "tolist") else list(value)
+        try:
+            return [kind(x) for x in items]
+        except (TypeError, ValueError):
+            raise self.fail(f"{key} must hold numbers") from None
+
+    def token_id(self, key: str, n: int) -> int | None:
+        value = self.meta.get(key)
+        if value is None:
+            return None
+        try:
+            i = operator.index(value)
+        except TypeError:
+            raise self.fail(f"{key} must be an integer, got {value!r}") from None
+        if not 0 <= i < n:
+            raise self.fail(f"{key} is {i}, outside the vocabulary of {n} tokens")
+        return i
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.meta.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, (bool, int)) and not hasattr(value, "__bool__"):
+            raise self.fail(f"{key} must be a boolean, got {value!r}")
+        return bool(value)
+
+
+def _first_ids(pieces: list[str]) -> dict[str, int]:
+    """piece -> id, keeping the first id when a vocabulary repeats a string."""
+    vocab: dict[str, int] = {}
+    for i, piece in enumerate(pieces):
+        vocab.setdefault(piece, i)
+    return vocab
+
+
+def _merges_from_scores(pieces: list[str], types: list[int], scores: list[float] | None) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's rule "join the adjacent pair whose joined piece scores highest".
+
+    Every way of writing a piece as two pieces becomes a merge, ranked by the joined piece's score (then by id, so
+    files without scores fall back to vocabulary order). Only normal and user-defined pieces take part: control,
+    byte and unused pieces are never produced by merging.
+    """
+    mergeable = {}
+    for i, (piece, kind) in enumerate(zip(pieces, types)):
+        if kind in (NORMAL, USER_DEFINED) and piece not in mergeable:
+            mergeable[piece] = i
+    ranked = []
+    for piece, i in mergeable.items():
+        score = scores[i] if scores is not None else 0.0
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-score, i, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]

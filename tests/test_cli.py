@@ -1,0 +1,148 @@
+"""The real `lantern` command, run as a subprocess: run, chat, inspect, tokenize, list, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import ARCHS, make_hf_model
+
+
+def lantern(*args, stdin: str | None = None, env_extra: dict | None = None, timeout: int = 180):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "lanternlm", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def model_arg(default_gguf):
+    return ["-m", str(default_gguf)]
+
+
+def test_run_prompt_argument_streams_only_the_answer(model_arg):
+    r = lantern("run", *model_arg, "--temperature", "0", "--max-tokens", "40", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tokens/s" not in r.stdout and r.stderr == ""
+
+
+def test_run_reads_stdin_and_verbose_goes_to_stderr(model_arg):
+    r = lantern("run", *model_arg, "--temperature", "0", "--max-tokens", "8", "-v",
+                stdin="What is the capital of France?\n")
+    assert r.returncode == 0, r.stderr
+    assert "generated 8 tokens" in r.stderr or "finish stop" in r.stderr
+    assert "tokens/s" in r.stderr and "tokens/s" not in r.stdout
+
+
+def test_run_flags_seed_repeats_and_raw_mode(model_arg):
+    args = ("run", *model_arg, "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--seed", "7",
+            "--max-tokens", "12", "Tell me a story")
+    a, b = lantern(*args), lantern(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout
+    raw = lantern("run", *model_arg, "--raw", "--temperature", "0", "--max-tokens", "5", "--stop", "zzz",
+                  "The capital of France is")
+    assert raw.returncode == 0 and "Paris" in raw.stdout
+
+
+def test_chat_through_a_pipe_with_reset(model_arg):
+    script = "What is the capital of France?\n/reset\n/system Answer in one word.\nWhat is the capital of Italy?\n/exit\n"
+    r = lantern("chat", *model_arg, "--temperature", "0", "--max-tokens", "30", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Rome" in r.stdout
+    assert "conversation cleared" in r.stderr
+
+
+def test_tokenize_ids_equal_the_tokenizer(model_arg, default_gguf):
+    from lanternlm.loader.gguf import read_gguf
+    from lanternlm.tokenizer import Tokenizer
+    text = "Hello world 12345 日本語"
+    r = lantern("tokenize", *model_arg, "--json", text)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    with read_gguf(default_gguf) as g:
+        tok = Tokenizer.from_gguf_metadata(g.metadata)
+    assert out["ids"] == tok.encode(text)
+    assert out["count"] == len(out["ids"]) and len(out["tokens"]) == len(out["ids"])
+    chat = lantern("tokenize", *model_arg, "--chat", "hi")
+    assert chat.returncode == 0 and "<|im_start|>user" in chat.stdout and "(special)" in chat.stdout
+
+
+def test_inspect_json_totals_equal_transformers_for_the_default_model(model_arg, default_gguf):
+    import transformers
+    r = lantern("inspect", *model_arg, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+    assert info["parameters"]["total"] == hf.num_parameters()
+    assert info["config"]["layers"] == 30 and info["config"]["kv_heads"] == 3
+    assert "(0-29): 30 x DecoderLayer" in info["module_tree"]
+    text = lantern("inspect", *model_arg)
+    assert text.returncode == 0 and "seeds' estimate" in text.stdout
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_inspect_totals_equal_transformers_for_each_architecture(tmp_path, arch):
+    from test_hf_folder import tiny_tokenizer
+    tok = tiny_tokenizer()
+    hf = make_hf_model(arch, vocab_size=len(tok))
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    from lanternlm import LLM
+    from lanternlm.inspect import describe
+    info = describe(LLM(str(tmp_path)))
+    assert info["parameters"]["total"] == hf.num_parameters()
+    assert info["parameters"]["lm_head_tied"] == hf.config.tie_word_embeddings
+
+
+def test_seeds_qwen2_arithmetic():
+    # Qwen2-0.5B's config, built on the meta device (no weights): the seeds' 494,020,928.
+    import torch
+    from lanternlm.config import ModelConfig
+    from lanternlm.inspect import parameter_counts
+    from lanternlm.model import CausalLM
+    import transformers
+    raw = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+           "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+           "tie_word_embeddings": True}
+    with torch.device("meta"):
+        counts = parameter_counts(CausalLM(ModelConfig.from_hf(raw)))
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**raw))
+    assert counts["per_layer"]["linear_only"] == 14_911_928
+    assert counts["seeds_estimate"] == 494_020_928
+    assert counts["total"] == hf.num_parameters()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("run", "-m", "no-such-model", "hi"), "unknown model"),
+    (("run", "-m", "/nonexistent/model.gguf", "hi"), "unknown model"),
+    (("run", "--temperature", "-1", "hi"), "temperature"),
+    (("run", "--max-tokens", "abc", "hi"), "invalid int value"),
+    (("inspect", "-m", "README.md"), "not a model"),
+    (("rm", "no-such-model"), "unknown model"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_errors_are_one_line_and_non_zero(args, message, model_arg):
+    if args[0] == "run" and "-m" not in args:
+        args = (args[0], *model_arg, *args[1:])
+    r = lantern(*args, env_extra={"PYTHONPATH": os.getcwd()})
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_gguf_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
+    r = lantern("inspect", "-m", str(bad))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr
+
+
+def test_help_has_examples():
+    for command in ("run", "chat", "pull", "list", "rm", "inspect", "tokenize"):
+        r = lantern(command, "--help")
+        assert r.returncode == 0 and "examples:" in r.stdout, command
