@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -34,6 +35,12 @@ EXAMPLES = {
 """,
     "list": "examples:\n  lantern list\n  lantern list --json\n",
     "rm": "examples:\n  lantern rm smollm2-135m-instruct\n",
+    "serve": """examples:
+  lantern serve                                  # the default model on http://127.0.0.1:8000/v1
+  lantern serve -m ./model.gguf --port 8080 --api-key secret --max-batch 16
+  then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+""",
     "inspect": """examples:
   lantern inspect                   # the default model: module tree, parameter counts, config, tokenizer
   lantern inspect -m ./my-hf-folder --json
@@ -107,6 +114,18 @@ def build_parser() -> ArgumentParser:
 
     p = command("rm", "remove a pulled model from the cache")
     p.add_argument("name")
+
+    p = command("serve", "serve the model over an OpenAI-compatible HTTP API (continuous batching)")
+    add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 429")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence (default: the model's, at most 4096; sets KV cache memory)")
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: from -m)")
+    p.add_argument("--log-level", default="warning")
 
     p = command("inspect", "show the module tree, parameter counts, config, tokenizer and files")
     add_model(p)
@@ -280,6 +299,33 @@ def cmd_rm(args) -> int:
     raise LanternError(f"{args.name} is not in the cache")
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server.app import ServerConfig, create_app
+
+    for name in ("port", "max_batch", "max_queue", "context"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise LanternError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    llm = open_model(args)
+    context = min(args.context or 4096, llm.config.max_position_embeddings)
+    served = args.served_model_name or args.model or DEFAULT_MODEL
+    if "/" in served or served.endswith(".gguf"):
+        served = llm.path.stem if llm.path.is_file() else llm.path.name
+    config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
+                          api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                          context=context)
+    app = create_app(llm, config)
+    print(f"serving {served} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context})",
+          file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
+    # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import describe, render_text
     llm = open_model(args)
@@ -314,7 +360,7 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
             "inspect": cmd_inspect, "tokenize": cmd_tokenize}
 
 

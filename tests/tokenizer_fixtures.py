@@ -231,7 +231,7 @@ def train_sentencepiece(style: SpmStyle, vocab_size: int = 700) -> bytes:
         add_dummy_prefix=style.dummy_prefix, remove_extra_whitespaces=False, normalization_rule_name="identity",
         allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
         bos_piece=style.bos, eos_piece=style.eos, unk_piece=style.unk,
-        control_symbols=["<|im_start|>", "<|im_end|>"],
+        control_symbols=(["<mask>"] if style.name == "gemma" else []) + ["<|im_start|>", "<|im_end|>"],
         user_defined_symbols=GEMMA_SPACE_RUNS if style.name == "gemma" else [],
         minloglevel=2, num_threads=1, **ids)
     return out.getvalue()

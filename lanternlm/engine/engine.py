@@ -77,14 +77,14 @@ class Engine:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, logprobs: int | None = None) -> str:
         """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once."""
         max_new = plan_lengths(len(prompt_ids), params, self.context)
         if self.dead:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
                        OutputStream(self.tokenizer, params, prompt_ids, max_new), make_generator(params.seed),
-                       on_event)
+                       on_event, logprobs=logprobs)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -199,8 +199,14 @@ class Engine:
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
         self.stats.generation_tokens_total += 1
-        self._emit(seq, Event(seq.request_id, step, prompt_tokens=len(seq.prompt_ids),
-                              completion_tokens=len(seq.stream.output_ids)))
+        event = Event(seq.request_id, step)
+        if seq.logprobs is not None:  # of the model's own distribution, before sampling transforms (as vLLM)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            event.logprob = float(logp[token])
+            if seq.logprobs:
+                top = logp.topk(seq.logprobs)
+                event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+        self._emit(seq, event)
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         try:

@@ -21,8 +21,8 @@ class Event:
     request_id: str
     step: Step | None = None
     error: str | None = None           # set when the engine aborted the request (shutdown, failure)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    logprob: float | None = None       # log-probability of step.token_id under the model, when asked for
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     aborted: bool = False
+    logprobs: int | None = None          # report the chosen token's logprob and this many alternatives
 
     @staticmethod
     def new_id() -> str:

@@ -1,0 +1,311 @@
+"""Seeing inside a model as plain data: a per-token trace of how each token was chosen, the logit lens, and
+the attention weights.
+
+Every function reads a model and a tokenizer and returns dicts and lists of str / int / float / None only, so
+the CLI, the Python API and the HTTP server can print them or `json.dumps` them as they are. Nothing here
+changes the model or slows its normal path: the trace runs beside the sampling stages of `sampling.py`, the
+lens reuses the hidden states the model can already return, and the attention view uses the model's own
+explicit-weights path.
+
+Token strings come twice: `text` is the token decoded on its own, specials shown (what a reader sees; a
+byte-level piece holding part of a character shows as U+FFFD), and `piece` is the vocabulary entry as
+stored ('Ġworld', '<0x0A>'), "" for ids the tokenizer has no entry for (padded embedding rows).
+
+Shapes: T tokens, V vocabulary, C hidden size, H query heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import LanternError
+from .generate import OutputStream, Step, plan_lengths
+from .model import CausalLM, KVCache
+from .sampling import SamplingParams, make_generator, sample, stages
+from .tokenizer import Tokenizer
+
+# attention(): the forward materialises every layer's (H, T, T) weights at once, so the prompt is bounded by
+# this many float32 values in total (512 MB); the Python lists returned are bounded by `max_weights`.
+ATTENTION_FORWARD_BUDGET = 128 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------- small shared pieces
+
+
+def _positive_int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LanternError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _prompt_ids(ids, vocab_size: int, name: str = "ids") -> list[int]:
+    """`ids` (a sequence of ints or a 1-D integer tensor) as a checked, non-empty list of token ids."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+            raise LanternError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(ids.shape)} "
+                               f"of {ids.dtype}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise LanternError(f"{name} must be a list of token ids, got {type(ids).__name__}")
+    out = list(ids)
+    if not out:
+        raise LanternError(f"{name} is empty: give at least one token")
+    for i in out:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+            raise LanternError(f"{name} contains {i!r}, which is not a token id of this model (0..{vocab_size - 1})")
+    return out
+
+
+def _token(tokenizer: Tokenizer, token_id: int) -> dict:
+    """How one token id is shown: the id, its text on its own and its vocabulary piece."""
+    try:
+        piece = tokenizer.tokens([token_id])[0]
+    except LanternError:  # an id past the tokenizer's vocabulary (a padded embedding row)
+        piece = ""
+    return {"id": token_id, "text": tokenizer.decode([token_id], skip_special_tokens=False), "piece": piece}
+
+
+def _rank(values: torch.Tensor, index: int) -> int:
+    """1-based rank of values[index] in a descending order that breaks ties by position, as argmax does.
+    values: (V,)."""
+    v = values[index]
+    ahead = (values > v).sum() + (values[:index] == v).sum()
+    return int(ahead) + 1
+
+
+def _top(tokenizer: Tokenizer, logits: torch.Tensor, probs: torch.Tensor, k: int) -> list[dict]:
+    """The k most probable tokens of one distribution, skipping removed ones (-inf logits).
+    logits, probs: (V,) float32 on the CPU."""
+    k = min(k, int((logits > -torch.inf).sum()))
+    values, order = torch.topk(probs, k)  # sorted, most probable first
+    return [{**_token(tokenizer, int(i)), "logit": float(logits[i]), "prob": float(p)}
+            for p, i in zip(values, order)]
+
+
+# ---------------------------------------------------------------------- 1. one token's trace
+
+
+def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids,
+               generator: torch.Generator | None, tokenizer: Tokenizer, top_k: int = 5) -> tuple[int, dict]:
+    """Choose the next token from the model's raw `logits` (V,) as `sampling` would, and say how.
+
+    Returns (token_id, trace). The trace holds:
+      - `candidates`: the top_k tokens of the raw logits with their logit, probability and log-probability;
+      - `stages`: after each active sampling stage (see `sampling.stages`; the first is the raw `input`), how
+        many tokens it keeps, the probability mass those kept tokens had just before the stage, and the top_k
+        of its distribution (softmax over the kept tokens);
+      - `chosen`: the token with its raw logit, raw probability and rank, and its probability and rank under
+        the final distribution (ranks are 1-based; ties go to the lower id, as argmax does);
+      - `draw`: None when greedy; else the uniform number u drawn from `generator` and the cumulative
+        probabilities [low, high) of the chosen token, which contain u * total (inverse-CDF over token ids).
+
+    Greedy picks exactly what `sampling.sample` picks. Sampling draws one `torch.rand` from `generator` and
+    inverts the CDF so the draw can be reported; it is reproducible for a seed but is not the same random
+    stream as `sampling.sample` (torch.multinomial), so seeded sampled tokens differ from untraced ones.
+    """
+    top_k = _positive_int(top_k, "top_k")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise LanternError(f"logits must be one row of shape (vocab_size,), got {shape}")
+    raw = logits.detach().float().cpu()  # (V,); the trace is a few V-sized operations, cheapest on the CPU
+    if torch.isnan(raw).any():
+        raise LanternError("the logits contain NaN; the model produced invalid numbers")
+
+    all_stages = stages(raw, params, prompt_ids, output_ids)
+    raw_probs = raw.softmax(-1)
+    raw_logprobs = raw.log_softmax(-1)
+    candidates = [{**entry, "logprob": float(raw_logprobs[entry["id"]])}
+                  for entry in _top(tokenizer, raw, raw_probs, top_k)]
+
+    stage_list = []
+    previous = None  # the distribution before the current stage, (V,)
+    for name, stage_logits in all_stages:
+        probs = stage_logits.softmax(-1)
+        kept = stage_logits > -torch.inf
+        stage_list.append({
+            "name": name,
+            "kept": int(kept.sum()),
+            # Of the mass the previous distribution held, how much the survivors had (1.0 for the input).
+            "kept_mass": 1.0 if previous is None else float(previous[kept].sum()),
+            "top": _top(tokenizer, stage_logits, probs, top_k),
+        })
+        previous = probs
+    final_logits = all_stages[-1][1]
+    final_probs = previous
+
+    if params.greedy:
+        token = sample(final_logits, params, generator)  # the very code generate() runs
+        draw = None
+    else:
+        if not torch.isfinite(final_probs).all() or float(final_probs.sum()) <= 0:
+            raise LanternError("no token is left to sample: every logit is -inf after processing")
+        token, draw = _inverse_cdf(final_probs, generator)
+
+    chosen = {
+        **_token(tokenizer, token),
+        "logit": float(raw[token]),
+        "raw_prob": float(raw_probs[token]),
+        "raw_rank": _rank(raw, token),
+        "prob": float(final_probs[token]),
+        "rank": _rank(final_probs, token),
+    }
+    return token, {"greedy": params.greedy, "candidates": candidates, "stages": stage_list,
+                   "chosen": chosen, "draw": draw}
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> tuple[int, dict]:
+    """One uniform draw u in [0, 1) from `generator`; the token is the first whose cumulative probability
+    exceeds u * total. probs: (V,) on the CPU. Tokens with probability 0 can never be chosen."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    cdf = probs.double().cumsum(-1)  # (V,), float64 so the intervals of tiny probabilities stay distinct
+    target = u * float(cdf[-1])  # scaling by the total keeps rounding from running past the last token
+    token = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
+    last_possible = int(torch.nonzero(probs > 0)[-1])
+    token = min(token, last_possible)
+    low = float(cdf[token - 1]) if token > 0 else 0.0
+    return token, {"method": "inverse_cdf", "uniform": u, "total": float(cdf[-1]),
+                   "low": low, "high": float(cdf[token])}
+
+
+# ---------------------------------------------------------------------- 2. generation with the trace on
+
+
+@torch.inference_mode()
+def explain_generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids, params: SamplingParams, context: int,
+                     top_k: int = 5) -> Iterator[tuple[Step, dict]]:
+    """`generate.generate` with a trace per token: yields (Step, trace) where trace is `trace_step`'s dict plus
+    the token's `index` among the new tokens, its `position` in the sequence, and the Step's `text` and
+    `finish_reason`. Greedy output is token for token what `generate.generate` produces."""
+    top_k = _positive_int(top_k, "top_k")
+    prompt_ids = _prompt_ids(prompt_ids, model.config.vocab_size, "prompt_ids")
+    max_new = plan_lengths(len(prompt_ids), params, context)
+    if max_new == 0:
+        return
+    stream = OutputStream(tokenizer, params, prompt_ids, max_new)
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
+    generator = make_generator(params.seed)
+    ids = torch.tensor([prompt_ids], device=device)  # (1, T) then (1, 1)
+    positions = torch.arange(len(prompt_ids), device=device)[None]
+    while True:
+        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1].float()  # (V,)
+        token, trace = trace_step(logits, params, stream.prompt_ids, stream.output_ids, generator, tokenizer, top_k)
+        step = stream.append(token)
+        pos = len(prompt_ids) + len(stream.output_ids) - 1  # where this token sits in the sequence
+        yield step, {"index": len(stream.output_ids) - 1, "position": pos, "text": step.text,
+                     "finish_reason": step.finish_reason, **trace}
+        if step.finish_reason is not None:
+            return
+        ids = torch.tensor([[token]], device=device)
+        positions = torch.tensor([[pos]], device=device)
+
+
+# ---------------------------------------------------------------------- 3. logit lens
+
+
+@torch.inference_mode()
+def logit_lens(model: CausalLM, tokenizer: Tokenizer, ids, position: int = -1, top_k: int = 5) -> dict:
+    """What each depth of the model would predict after token `position` if the stack stopped there.
+
+    Depth 0 is the embeddings, depth d the output of decoder layer d - 1 (`layers.{d-1}`); each hidden state is
+    sent through the final norm and the lm_head (and Gemma's logit soft-capping), so the last depth is exactly
+    the model's next-token distribution. Per depth: the top_k tokens with logit and probability, the entropy
+    (nats), and the probability and rank of the model's final top-1 token.
+    """
+    top_k = _positive_int(top_k, "top_k")
+    ids = _prompt_ids(ids, model.config.vocab_size)
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise LanternError(f"the prompt has {len(ids)} tokens but the model's context holds {limit}")
+    if not isinstance(position, int) or isinstance(position, bool) or not -len(ids) <= position < len(ids):
+        raise LanternError(f"position {position!r} is outside the prompt of {len(ids)} tokens "
+                           f"(use 0..{len(ids) - 1}, or negative from the end)")
+    position %= len(ids)
+    device = model.lm_head.weight.device
+    # Attention is causal, so the tokens after `position` cannot change what it sees: leave them out.
+    prefix = torch.tensor([ids[:position + 1]], device=device)  # (1, position + 1)
+    out = model(prefix, output_hidden_states=True, logits_to_keep=1)
+    hidden = torch.stack([h[0, -1] for h in out.hidden_states])  # (N + 1, C), before the final norm
+    lens_logits = model.lm_head(model.model.norm(hidden))  # (N + 1, V)
+    cap = model.config.final_logit_softcapping
+    if cap is not None:  # as CausalLM.forward does
+        lens_logits = torch.tanh(lens_logits / cap) * cap
+    lens_logits = lens_logits.float().cpu()
+    final_top = int(lens_logits[-1].argmax())
+
+    depths = []
+    for depth, row in enumerate(lens_logits):
+        probs = row.softmax(-1)
+        depths.append({
+            "depth": depth,
+            "name": "embed_tokens" if depth == 0 else f"layers.{depth - 1}",
+            "top": _top(tokenizer, row, probs, top_k),
+            "entropy": float(-(probs * row.log_softmax(-1)).nan_to_num().sum()),
+            "final_token_prob": float(probs[final_top]),
+            "final_token_rank": _rank(probs, final_top),
+        })
+    return {"position": position, "token": _token(tokenizer, ids[position]),
+            "final_token": _token(tokenizer, final_top), "num_layers": len(model.model.layers),
+            "depths": depths}
+
+
+# ---------------------------------------------------------------------- 4. attention
+
+
+def _indices(chosen, count: int, name: str) -> list[int]:
+    if chosen is None:
+        return list(range(count))
+    if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not chosen:
+        raise LanternError(f"{name} must be a non-empty list of indices, got {chosen!r}")
+    for i in chosen:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count:
+            raise LanternError(f"{name} contains {i!r}; this model has {count} (0..{count - 1})")
+    return list(chosen)
+
+
+@torch.inference_mode()
+def attention(model: CausalLM, tokenizer: Tokenizer, ids, layers: Sequence[int] | None = None,
+              heads: Sequence[int] | None = None, max_weights: int = 4_000_000) -> dict:
+    """The attention weights of every (or the chosen) layer and query head over the prompt `ids`.
+
+    `layers[i]["heads"][j]` is a T x T list of rows: row q holds how much token q attends to each token k;
+    every row sums to 1, and weights are exactly 0 where the mask forbids looking (k > q, and for
+    sliding-window layers k <= q - window). Layers and heads are numbered from 0, as in `layers.{i}`.
+    `max_weights` bounds how many numbers are returned; the prompt is bounded so the forward fits in memory.
+    """
+    max_weights = _positive_int(max_weights, "max_weights")
+    ids = _prompt_ids(ids, model.config.vocab_size)
+    config = model.config
+    n_layers, n_heads, T = len(model.model.layers), config.num_attention_heads, len(ids)
+    layer_idx = _indices(layers, n_layers, "layers")
+    head_idx = _indices(heads, n_heads, "heads")
+    if n_layers * n_heads * T * T > ATTENTION_FORWARD_BUDGET:
+        longest = int((ATTENTION_FORWARD_BUDGET / (n_layers * n_heads)) ** 0.5)
+        raise LanternError(f"the prompt has {T} tokens; the attention view of this model handles at most "
+                           f"{longest} tokens")
+    returned = len(layer_idx) * len(head_idx) * T * T
+    if returned > max_weights:
+        raise LanternError(f"{len(layer_idx)} layers x {len(head_idx)} heads x {T} x {T} tokens is {returned} "
+                           f"weights, more than max_weights={max_weights}: choose fewer layers or heads, or a "
+                           f"shorter prompt")
+    device = model.lm_head.weight.device
+    out = model(torch.tensor([ids], device=device), output_attentions=True, logits_to_keep=1)
+    result_layers = []
+    for i in layer_idx:
+        weights = out.attentions[i][0].float().cpu()  # (H, T, T)
+        layer_type = model.model.layers[i].layer_type
+        result_layers.append({
+            "layer": i,
+            "name": f"layers.{i}",
+            "type": layer_type,
+            "window": config.sliding_window if layer_type == "sliding_attention" else None,
+            "heads": [weights[h].tolist() for h in head_idx],
+        })
+    shown = [_token(tokenizer, i) for i in ids]
+    return {"ids": ids, "tokens": [t["text"] for t in shown], "pieces": [t["piece"] for t in shown],
+            "num_layers": n_layers, "num_heads": n_heads, "head_indices": head_idx, "layers": result_layers}
+
+
+__all__ = ["trace_step", "explain_generate", "logit_lens", "attention", "ATTENTION_FORWARD_BUDGET"]

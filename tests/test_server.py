@@ -1,0 +1,306 @@
+"""`lantern serve` as a subprocess on a free port, driven by the official openai client (and httpx for the raw
+protocol): chat and completions, streaming, n>1, stops, seeds, logprobs, errors, auth, concurrency,
+disconnects, a burst beyond the queue, and SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tiny_models import make_hf_model
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, *extra: str, name: str = "tiny"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lanternlm", "serve", "-m", model, "--port", str(self.port),
+             "--served-model-name", name, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def client(self, key: str | None = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return -9
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from test_hf_folder import tiny_tokenizer
+    path = tmp_path_factory.mktemp("tiny-server")
+    tok = tiny_tokenizer()
+    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=256).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    s = Server(str(tiny_folder), "--api-key", KEY, "--max-batch", "8")
+    yield s
+    assert s.stop() == 0  # SIGTERM: graceful shutdown, exit 0
+
+
+MSG = [{"role": "user", "content": "Hello world! The quick brown fox"}]
+
+
+def test_chat_completion_shape(server):
+    r = server.client().chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+    assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_equals_non_stream_and_follows_the_sse_rules(server):
+    c = server.client()
+    full = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len({ch.id for ch in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finishes) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+
+
+def test_raw_sse_framing_ends_with_done(server):
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events[:-1])
+
+
+def test_completions_prompt_forms_echo_and_stream(server):
+    c = server.client()
+    a = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=8, temperature=0)
+    assert a.object == "text_completion" and a.choices[0].finish_reason in ("stop", "length")
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown"},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    b = c.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert b.choices[0].text == a.choices[0].text
+    e = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=8, temperature=0, echo=True)
+    assert e.choices[0].text == "The quick brown" + a.choices[0].text
+    s = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=8, temperature=0, stream=True) if ch.choices)
+    assert s == a.choices[0].text
+
+
+def test_n_choices_and_seed_reproducibility(server):
+    c = server.client()
+    kw = dict(model="tiny", messages=MSG, max_tokens=10, temperature=1.0, seed=42, n=3)
+    r1, r2 = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert [ch.index for ch in r1.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r1.choices] == [ch.message.content for ch in r2.choices]
+    assert len({ch.message.content for ch in r1.choices}) > 1  # the choices are different draws
+
+
+def test_stop_strings_are_not_returned(server):
+    c = server.client()
+    base = c.completions.create(model="tiny", prompt="Hello", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    text = base.choices[0].text
+    stop = text[5:8]
+    assert stop and len(stop) == 3
+    r = c.completions.create(model="tiny", prompt="Hello", max_tokens=30, temperature=0, stop=[stop],
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.find(stop)]
+
+
+def test_logprobs_shapes(server):
+    c = server.client()
+    r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy takes the best
+    p = c.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    lp = p.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == \
+        p.usage.completion_tokens
+
+
+def test_models_and_tokenize_round_trip(server):
+    models = server.client().models.list().data
+    assert models[0].id == "tiny" and models[0].owned_by == "lantern"
+    assert models[0].model_extra["max_model_len"] == 256
+    h = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown fox"}, headers=h).json()
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": ids["tokens"]}, headers=h).json()
+    assert back["prompt"] == "The quick brown fox" and ids["count"] == len(ids["tokens"])
+
+
+BAD = [
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, 400,
+     "response_format.type"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "stop": [""]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "nope", "messages": MSG}, 404, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 10_000}, 400, "messages"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"model": "tiny", "prompt": [999999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * 2000}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,param", BAD, ids=[f"{i}-{b[0].rsplit('/', 1)[1]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_working(server, route, body, status, param):
+    r = httpx.post(f"{server.url}{route}", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param, err
+    ok = server.client().chat.completions.create(model="tiny", messages=MSG, max_tokens=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_invalid_json_body_and_context_overflow_code(server):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{nope", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers=h,
+                   json={"model": "tiny", "messages": MSG, "max_tokens": 10_000})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    big = httpx.post(f"{server.url}/v1/completions", headers=h, content=b"x" * (5 * 1024 * 1024))
+    assert big.status_code == 413
+
+
+def test_api_key_is_required(server):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+    r = httpx.get(f"{server.url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_eight_concurrent_streams_equal_their_solo_runs(server):
+    c = server.client()
+    prompts = [[{"role": "user", "content": f"Hello world {'fox ' * i}"}] for i in range(8)]
+
+    def run(messages, stream):
+        kw = dict(model="tiny", messages=messages, max_tokens=24, temperature=0)
+        if not stream:
+            return c.chat.completions.create(**kw).choices[0].message.content
+        return "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True)
+                       if ch.choices)
+
+    solo = [run(p, False) for p in prompts]
+    with cf.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: run(p, True), prompts))
+    assert together == solo
+
+
+def test_disconnect_mid_stream_frees_the_sequence(server):
+    aborted_before = server.metric("lantern_requests_aborted_total")
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if server.metric("lantern_running_sequences") == 0 and \
+                server.metric("lantern_requests_aborted_total") > aborted_before:
+            break
+        time.sleep(0.1)
+    assert server.metric("lantern_running_sequences") == 0
+    assert server.metric("lantern_requests_aborted_total") > aborted_before
+
+
+def test_burst_beyond_the_queue_gets_429_then_recovers(tiny_folder):
+    s = Server(str(tiny_folder), "--max-batch", "1", "--max-queue", "1")
+    try:
+        c = s.client()
+
+        def one(_):
+            try:
+                c.chat.completions.create(model="tiny", messages=MSG, max_tokens=120,
+                                          extra_body={"ignore_eos": True})
+                return 200
+            except openai.RateLimitError as e:
+                assert e.response.headers.get("retry-after") == "1"
+                return 429
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(8)))
+        assert codes.count(429) >= 1 and codes.count(200) >= 1
+        assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3).choices
+        assert s.metric('lantern_requests_total{route="/v1/chat/completions",status="429"}') >= 1
+    finally:
+        assert s.stop() == 0
+
+
+def test_default_model_smoke(default_gguf):
+    s = Server(str(default_gguf), name="smollm2-135m-instruct")
+    try:
+        r = s.client().chat.completions.create(
+            model="smollm2-135m-instruct", temperature=0, max_tokens=30,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+        assert json.loads(httpx.get(f"{s.url}/health").text)["status"] == "ok"
+    finally:
+        assert s.stop() == 0
