@@ -124,12 +124,12 @@ def hf_processed(logits, params, prompt, output):
     return scores[0]
 
 
-SAMPLED = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=1234)
+SAMPLED = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.1, repetition_penalty=1.3, seed=1234)
 
 
 def test_each_stage_keeps_a_renormalised_set_matching_transformers(tiny_cache, tok, prompt):
     _, ours = tiny_cache("llama")
-    logits = ours(torch.tensor([prompt])).logits[0, -1] * 3  # sharper, so top_p and min_p both cut
+    logits = ours(torch.tensor([prompt])).logits[0, -1]
     output = prompt[-3:]
     token, trace = trace_step(logits, SAMPLED, prompt, output, make_generator(0), tok, top_k=1000)
     assert strict_json(trace) == trace
