@@ -23,7 +23,7 @@ import torch
 from .errors import LanternError
 from .generate import OutputStream, Step, plan_lengths
 from .model import CausalLM, KVCache
-from .sampling import SamplingParams, make_generator, sample, stages
+from .sampling import SamplingParams, inverse_cdf_draw, make_generator, sample, stages
 from .tokenizer import Tokenizer
 
 # attention(): the forward materialises every layer's (H, T, T) weights at once, so the prompt is bounded by
@@ -141,7 +141,7 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     else:
         if not torch.isfinite(final_probs).all() or float(final_probs.sum()) <= 0:
             raise LanternError("no token is left to sample: every logit is -inf after processing")
-        token, draw = _inverse_cdf(final_probs, generator)
+        token, draw = inverse_cdf_draw(final_probs, generator)
 
     chosen = {
         **_token(tokenizer, token),
@@ -153,20 +153,6 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     }
     return token, {"greedy": params.greedy, "candidates": candidates, "stages": stage_list,
                    "chosen": chosen, "draw": draw}
-
-
-def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> tuple[int, dict]:
-    """One uniform draw u in [0, 1) from `generator`; the token is the first whose cumulative probability
-    exceeds u * total. probs: (V,) on the CPU. Tokens with probability 0 can never be chosen."""
-    u = float(torch.rand((), generator=generator, dtype=torch.float64))
-    cdf = probs.double().cumsum(-1)  # (V,), float64 so the intervals of tiny probabilities stay distinct
-    target = u * float(cdf[-1])  # scaling by the total keeps rounding from running past the last token
-    token = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
-    last_possible = int(torch.nonzero(probs > 0)[-1])
-    token = min(token, last_possible)
-    low = float(cdf[token - 1]) if token > 0 else 0.0
-    return token, {"method": "inverse_cdf", "uniform": u, "total": float(cdf[-1]),
-                   "low": low, "high": float(cdf[token])}
 
 
 # ---------------------------------------------------------------------- 2. generation with the trace on

@@ -347,7 +347,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = logits.float().softmax(dim=-1).cpu()
     if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
         raise LanternError("no token is left to sample: every logit is -inf after processing")
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # The same draw the explain trace reports, so turning the trace on never changes a seeded run.
+    return inverse_cdf_draw(probs, generator)[0]
+
+
+def inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None) -> tuple[int, dict]:
+    """Sample one token: one uniform draw u in [0, 1) from `generator`; the token is the first whose cumulative probability
+    exceeds u * total. probs: (V,) on the CPU. Tokens with probability 0 can never be chosen."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    cdf = probs.double().cumsum(-1)  # (V,), float64 so the intervals of tiny probabilities stay distinct
+    target = u * float(cdf[-1])  # scaling by the total keeps rounding from running past the last token
+    token = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
+    last_possible = int(torch.nonzero(probs > 0)[-1])
+    token = min(token, last_possible)
+    low = float(cdf[token - 1]) if token > 0 else 0.0
+    return token, {"method": "inverse_cdf", "uniform": u, "total": float(cdf[-1]),
+                   "low": low, "high": float(cdf[token])}
+
 
 
 def sample_batch(
@@ -379,6 +395,7 @@ def sample_batch(
 
 __all__ = [
     "SamplingParams", "SamplingParamsError", "make_generator", "stages", "process_logits", "sample",
+    "inverse_cdf_draw",
     "sample_batch", "apply_logit_bias", "apply_repetition_penalty", "apply_frequency_presence_penalty",
     "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "keep_argmax",
 ]

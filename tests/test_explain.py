@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,15 +48,16 @@ def tok(hf_tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_cache(hf_tok):
-    """arch -> (transformers model with eager attention, our model), built once per arch."""
+    """(arch, config overrides) -> (transformers model with eager attention, our model), built once each."""
     built = {}
 
-    def get(arch):
-        if arch not in built:
-            hf = make_hf_model(arch, vocab_size=len(hf_tok))
+    def get(arch, overrides=()):
+        key = (arch, tuple(sorted(dict(overrides).items())))
+        if key not in built:
+            hf = make_hf_model(arch, vocab_size=len(hf_tok), **dict(overrides))
             hf.set_attn_implementation("eager")  # the only transformers path that returns attention weights
-            built[arch] = (hf, lantern_from_hf(hf))
-        return built[arch]
+            built[key] = (hf, lantern_from_hf(hf))
+        return built[key]
     return get
 
 
@@ -215,15 +217,21 @@ def test_explain_generate_greedy_equals_generate_and_transformers(tiny_cache, to
 
 def test_explain_generate_seeded_sampling_repeats_with_stop_strings(tiny_cache, tok, prompt):
     _, ours = tiny_cache("llama")
-    params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=20, ignore_eos=True, stop=["e"])
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=20, ignore_eos=True)
     a = list(explain_generate(ours, tok, prompt, params, context=256))
     b = list(explain_generate(ours, tok, prompt, params, context=256))
-    assert a == b and a
-    text = "".join(s.text for s, _ in a)
-    assert "e" not in text
-    assert a[-1][0].finish_reason == ("stop" if len(a) < 20 else a[-1][0].finish_reason)
-    assert all(t["draw"] is not None and t["draw"]["low"] <= t["draw"]["uniform"] * t["draw"]["total"]
-               < t["draw"]["high"] for _, t in a)
+    assert a == b and len(a) == 20 and a[-1][0].finish_reason == "length"
+    # Turning the trace off changes nothing: plain generation draws the same tokens from the same seed.
+    assert [s for s, _ in a] == list(generate(ours, tok, prompt, params, context=256))
+    for _, t in a:
+        assert t["draw"]["low"] <= t["draw"]["uniform"] * t["draw"]["total"] < t["draw"]["high"]
+    # A stop string taken from that text: same draws up to it, and the text ends right before it.
+    full = tok.decode([s.token_id for s, _ in a], skip_special_tokens=True)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stopped = list(explain_generate(ours, tok, prompt, replace(params, stop=(stop,)), context=256))
+    assert stopped[-1][0].finish_reason == "stop" and len(stopped) <= len(a)
+    assert [s.token_id for s, _ in stopped] == [s.token_id for s, _ in a[:len(stopped)]]
+    assert "".join(s.text for s, _ in stopped) == full[:full.index(stop)]
 
 
 def test_real_model_explain_generate_equals_generate(real):
@@ -240,10 +248,13 @@ def test_real_model_explain_generate_equals_generate(real):
 # ---------------------------------------------------------------------- logit lens
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}), ("qwen2", {}), ("gemma3", {}),
+    ("gemma3", {"final_logit_softcapping": 2.0}),  # the lens must soft-cap as the model's head does
+])
 @pytest.mark.parametrize("position", [4, -1])
-def test_logit_lens_against_transformers_hidden_states(arch, position, tiny_cache, tok, prompt):
-    hf, ours = tiny_cache(arch)
+def test_logit_lens_against_transformers_hidden_states(arch, overrides, position, tiny_cache, tok, prompt):
+    hf, ours = tiny_cache(arch, overrides)
     lens = logit_lens(ours, tok, prompt, position=position, top_k=4)
     assert strict_json(lens) == lens
     n = hf.config.num_hidden_layers
@@ -253,7 +264,9 @@ def test_logit_lens_against_transformers_hidden_states(arch, position, tiny_cach
 
     out = hf(torch.tensor([prompt]), output_hidden_states=True)
     # transformers' hidden states: embeddings, layer outputs, and the last one already through the final norm.
-    ref = [hf.lm_head(hf.model.norm(h[0, pos])) for h in out.hidden_states[:-1]] + [out.logits[0, pos]]
+    ref = [hf.lm_head(hf.model.norm(h[0, pos])) for h in out.hidden_states[:-1]]
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    ref = [r if cap is None else torch.tanh(r / cap) * cap for r in ref] + [out.logits[0, pos]]
     for depth, ref_logits in zip(lens["depths"], ref):
         ref_probs = ref_logits.softmax(-1)
         top = torch.topk(ref_probs, 4)

@@ -21,6 +21,11 @@ from .gguf import read_gguf
 from .gguf_model import gguf_config, gguf_tensors
 from .quants import type_name
 
+# A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
+# own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the
+# generation defaults of a GGUF model; a request's explicit values still win.
+GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -109,7 +114,8 @@ def _load_gguf(path: Path, dtype, device: torch.device) -> LoadedModel:
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
     model = build_model(config, tensors, path, device)
-    return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template, {}, [path], types,
+    return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
+                       dict(GGUF_GENERATION_DEFAULTS), [path], types,
                        device=device, dtype=compute)
 
 

@@ -1,0 +1,293 @@
+"""One engine's measurements, run in a process of its own so its peak RSS is its own.
+
+    python -m bench.workers {lantern,llamacpp,transformers} --model FILE.gguf --threads 2 --out result.json
+
+Every engine gets the same workloads through the same small interface (a runner): load, prefill N
+tokens into an empty cache, greedy-decode N tokens, and the first token of a chat. Timing, warm-up and
+repeats live here, once, so no engine is timed differently from another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import random
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+PREFILL_LENGTHS = (128, 512)
+DECODE_TOKENS = 128
+CONTEXT = 1024          # every engine's KV capacity: enough for pp512 and for tg128 after a short prompt
+DECODE_PROMPT = 8       # tokens before tg128, so decoding starts from an almost empty cache (as llama-bench)
+STREAM_PROMPT = 16      # prompt tokens of each concurrent stream
+# About 50 tokens once the model's chat template has wrapped it (the worker records the exact count).
+CHAT = [
+    {"role": "system", "content": "You are a concise assistant. Answer in one short sentence."},
+    {"role": "user", "content": "I am planning a weekend trip to Lyon in late spring. "
+                                "What is one dish from the local cuisine I should not miss?"},
+]
+
+
+def token_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """The same n ordinary token ids for every engine (away from the low ids where specials live)."""
+    rng = random.Random(seed)
+    return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class LanternRunner:
+    def __init__(self, path: str, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        from lanternlm import LLM
+        from lanternlm.model import KVCache
+        self.torch = torch
+        self.llm = LLM(path, context=CONTEXT)
+        self.vocab = self.llm.config.vocab_size
+        # One cache reused by every prefill: a prefill writes positions 0..T-1 and reads only those back.
+        self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=self.llm.model.lm_head.weight.dtype,
+                             device=self.llm.device)
+        self.info = {"dtype": str(self.llm.loaded.dtype).removeprefix("torch."), "torch": torch.__version__}
+
+    def prefill(self, ids: list[int]) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.llm.device)
+            positions = torch.arange(len(ids), device=self.llm.device)[None]  # (1, T)
+            self.llm.model(x, positions, self.cache, logits_to_keep=1)
+
+    def decode_times(self, ids: list[int], n: int) -> list[float]:
+        from lanternlm import SamplingParams
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return [time.perf_counter() for _ in self.llm.generate_stream(ids, params)]
+
+    def first_chat_token(self, messages: list[dict]) -> int:
+        from lanternlm import SamplingParams
+        stream = self.llm.chat_stream(messages, SamplingParams(temperature=0, max_tokens=1))
+        next(iter(stream))
+        return len(self.llm.encode_chat(messages))
+
+
+class LlamaCppRunner:
+    def __init__(self, path: str, threads: int):
+        import llama_cpp
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=CONTEXT, n_batch=512, n_ubatch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+        self.vocab = self.llm.n_vocab()
+        self.info = {"llama_cpp_python": llama_cpp.__version__}
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()  # forget earlier tokens, so nothing is reused as a cached prefix
+        self.llm.eval(ids)
+
+    def decode_times(self, ids: list[int], n: int) -> list[float]:
+        self.llm.reset()
+        times = []
+        for _ in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):  # greedy, never stops on EOS
+            times.append(time.perf_counter())
+            if len(times) == n:
+                break
+        return times
+
+    def first_chat_token(self, messages: list[dict]) -> int:
+        self.llm.reset()
+        stream = self.llm.create_chat_completion(messages, max_tokens=1, temperature=0.0, stream=True)
+        next(iter(stream))  # the first chunk comes once the first token is sampled
+        prompt_tokens = self.llm.n_tokens
+        for _ in stream:  # let it finish cleanly
+            pass
+        return prompt_tokens
+
+
+class TransformersRunner:
+    def __init__(self, path: str, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.torch = torch
+        folder, name = str(Path(path).parent), Path(path).name
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # float32, as Lantern computes on CPU: the GGUF's quantized weights are dequantized at load by both.
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        self.vocab = self.model.config.vocab_size
+        self.info = {"dtype": "float32", "transformers": transformers.__version__, "torch": torch.__version__}
+
+    def _generate(self, input_ids, n: int, streamer=None):
+        torch = self.torch
+        with torch.inference_mode():
+            return self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                       min_new_tokens=n, do_sample=False, streamer=streamer,
+                                       pad_token_id=self.tokenizer.eos_token_id)
+
+    def prefill(self, ids: list[int]) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+    def decode_times(self, ids: list[int], n: int) -> list[float]:
+        times: list[float] = []
+
+        class Clock:  # generate() calls put() once with the prompt, then once per new token
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        self._generate(self.torch.tensor([ids]), n, Clock())
+        return times[1:]
+
+    def first_chat_token(self, messages: list[dict]) -> int:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True, return_tensors="pt")
+        self._generate(enc["input_ids"], 1)
+        return int(enc["input_ids"].shape[1])
+
+
+RUNNERS = {"lantern": LanternRunner, "llamacpp": LlamaCppRunner, "transformers": TransformersRunner}
+# Imported (and timed) before the load clock starts, so load_s is the model's load alone.
+LIBRARIES = {"lantern": ["torch", "lanternlm"], "llamacpp": ["llama_cpp"],
+             "transformers": ["torch", "transformers", "transformers.models.llama.modeling_llama"]}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def memory_mb() -> dict[str, float]:
+    """Current and peak resident set size of this process, in MiB."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024  # kB
+    except OSError:
+        pass
+    peak = fields.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss: kB on Linux
+    return {"rss_mb": fields.get("VmRSS", peak), "peak_rss_mb": peak}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall seconds of fn() over `repeats` runs, after one untimed warm-up run."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def decode_rate(runner, repeats: int) -> float:
+    """Tokens/s between the first and the last of DECODE_TOKENS tokens: decode steps only, no prefill."""
+    ids = token_ids(DECODE_PROMPT, runner.vocab, seed=7)
+    runner.decode_times(ids, 8)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        times = runner.decode_times(ids, DECODE_TOKENS)
+        if len(times) != DECODE_TOKENS:
+            raise RuntimeError(f"asked for {DECODE_TOKENS} tokens, got {len(times)}")
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return statistics.median(rates)
+
+
+def streams_rate(runner: LanternRunner, streams: int, max_tokens: int) -> dict:
+    """Aggregate decode tokens/s of `streams` concurrent requests through Lantern's Engine."""
+    from lanternlm import SamplingParams
+    from lanternlm.engine import Engine
+    llm = runner.llm
+    engine = Engine(llm.model, llm.tokenizer, context=STREAM_PROMPT + max_tokens, max_batch=streams,
+                    max_queue=streams).start()
+    lock, done = threading.Lock(), threading.Event()
+    state = {"tokens": 0, "finished": 0, "errors": [], "first": {}, "last": 0.0}
+
+    def on_event(event, stream):
+        now = time.perf_counter()
+        with lock:
+            if event.error:
+                state["errors"].append(event.error)
+            else:
+                state["tokens"] += 1
+                state["first"].setdefault(stream, now)
+                state["last"] = now
+            if event.error or event.step.finish_reason is not None:
+                state["finished"] += 1
+                if state["finished"] == streams:
+                    done.set()
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    try:
+        start = time.perf_counter()
+        for s in range(streams):
+            engine.submit(token_ids(STREAM_PROMPT, runner.vocab, seed=100 + s), params,
+                          lambda event, s=s: on_event(event, s))
+        if not done.wait(timeout=600):
+            raise RuntimeError(f"{streams} streams did not finish within 600 s")
+    finally:
+        engine.shutdown()
+    if state["errors"]:
+        raise RuntimeError(f"engine error: {state['errors'][0]}")
+    wall = state["last"] - start
+    # Decode-only view: from the moment every stream has its first token to the last token.
+    all_started = max(state["first"].values())
+    after = state["tokens"] - streams  # tokens produced after each stream's first
+    return {"streams": streams, "tokens": state["tokens"], "wall_s": wall,
+            "aggregate_tok_s": state["tokens"] / wall,
+            "decode_tok_s": after / (state["last"] - all_started) if state["last"] > all_started else None}
+
+
+def run(engine: str, path: str, threads: int, repeats: int, streams: list[int]) -> dict:
+    result = {"engine": engine, "threads": threads}
+    start = time.perf_counter()
+    for module in LIBRARIES[engine]:
+        importlib.import_module(module)
+    result["import_s"] = time.perf_counter() - start
+    result["import_rss_mb"] = memory_mb()["rss_mb"]
+    start = time.perf_counter()
+    runner = RUNNERS[engine](path, threads)
+    result["load_s"] = time.perf_counter() - start
+    result.update(runner.info)
+    for n in PREFILL_LENGTHS:
+        ids = token_ids(n, runner.vocab, seed=n)
+        result[f"pp{n}_tok_s"] = n / timed(lambda: runner.prefill(ids), repeats)
+        print(f"  {engine}: pp{n} {result[f'pp{n}_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    result[f"tg{DECODE_TOKENS}_tok_s"] = decode_rate(runner, repeats)
+    print(f"  {engine}: tg{DECODE_TOKENS} {result[f'tg{DECODE_TOKENS}_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    prompt_tokens = runner.first_chat_token(CHAT)
+    result["ttft_s"] = timed(lambda: runner.first_chat_token(CHAT), repeats)
+    result["ttft_prompt_tokens"] = prompt_tokens
+    result.update(memory_mb())  # before the concurrency runs, whose bigger caches are Lantern-only
+    if engine == "lantern" and streams:
+        streams_rate(runner, 1, 8)  # warm-up of the engine path
+        result["streams"] = []
+        for n in streams:
+            row = streams_rate(runner, n, DECODE_TOKENS)
+            result["streams"].append(row)
+            print(f"  {engine}: {n} streams {row['aggregate_tok_s']:.1f} tok/s aggregate", file=sys.stderr, flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.workers")
+    parser.add_argument("engine", choices=sorted(RUNNERS))
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streams", default="")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    streams = [int(s) for s in args.streams.split(",") if s]
+    result = run(args.engine, args.model, args.threads, args.repeats, streams)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
