@@ -111,6 +111,8 @@ class TransformersRunner:
         import torch
         torch.set_num_threads(threads)
         import transformers
+        transformers.utils.logging.disable_progress_bar()  # per-tensor bars would flood the bench's output
+        transformers.utils.logging.set_verbosity_error()
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.torch = torch
         folder, name = str(Path(path).parent), Path(path).name

@@ -14,6 +14,7 @@ import torch
 
 from .chat import ChatTemplate, no_template_error
 from .errors import LanternError
+from .explain import attention, explain_generate, logit_lens
 from .generate import Step, generate
 from .loader.load import load
 from .sampling import SamplingParams
@@ -26,6 +27,7 @@ class Completion:
     token_ids: list[int]           # the new tokens only
     finish_reason: str | None
     prompt_token_ids: list[int]
+    trace: list[dict] | None = None  # per token, when generate(..., trace=True): see LLM.explain
 
 
 class LLM:
@@ -82,8 +84,13 @@ class LLM:
     def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Step]:
         return self._run(self.encode(prompt), params)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 trace: bool = False) -> Completion:
+        """Generate from a text or token ids. trace=True records how each token was chosen (same tokens)."""
         ids = self.encode(prompt)
+        if trace:
+            found = self.explain(ids, params)
+            return Completion(found["text"], found["token_ids"], found["finish_reason"], ids, found["steps"])
         return self._collect(ids, self._run(ids, params))
 
     def chat_stream(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[Step]:
@@ -103,6 +110,38 @@ class LLM:
         return Completion("".join(text), ids, reason, prompt_ids)
 
     # ------------------------------------------------------------------ looking inside
+
+    def _prompt(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        """A text, token ids, or chat messages (a list of dicts, rendered with the model's template)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.encode_chat(prompt)
+        return self.encode(prompt)
+
+    def explain(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+                top_k: int = 5) -> dict:
+        """Generate with a trace of every token: candidates, each sampling stage, the choice and the draw.
+        Plain data (json-serialisable). Messages (a list of dicts) go through the chat template."""
+        ids = self._prompt(prompt)
+        steps = list(explain_generate(self.model, self.tokenizer, ids, self._params(params), self.context, top_k))
+        return {"prompt_ids": ids, "prompt_tokens": self.tokenizer.tokens(ids),
+                "text": "".join(step.text for step, _ in steps),
+                "token_ids": [step.token_id for step, _ in steps],
+                "finish_reason": steps[-1][0].finish_reason if steps else None,
+                "steps": [trace for _, trace in steps]}
+
+    def logit_lens(self, prompt: str | list[int] | list[dict], position: int = -1, top_k: int = 5) -> dict:
+        """What each layer would predict at `position` through the final norm and lm_head."""
+        return logit_lens(self.model, self.tokenizer, self._prompt(prompt), position=position, top_k=top_k)
+
+    def attention(self, prompt: str | list[int] | list[dict], layers: list[int] | None = None,
+                  heads: list[int] | None = None) -> dict:
+        """Attention weights per layer and head for the prompt."""
+        return attention(self.model, self.tokenizer, self._prompt(prompt), layers=layers, heads=heads)
+
+    def describe(self) -> dict:
+        """Module tree, parameter counts, config, tokenizer and files (what `lantern inspect` prints)."""
+        from .inspect import describe
+        return describe(self)
 
     @torch.inference_mode()
     def forward(self, prompt: str | list[int], output_hidden_states: bool = False):

@@ -45,6 +45,11 @@ EXAMPLES = {
   lantern inspect                   # the default model: module tree, parameter counts, config, tokenizer
   lantern inspect -m ./my-hf-folder --json
 """,
+    "lens": """examples:
+  lantern lens "The capital of France is"
+  lantern lens --chat --top-k 5 "What is the capital of France?"
+  lantern lens --json -m ./model.gguf "1, 2, 3,"
+""",
     "tokenize": """examples:
   lantern tokenize "Hello world 12345"
   lantern tokenize --chat "What is the capital of France?"
@@ -98,7 +103,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     p.add_argument("-v", "--verbose", action="store_true", help="timing and token counts on stderr")
+    p.add_argument("--explain", nargs="?", type=int, const=3, default=None, metavar="K",
+                   help="print a table per token: the chosen token, its probability and K alternatives (default 3)")
     add_sampling(p)
+
+    p = command("lens", "logit lens: what each layer would predict next, for a prompt")
+    add_model(p)
+    p.add_argument("prompt", nargs="*", help="the text (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the chat template (as a user message)")
+    p.add_argument("--position", type=int, default=-1, help="which token position to look at (default: last)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
 
     p = command("chat", "talk with a model in the terminal (one message per line when stdin is a pipe)")
     add_model(p)
@@ -209,10 +224,48 @@ def cmd_run(args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt.strip()}]
         ids = llm.encode_chat(messages)
+    if args.explain is not None:
+        return print_explained(llm, ids, params, args.explain)
     started = time.perf_counter()
     text, _ = stream_out(llm.generate_stream(ids, params), args.verbose, len(ids), started)
     if not text.endswith("\n"):
         sys.stdout.write("\n")
+    return 0
+
+
+def print_explained(llm, ids, params, k: int) -> int:
+    """One row per generated token as it is chosen, then the answer."""
+    from .explain import explain_generate
+    if k < 0:
+        raise LanternError(f"--explain takes a non-negative count, got {k}")
+    print(f"{'#':>4}  {'token':18} {'prob':>7}  {'rank':>4}  alternatives (prob)")
+    pieces = []
+    for step, trace in explain_generate(llm.model, llm.tokenizer, ids, llm._params(params), llm.context,
+                                        top_k=k + 1):
+        chosen = trace["chosen"]
+        alts = [c for c in trace["candidates"] if c["id"] != chosen["id"]][:k]
+        alt_text = "  ".join(f"{c['text']!r} {c['prob']:.3f}" for c in alts)
+        print(f"{trace['index']:>4}  {chosen['text']!r:18} {chosen['raw_prob']:>7.4f}  {chosen['raw_rank']:>4}  "
+              f"{alt_text}", flush=True)
+        pieces.append(step.text)
+    print("\n" + "".join(pieces))
+    return 0
+
+
+def cmd_lens(args) -> int:
+    text = read_text(args.prompt, "prompt")
+    llm = open_model(args)
+    ids = llm.encode_chat([{"role": "user", "content": text.strip()}]) if args.chat else llm.encode(text)
+    lens = llm.logit_lens(ids, position=args.position, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(lens, ensure_ascii=False, indent=2))
+        return 0
+    print(f"position {lens['position']} (token {lens['token']['text']!r}); the model's next token: "
+          f"{lens['final_token']['text']!r}")
+    print(f"{'layer':>14}  {'p(final)':>8}  top {args.top_k} (prob)")
+    for depth in lens["depths"]:
+        top = "  ".join(f"{t['text']!r} {t['prob']:.3f}" for t in depth["top"])
+        print(f"{depth['name']:>14}  {depth['final_token_prob']:>8.4f}  {top}")
     return 0
 
 
@@ -360,7 +413,7 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
+COMMANDS = {"run": cmd_run, "lens": cmd_lens, "chat": cmd_chat, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
             "inspect": cmd_inspect, "tokenize": cmd_tokenize}
 
 

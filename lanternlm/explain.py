@@ -101,9 +101,8 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
       - `draw`: None when greedy; else the uniform number u drawn from `generator` and the cumulative
         probabilities [low, high) of the chosen token, which contain u * total (inverse-CDF over token ids).
 
-    Greedy picks exactly what `sampling.sample` picks. Sampling draws one `torch.rand` from `generator` and
-    inverts the CDF so the draw can be reported; it is reproducible for a seed but is not the same random
-    stream as `sampling.sample` (torch.multinomial), so seeded sampled tokens differ from untraced ones.
+    Greedy picks exactly what `sampling.sample` picks, and sampling uses the same inverse-CDF draw as
+    `sampling.sample` (one `torch.rand` from `generator`), so a seeded run picks the same tokens traced or not.
     """
     top_k = _positive_int(top_k, "top_k")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:

@@ -150,3 +150,15 @@ def test_help_has_examples():
     for command in ("run", "chat", "pull", "list", "rm", "inspect", "tokenize"):
         r = lantern(command, "--help")
         assert r.returncode == 0 and "examples:" in r.stdout, command
+
+
+def test_run_explain_and_lens(model_arg):
+    r = lantern("run", *model_arg, "--explain", "2", "--temperature", "0", "--max-tokens", "8",
+                "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) >= 6 and "Paris" in r.stdout
+    lens = lantern("lens", *model_arg, "--json", "The capital of France is")
+    assert lens.returncode == 0, lens.stderr
+    out = json.loads(lens.stdout)
+    assert out["final_token"]["text"].strip() == "Paris" and len(out["depths"]) == 31

@@ -376,3 +376,17 @@ def test_bad_input_gives_one_clear_error(tiny_cache, tok, prompt):
     for call, message in cases:
         with pytest.raises(LanternError, match=message):
             call()
+
+
+def test_llm_explain_and_generate_trace_flag(real):
+    from lanternlm import LLM, SamplingParams as SP
+    from model_files import default_gguf_path
+    llm = LLM(str(default_gguf_path()))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SP(temperature=0, max_tokens=10)
+    found = llm.explain(messages, params, top_k=3)
+    assert json.loads(json.dumps(found)) == found
+    plain = llm.chat(messages, params)
+    assert found["token_ids"] == plain.token_ids and found["text"] == plain.text
+    traced = llm.generate(llm.encode_chat(messages), params, trace=True)
+    assert traced.token_ids == plain.token_ids and len(traced.trace) == len(plain.token_ids)

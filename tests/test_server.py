@@ -304,3 +304,46 @@ def test_default_model_smoke(default_gguf):
         assert json.loads(httpx.get(f"{s.url}/health").text)["status"] == "ok"
     finally:
         assert s.stop() == 0
+
+
+def test_lantern_trace_extension_in_the_stream_and_not(server):
+    # The extension is namespaced: standard fields stay OpenAI-exact, the trace rides under "lantern".
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 6, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "lantern": {"trace": True, "top_k": 3}}
+    full = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=h).json()
+    traces = full["choices"][0]["lantern"]["trace"]
+    content = full["choices"][0]["logprobs"]["content"]
+    assert len(traces) == len(content) == full["usage"]["completion_tokens"]
+    for trace, lp in zip(traces, content):
+        assert trace["chosen"]["raw_rank"] == 1  # greedy
+        assert abs(trace["candidates"][0]["logprob"] - lp["logprob"]) < 1e-4  # both: the model's raw logprob
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers=h) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    streamed = [c["choices"][0]["lantern"]["trace"][0] for c in chunks if c["choices"] and "lantern" in c["choices"][0]]
+    assert [t["chosen"]["id"] for t in streamed] == [t["chosen"]["id"] for t in traces]
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json={k: v for k, v in body.items() if k != "lantern"},
+                       headers=h).json()
+    assert "lantern" not in plain["choices"][0]
+    assert plain["choices"][0]["message"] == full["choices"][0]["message"]  # the trace changes nothing
+
+
+def test_lantern_lens_attention_and_inspect_routes(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    lens = httpx.post(f"{server.url}/v1/lantern/lens", json={"prompt": "The quick brown", "top_k": 2}, headers=h)
+    assert lens.status_code == 200
+    depths = lens.json()["depths"]
+    assert len(depths) == 4 and all(len(d["top"]) == 2 for d in depths)  # embeddings + 3 layers
+    att = httpx.post(f"{server.url}/v1/lantern/attention", json={"prompt": "The quick brown", "layers": [0]},
+                     headers=h).json()
+    rows = att["layers"][0]["heads"][0]  # T x T
+    assert all(abs(sum(row) - 1) < 1e-4 for row in rows)
+    info = httpx.get(f"{server.url}/v1/lantern/inspect", headers=h).json()
+    assert info["parameters"]["total"] > 0 and "DecoderLayer" in info["module_tree"]
+    bad = httpx.post(f"{server.url}/v1/lantern/lens", json={"prompt": "x", "ids": [1]}, headers=h)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/v1/lantern/lens" in schema["paths"] and "lantern" in json.dumps(schema["components"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LanternError
+from ..explain import trace_step
 from ..generate import OutputStream, plan_lengths
 from ..model import CausalLM, KVCache
 from ..sampling import SamplingParams, make_generator, process_logits, sample
@@ -77,14 +78,14 @@ class Engine:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
-               request_id: str | None = None, logprobs: int | None = None) -> str:
+               request_id: str | None = None, logprobs: int | None = None, trace_top_k: int | None = None) -> str:
         """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once."""
         max_new = plan_lengths(len(prompt_ids), params, self.context)
         if self.dead:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
                        OutputStream(self.tokenizer, params, prompt_ids, max_new), make_generator(params.seed),
-                       on_event, logprobs=logprobs)
+                       on_event, logprobs=logprobs, trace_top_k=trace_top_k)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -187,8 +188,13 @@ class Engine:
 
     def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         params = seq.stream.params
-        processed = process_logits(logits.float(), params, seq.prompt_ids, seq.stream.output_ids)
-        token = sample(processed, params, seq.generator)
+        trace = None
+        if seq.trace_top_k:  # the same choice, made by the traced path (same stages, same draw)
+            token, trace = trace_step(logits, params, seq.prompt_ids, seq.stream.output_ids, seq.generator,
+                                      self.tokenizer, top_k=seq.trace_top_k)
+        else:
+            processed = process_logits(logits.float(), params, seq.prompt_ids, seq.stream.output_ids)
+            token = sample(processed, params, seq.generator)
         step = seq.stream.append(token)
         now = time.monotonic()
         if self.observer:
@@ -199,7 +205,7 @@ class Engine:
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
         self.stats.generation_tokens_total += 1
-        event = Event(seq.request_id, step)
+        event = Event(seq.request_id, step, trace=trace)
         if seq.logprobs is not None:  # of the model's own distribution, before sampling transforms (as vLLM)
             logp = torch.log_softmax(logits.float(), dim=-1)
             event.logprob = float(logp[token])

@@ -23,6 +23,7 @@ class Event:
     error: str | None = None           # set when the engine aborted the request (shutdown, failure)
     logprob: float | None = None       # log-probability of step.token_id under the model, when asked for
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
+    trace: dict | None = None          # explain.trace_step's record of how the token was chosen, when asked for
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Sequence:
     last_token_at: float | None = None
     aborted: bool = False
     logprobs: int | None = None          # report the chosen token's logprob and this many alternatives
+    trace_top_k: int | None = None       # report a sampling trace with this many candidates per stage
 
     @staticmethod
     def new_id() -> str:

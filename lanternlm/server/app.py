@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,8 +25,8 @@ from ..engine import Engine, EngineDeadError, Event, QueueFullError
 from ..errors import LanternError, TemplateError
 from ..generate import ContextLengthError
 from ..sampling import SamplingParams
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body,
-                       new_id, now)
+from .protocol import (AttentionRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LensRequest,
+                       TokenizeRequest, error_body, new_id, now)
 
 log = logging.getLogger("lanternlm.server")
 
@@ -78,6 +80,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    traces: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -180,7 +183,8 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                 def deliver(event: Event, i=i):
                     loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
-                request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs))
+                trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
+                request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace))
         except ContextLengthError as e:
             raise APIError(400, str(e), param="messages" if hasattr(req, "messages") else "prompt",
                            code="context_length_exceeded") from None
@@ -225,6 +229,8 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         choice.token_ids.append(step.token_id)
         if event.logprob is not None:
             choice.logprobs.append((step.token_id, event.logprob, event.top_logprobs or []))
+        if event.trace is not None:
+            choice.traces.append(event.trace)
         metrics.generation_tokens.inc()
         if step.finish_reason:
             choice.finish_reason = step.finish_reason
@@ -257,6 +263,12 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             tops.append({token_text(t): l for t, l in top})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def lantern_extra(req, traces: list) -> dict:
+        """The `lantern` extension on a choice: present only when the request asked for a trace."""
+        if not (req.lantern and req.lantern.trace):
+            return {}
+        return {"lantern": {"trace": [t for t in traces if t is not None]}}
+
     def usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -264,6 +276,15 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     # ------------------------------------------------------------------ routes
+
+    web = Path(__file__).parent / "web"
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The built-in web page: chat with per-token probabilities, model page, tokenizer playground."""
+        return FileResponse(web / "index.html")
+
+    app.mount("/static", StaticFiles(directory=web), name="static")
 
     @app.get("/health")
     async def health():
@@ -313,6 +334,46 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
         return {"prompt": llm.tokenizer.decode(req.tokens)}
 
+    # ------------------------------------------------------------------ Lantern's look inside (/v1/lantern/...)
+
+    def input_ids(req) -> list[int]:
+        if req.model is not None:
+            check_model(req.model)
+        given = [x is not None for x in (req.prompt, req.messages, req.ids)]
+        if sum(given) != 1:
+            raise APIError(400, "give exactly one of 'prompt', 'messages' or 'ids'", param="prompt")
+        try:
+            if req.messages is not None:
+                return llm.encode_chat(validate_messages([_message_dict(m) for m in req.messages]))
+            return llm.encode(req.prompt if req.prompt is not None else req.ids)
+        except LanternError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    async def off_loop(fn, *args):
+        """Run an inspection forward in a worker thread, so streams keep flowing meanwhile."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except LanternError as e:
+            raise APIError(400, str(e)) from None
+
+    @app.get("/v1/lantern/inspect", tags=["lantern"])
+    async def lantern_inspect():
+        """The model's module tree, parameter counts, config, tokenizer facts and files (`lantern inspect`)."""
+        return await off_loop(llm.describe)
+
+    @app.post("/v1/lantern/lens", tags=["lantern"])
+    async def lantern_lens(req: LensRequest):
+        """Logit lens: what each layer's hidden state at `position` would predict through the final norm
+        and lm_head (top_k tokens per layer)."""
+        ids = input_ids(req)
+        return await off_loop(lambda: llm.logit_lens(ids, position=req.position, top_k=req.top_k))
+
+    @app.post("/v1/lantern/attention", tags=["lantern"])
+    async def lantern_attention(req: AttentionRequest):
+        """Attention weights per layer and head for a prompt (a slower path that materialises them)."""
+        ids = input_ids(req)
+        return await off_loop(lambda: llm.attention(ids, layers=req.layers, heads=req.heads))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
@@ -335,7 +396,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             return {**base, "object": "chat.completion", "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
                  "logprobs": chat_logprobs(c.logprobs) if req.logprobs else None,
-                 "finish_reason": c.finish_reason} for c in choices],
+                 "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
                 "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -358,9 +419,10 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                     metrics.generation_tokens.inc()
                     lp = chat_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])]) \
                         if req.logprobs else None
-                    if step.text or lp:
+                    if step.text or lp or event.trace:
                         yield sse({**chunk, "choices": [{"index": i, "delta": {"content": step.text},
-                                                         "logprobs": lp, "finish_reason": None}], **extra})
+                                                         "logprobs": lp, "finish_reason": None,
+                                                         **lantern_extra(req, [event.trace])}], **extra})
                     if step.finish_reason:
                         done += 1
                         yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
@@ -399,7 +461,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             return {**base, "object": "text_completion", "choices": [
                 {"index": c.index, "text": echo_text + "".join(c.text),
                  "logprobs": completion_logprobs(c.logprobs, len(echo_text)) if req.logprobs is not None else None,
-                 "finish_reason": c.finish_reason} for c in choices],
+                 "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
                 "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -427,9 +489,10 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                         lp = completion_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])],
                                                  offsets[i])
                     offsets[i] += len(step.text)
-                    if step.text or lp or step.finish_reason:
+                    if step.text or lp or step.finish_reason or event.trace:
                         yield sse({**chunk, "choices": [{"index": i, "text": step.text, "logprobs": lp,
-                                                         "finish_reason": step.finish_reason}], **extra})
+                                                         "finish_reason": step.finish_reason,
+                                                         **lantern_extra(req, [event.trace])}], **extra})
                     if step.finish_reason:
                         done += 1
                 if include_usage:

@@ -34,6 +34,13 @@ class ResponseFormat(Strict):
     type: Literal["text"]
 
 
+class LanternOptions(Strict):
+    """Lantern's extension to the OpenAI requests (`"lantern": {...}`): a per-token sampling trace."""
+
+    trace: bool = False
+    top_k: int = Field(default=5, ge=1, le=20)
+
+
 class SamplingFields(Strict):
     """Fields chat and completions share (OpenAI's plus vLLM's top_k / min_p / repetition_penalty extras)."""
 
@@ -54,6 +61,7 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    lantern: LanternOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -90,6 +98,25 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+
+class InputFields(Strict):
+    """A text prompt, chat messages (rendered with the model's template) or token ids: exactly one."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    ids: list[int] | None = None
+
+
+class LensRequest(InputFields):
+    position: int = -1
+    top_k: int = Field(default=5, ge=1, le=50)
+
+
+class AttentionRequest(InputFields):
+    layers: list[int] | None = None
+    heads: list[int] | None = None
 
 
 class TokenizeRequest(Strict):
