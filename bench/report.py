@@ -30,6 +30,13 @@ def _ratio(a, b, higher_is_better: bool) -> str:
     return f"{(a / b if higher_is_better else b / a):.2f}x"
 
 
+def compute(result: dict) -> str:
+    """What an engine computes from: the GGUF's quantized blocks, or weights dequantized at load."""
+    if result["engine"] == "llamacpp" or result.get("quantized"):
+        return "quantized weights"
+    return f"{result.get('dtype', '?')} weights dequantized at load"
+
+
 def table(results: dict[str, dict]) -> str:
     ok = {e: r for e, r in results.items() if "error" not in r}
     header = ["engine"] + [title for _, title, _, _ in METRICS]
@@ -50,6 +57,7 @@ def table(results: dict[str, dict]) -> str:
             decode = row.get("decode_tok_s")
             lines.append(f"{row['streams']:>7}  {row['aggregate_tok_s']:>15.1f}  "
                          f"{(f'{decode:.1f}' if decode else '-'):>17}  {row['aggregate_tok_s'] / row['streams']:>16.1f}")
+    lines += ["", "computes with: " + "; ".join(f"{NAMES.get(e, e)} {compute(r)}" for e, r in ok.items())]
     for engine, r in results.items():
         if "error" in r:
             lines.append(f"\n{NAMES.get(engine, engine)} FAILED: {r['error']}")
@@ -68,30 +76,34 @@ def save_chart(results: dict[str, dict], path: Path, title: str) -> None:
 
     ok = {e: r for e, r in results.items() if "error" not in r}
     engines = list(ok)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = [
-        (axes[0], ["pp128_tok_s", "pp512_tok_s", "tg128_tok_s"], "tokens/s (higher is better)", 1),
-        (axes[1], ["load_s", "ttft_s"], "seconds (lower is better)", 1),
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    panels = [  # (axes, keys, y label, log scale: load times span milliseconds to tens of seconds)
+        (axes[0][0], ["pp128_tok_s", "pp512_tok_s", "tg128_tok_s"], "tokens/s (higher is better)", False),
+        (axes[0][1], ["load_s", "ttft_s"], "seconds, log scale (lower is better)", True),
+        (axes[1][0], ["peak_rss_mb"], "MiB (lower is better)", False),
     ]
-    for ax, keys, label, scale in panels:
+    for ax, keys, label, log in panels:
         width = 0.8 / max(len(engines), 1)
         for i, engine in enumerate(engines):
-            values = [(ok[engine].get(k) or 0) * scale for k in keys]
+            values = [ok[engine].get(k) or 0 for k in keys]
             bars = ax.bar([x + i * width for x in range(len(keys))], values, width, label=NAMES.get(engine, engine))
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(keys))], keys)
         ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
     streams = (ok.get("lantern") or {}).get("streams") or []
-    ax = axes[2]
+    ax = axes[1][1]
     if streams:
         xs = [row["streams"] for row in streams]
         ax.plot(xs, [row["aggregate_tok_s"] for row in streams], marker="o", label="Lantern Engine, aggregate")
         if "llamacpp" in ok:
-            ax.axhline(ok["llamacpp"]["tg128_tok_s"], color="gray", linestyle="--", label="llama.cpp, 1 stream")
+            ax.axhline(ok["llamacpp"]["tg128_tok_s"], color="gray", linestyle="--", label="llama.cpp tg128, 1 stream")
         ax.set_xticks(xs)
         ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("decode tokens/s")
+        ax.set_ylabel("decode tokens/s (higher is better)")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     else:
         ax.set_axis_off()

@@ -36,7 +36,8 @@ CHAT = [
 def token_ids(n: int, vocab: int, seed: int) -> list[int]:
     """The same n ordinary token ids for every engine (away from the low ids where specials live)."""
     rng = random.Random(seed)
-    return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
+    margin = min(1000, vocab // 4)
+    return [rng.randrange(margin, vocab - margin) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- runners
@@ -52,9 +53,11 @@ class LanternRunner:
         self.llm = LLM(path, context=CONTEXT)
         self.vocab = self.llm.config.vocab_size
         # One cache reused by every prefill: a prefill writes positions 0..T-1 and reads only those back.
-        self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=self.llm.model.lm_head.weight.dtype,
-                             device=self.llm.device)
-        self.info = {"dtype": str(self.llm.loaded.dtype).removeprefix("torch."), "torch": torch.__version__}
+        loaded = self.llm.loaded
+        self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=loaded.dtype, device=self.llm.device)
+        # quantized: whether Lantern computes from the GGUF's quantized weights or dequantized them at load.
+        self.info = {"dtype": str(loaded.dtype).removeprefix("torch."), "quantized": getattr(loaded, "quantized", False),
+                     "torch": torch.__version__}
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch

@@ -34,9 +34,11 @@ class LLM:
     """A loaded model with its tokenizer, chat template and generation defaults."""
 
     def __init__(self, model: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 context: int | None = None):
+                 context: int | None = None, quantized: bool | None = None):
+        """`quantized`: for GGUF files, compute from the quantized weights (default on CPU) or, with False,
+        from weights dequantized to `dtype` (the exact reference path)."""
         self.path = resolve(model)
-        loaded = load(self.path, dtype=dtype, device=device)
+        loaded = load(self.path, dtype=dtype, device=device, quantized=quantized)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

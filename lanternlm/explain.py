@@ -169,7 +169,7 @@ def explain_generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids, params: 
     if max_new == 0:
         return
     stream = OutputStream(tokenizer, params, prompt_ids, max_new)
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    device, dtype = model.device, model.dtype
     cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
     generator = make_generator(params.seed)
     ids = torch.tensor([prompt_ids], device=device)  # (1, T) then (1, 1)
@@ -208,7 +208,7 @@ def logit_lens(model: CausalLM, tokenizer: Tokenizer, ids, position: int = -1, t
         raise LanternError(f"position {position!r} is outside the prompt of {len(ids)} tokens "
                            f"(use 0..{len(ids) - 1}, or negative from the end)")
     position %= len(ids)
-    device = model.lm_head.weight.device
+    device = model.device
     # Attention is causal, so the tokens after `position` cannot change what it sees: leave them out.
     prefix = torch.tensor([ids[:position + 1]], device=device)  # (1, position + 1)
     out = model(prefix, output_hidden_states=True, logits_to_keep=1)
@@ -275,7 +275,7 @@ def attention(model: CausalLM, tokenizer: Tokenizer, ids, layers: Sequence[int] 
         raise LanternError(f"{len(layer_idx)} layers x {len(head_idx)} heads x {T} x {T} tokens is {returned} "
                            f"weights, more than max_weights={max_weights}: choose fewer layers or heads, or a "
                            f"shorter prompt")
-    device = model.lm_head.weight.device
+    device = model.device
     out = model(torch.tensor([ids], device=device), output_attentions=True, logits_to_keep=1)
     result_layers = []
     for i in layer_idx:

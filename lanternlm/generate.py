@@ -121,7 +121,7 @@ def generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[int], param
     if max_new == 0:
         return
     stream = OutputStream(tokenizer, params, prompt_ids, max_new)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
     generator = make_generator(params.seed)
     ids = torch.tensor([prompt_ids], device=device)

@@ -12,6 +12,15 @@ def count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def logical_model(config):
+    """The readable model for a config, on the meta device: no memory, plain nn.Linear layers. Parameter
+    counts and the module tree come from it, whatever speed transforms the running model has."""
+    import torch
+    from .model import CausalLM
+    with torch.device("meta"):
+        return CausalLM(config)
+
+
 def parameter_counts(model) -> dict:
     """Per component and in total. `total` counts each tensor once (transformers' num_parameters());
     `total_counting_lm_head` adds a tied lm_head again, as the seeds' arithmetic does."""
@@ -46,7 +55,10 @@ def describe(llm) -> dict:
                   "chat_template.jinja"):
         if loaded.format == "hf" and (loaded.path / extra).is_file():
             files.append({"path": str(loaded.path / extra), "bytes": (loaded.path / extra).stat().st_size})
-    weights_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    running = llm.model
+    weights_bytes = sum(t.numel() * t.element_size() for t in [*running.parameters(), *running.buffers()])
+    readable = logical_model(cfg)
+    kinds = sorted({type(m).__name__ for m in running.modules() if type(m).__name__.endswith("Linear")})
     rope = cfg.rope_for("full_attention")
     return {
         "model": str(loaded.path),
@@ -69,7 +81,8 @@ def describe(llm) -> dict:
                              else cfg.torch_dtype),
                   "compute": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
                   "weights_bytes_in_memory": weights_bytes},
-        "parameters": parameter_counts(llm.model),
+        "parameters": parameter_counts(readable),
+        "linear_layers": kinds,                 # what computes them: Linear, or Int4Linear / Int8Linear
         "tokenizer": {
             "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token,
             "end_of_turn": sorted(tok.tokens(sorted(tok.end_token_ids))),
@@ -78,7 +91,7 @@ def describe(llm) -> dict:
         "chat_template": {"present": loaded.chat_template is not None,
                           "chars": len(loaded.chat_template or "")},
         "files": files,
-        "module_tree": str(llm.model),
+        "module_tree": str(readable),
     }
 
 
@@ -112,7 +125,8 @@ def render_text(llm, info: dict) -> str:
         f"theta {c['rope']['theta']:g}" + (f" factor {c['rope']['factor']:g}" if c['rope']['factor'] else "")
         + (f", sliding window {c['sliding_window']} on {c['sliding_layers']} layers" if c["sliding_window"] else ""),
         f"  stored {info['dtype']['stored']}, computed in {info['dtype']['compute']} on {info['dtype']['device']} "
-        f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory)",
+        f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory; linear layers run as "
+        f"{', '.join(info['linear_layers'])})",
         "",
         "tokenizer",
         f"  vocab {t['vocab_size']}, bos {t['bos']!r}, eos {t['eos']!r}, end of turn {t['end_of_turn']}, "

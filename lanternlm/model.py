@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and not self.weight_offset:  # the same formula, as one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_offset:
@@ -133,6 +135,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
 
+def contiguous_positions(positions: torch.Tensor) -> bool:
+    """True when `positions` (1, T) is one run p, p+1, ..., p+T-1."""
+    T = positions.shape[-1]
+    return T == 1 or int(positions[0, -1]) - int(positions[0, 0]) == T - 1
+
+
 class KVCache:
     """Preallocated keys and values for `slots` sequences of up to `max_len` tokens.
 
@@ -155,8 +163,14 @@ class KVCache:
 
         `slots` picks the rows: None for rows 0..B-1, an int for the contiguous rows starting there (both
         read back as views, no copy), or a (B,) tensor of row indices (read back as a gathered copy)."""
-        B = k.shape[0]
+        B, T = k.shape[0], k.shape[1]
         kc, vc = self.k[layer], self.v[layer]
+        if B == 1 and not isinstance(slots, torch.Tensor) and contiguous_positions(positions):
+            # One sequence, positions p..p+T-1 (decode or a prefill chunk): a plain slice copy.
+            row, p = slots or 0, int(positions[0, 0])
+            kc[row, :, p:p + T] = k[0].transpose(0, 1)
+            vc[row, :, p:p + T] = v[0].transpose(0, 1)
+            return kc[row:row + 1, :, :length], vc[row:row + 1, :, :length]
         if isinstance(slots, torch.Tensor):
             rows = slots
         else:
@@ -202,7 +216,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 positions: torch.Tensor, cache: KVCache | None, slots: int | torch.Tensor | None, length: int,
                 return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
@@ -227,7 +241,7 @@ class Attention(nn.Module):
         if return_weights:  # explicit path for inspection; the fused kernel below never materialises weights
             rep = self.n_heads // self.n_kv
             scores = q @ keys.repeat_interleave(rep, dim=1).transpose(-1, -2) * self.scale  # (B, H, T, L)
-            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            weights = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(-1)
             out = weights @ values.repeat_interleave(rep, dim=1)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
@@ -337,11 +351,16 @@ class Transformer(nn.Module):
             key_pos = torch.arange(length, device=input_ids.device).expand(B, length)
         else:
             length, key_pos = T, positions
-        causal = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, L)
-        masks = {"full_attention": causal[:, None]}  # (B, 1, T, L)
+        if B == 1 and T == 1 and cache is not None:
+            # One new token that may see every cached key: no mask at all (the common decode step).
+            causal = None
+            masks = {"full_attention": None}
+        else:
+            causal = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, L)
+            masks = {"full_attention": causal[:, None]}  # (B, 1, T, L)
         if self.config.sliding_window is not None:
             window = key_pos[:, None, :] > positions[:, :, None] - self.config.sliding_window
-            masks["sliding_attention"] = (causal & window)[:, None]
+            masks["sliding_attention"] = (window if causal is None else causal & window)[:, None]
         rope = {t: r(positions, h.dtype) for t, r in self.rotary.items()}
 
         all_hidden = [h] if output_hidden_states else None
@@ -368,6 +387,15 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the embeddings'; linear layers may hold quantized weights instead)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: int | torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden_states: bool = False,

@@ -18,7 +18,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(default_gguf):
-    return LLM(str(default_gguf))
+    # The exact path (weights dequantized to fp32), as transformers computes; the quantized default is
+    # compared with it in tests/test_quantized.py.
+    return LLM(str(default_gguf), quantized=False)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context, self.max_batch, self.max_queue, self.prefill_chunk = context, max_batch, max_queue, prefill_chunk
         self.device = torch.device(device)
-        self.cache = KVCache(model.config, slots=max_batch, max_len=context, dtype=model.lm_head.weight.dtype,
+        self.cache = KVCache(model.config, slots=max_batch, max_len=context, dtype=model.dtype,
                              device=self.device)
         self.observer = observer            # (metric name, value): time_to_first_token, inter_token_latency
         self.waiting: collections.deque[Sequence] = collections.deque()

@@ -17,7 +17,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source,
-                device: torch.device | str = "cpu") -> CausalLM:
+                device: torch.device | str = "cpu", deferred: frozenset[str] = frozenset()) -> CausalLM:
+    """`deferred` names are left on the meta device: a transform (quantize.py) replaces their modules next."""
     with torch.device("meta"):
         model = CausalLM(config)
     expected = dict(model.state_dict(keep_vars=True))
@@ -28,16 +29,18 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source,
     if unexpected:
         raise ModelFileError(source, f"unexpected tensor {unexpected[0]!r} for {config.architecture}"
                                      f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
-    missing = [n for n in expected if n not in tensors]
+    missing = [n for n in expected if n not in tensors and n not in deferred]
     if missing:
         hint = " (the checkpoint has no lm_head: is tie_word_embeddings missing?)" if missing == ["lm_head.weight"] else ""
         raise ModelFileError(source, f"missing tensor {missing[0]!r}"
                                      f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}{hint}")
     for name, param in expected.items():
+        if name in deferred:
+            continue
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise ModelFileError(source, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                          f"config says {tuple(param.shape)}")
-    model.load_state_dict({n: tensors[n] for n in expected}, strict=False, assign=True)
+    model.load_state_dict({n: tensors[n] for n in expected if n not in deferred}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for layer_type in list(model.model.rotary.keys()):

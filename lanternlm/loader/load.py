@@ -20,6 +20,7 @@ from .build import build_model
 from .gguf import read_gguf
 from .gguf_model import gguf_config, gguf_tensors
 from .quants import type_name
+from ..quantize import int8_supported, quantize_from_gguf
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
 # own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the
@@ -43,6 +44,7 @@ class LoadedModel:
     gguf_types: dict[str, int] = field(default_factory=dict)  # GGUF tensor types by count, e.g. {"Q4_1": 210}
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    quantized: bool = False          # linear layers compute from quantized weights (quantize.py)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -65,7 +67,9 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: st
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> LoadedModel:
+         device: str | torch.device | None = None, quantized: bool | None = None) -> LoadedModel:
+    """Open a model. `quantized` (GGUF only): keep the weights quantized and compute from them (default on
+    CPU when PyTorch has the int4 kernel); False dequantizes everything, the reference path."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelFileError(path, "no such file or folder")
@@ -73,7 +77,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
     if path.is_dir():
         return _load_hf(path, dtype, dev)
     if path.suffix.lower() == ".gguf" or _looks_like_gguf(path):
-        return _load_gguf(path, dtype, dev)
+        if quantized is None:
+            quantized = dev.type == "cpu" and int8_supported() and dtype in (None, "auto", torch.float32)
+        return _load_gguf(path, dtype, dev, quantized)
     raise ModelFileError(path, "not a model: expected a Hugging Face folder or a .gguf file")
 
 
@@ -103,20 +109,31 @@ def _load_hf(folder: Path, dtype, device: torch.device) -> LoadedModel:
                        device=device, dtype=compute)
 
 
-def _load_gguf(path: Path, dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> LoadedModel:
     with read_gguf(path) as gguf:
         config = gguf_config(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, source=str(path))
         tokenizer = tokenizer.with_end_ids(set(config.eos_token_id))
         compute = pick_dtype(dtype, device, "float16")
-        tensors = gguf_tensors(gguf, config, compute, device)
+        tensors = gguf_tensors(gguf, config, compute, device, skip_linear=quantized)
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
-    model = build_model(config, tensors, path, device)
+        deferred = frozenset(n for n, _ in _linear_weights(config)) if quantized else frozenset()
+        model = build_model(config, tensors, path, device, deferred=deferred)
+        if quantized:
+            quantize_from_gguf(model, gguf)
     return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
                        dict(GGUF_GENERATION_DEFAULTS), [path], types,
-                       device=device, dtype=compute)
+                       device=device, dtype=compute, quantized=quantized)
+
+
+def _linear_weights(config: ModelConfig):
+    """The names of the linear layers' weight matrices, as the model has them."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    return [(n, p) for n, p in model.named_parameters() if n.endswith(("_proj.weight", "lm_head.weight"))] + \
+        ([("lm_head.weight", None)] if config.tie_word_embeddings else [])
 
 
 def _as_ids(value) -> list[int]:

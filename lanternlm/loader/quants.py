@@ -291,3 +291,4 @@ _BLOCK_DECODERS = {
     13: _q5_k,
     14: _q6_k,
 }
+
