@@ -13,7 +13,9 @@ Why int8 rows and bf16 activations (measured on the 2-core Sapphire Rapids CI ma
   CPU int4 kernel are far slower (8 tokens/s), so GGUF's 4-bit blocks are widened to 8 bits per row;
 - for many rows at once (prefill) a dense bf16 matmul runs on AMX tiles: the layer is dequantized to bf16
   for that call only, which costs far less than the product it enables.
-Requantizing to one scale per row adds an error of at most half a step (row max / 254) per weight.
+Requantizing to one scale per row adds an error of at most half a step (row max / 254) per weight, and
+the kernels return bf16, so logits are rounded to bf16 (3 significant digits) on this path; the exact path
+(quantized=False) keeps fp32 logits.
 """
 
 from __future__ import annotations

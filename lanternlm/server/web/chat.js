@@ -82,11 +82,22 @@ export function createChat({ els, server, settings, inspector }) {
       class: text ? "tok" : "tok empty", tabindex: i === 0 ? "0" : "-1", role: "button", "data-i": i,
       "data-p": p === null ? null : String(p), "aria-pressed": "false",
       title: p === null ? "no probability" : `p = ${pct(p)} · logprob ${token.logprob.toFixed(3)}` +
-        (text ? "" : " · part of a character: its text shows with a later token"),
+        (text ? "" : " · no text of its own (part of a character, or held back; it shows with a later token)"),
       text,
     });
     if (p !== null) span.style.setProperty("--h", probHue(p));
     turn.body.append(span);
+  }
+
+  /** An answer that stopped on an end-of-turn token shows that token (which adds no text) as a marker. */
+  function markEnd(turn) {
+    const last = turn.tokens[turn.tokens.length - 1];
+    const span = tokenSpans(turn)[turn.tokens.length - 1];
+    if (turn.finish !== "stop" || !last || last.text || !span || !last.trace) return;
+    span.classList.replace("empty", "end");
+    span.dataset.label = last.trace.chosen.text;
+    span.title = `end of the answer: ${last.trace.chosen.text} (not part of the text) · ` +
+      `p = ${pct(Math.exp(last.logprob))}`;
   }
 
   function tokenSpans(turn) {
@@ -209,7 +220,10 @@ export function createChat({ els, server, settings, inspector }) {
           addToken(turn, choice);
           scrollToEnd(false);
         }
-        if (choice.finish_reason) turn.finish = choice.finish_reason;
+        if (choice.finish_reason) {
+          turn.finish = choice.finish_reason;
+          markEnd(turn);
+        }
       }, controller.signal);
       turn.status.textContent = finishStatus(turn, started ? (performance.now() - started) / 1000 : 0);
     } catch (err) {

@@ -29,7 +29,9 @@ export function fill(el, ...children) {
 }
 
 // Characters a token may hold that would be invisible or break the layout, and what to show instead.
-const VISIBLE = { " ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍" };
+const VISIBLE = { " ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽" };
+// Controls, other spaces, zero-width and format characters: shown as \uXXXX escapes.
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Z}]/u;
 
 /**
  * A token's text with its whitespace and control characters made visible, as a <span class="tokstr">.
@@ -44,7 +46,7 @@ export function tokenLabel(text) {
   let plain = "";
   for (const ch of text) {
     const code = ch.codePointAt(0);
-    const mark = VISIBLE[ch] ?? (code < 0x20 || code === 0x7f ? `\\x${code.toString(16).padStart(2, "0")}` : null);
+    const mark = VISIBLE[ch] ?? (INVISIBLE.test(ch) ? `\\u${code.toString(16).padStart(4, "0")}` : null);
     if (mark === null) {
       plain += ch;
       continue;

@@ -80,7 +80,7 @@ export function createInspector({ els }) {
         tokenLabel(alt.token),
         probBar(p),
         h("span", { class: "mono pnum", text: pct(p) }),
-        chosen ? h("span", { class: "tag", text: "chosen" }) : null);
+        chosen ? h("span", { class: "tag", text: "chosen" }) : h("span"));
     });
     const listed = token.top.some((alt) => alt.token === token.tokenString &&
       Math.abs(alt.logprob - token.logprob) < 1e-6);
