@@ -142,8 +142,10 @@ export function createChat({ els, server, settings, inspector }) {
   // ------------------------------------------------------------------ sending
 
   function setBusy(busy) {
-    els.send.disabled = busy;
+    const hadFocus = document.activeElement === (busy ? els.send : els.stop);
     els.stop.disabled = !busy;
+    if (busy && hadFocus) els.stop.focus(); // a disabled button would drop the keyboard focus to <body>
+    els.send.disabled = busy;
     els.form.setAttribute("aria-busy", busy ? "true" : "false");
   }
 
@@ -155,7 +157,8 @@ export function createChat({ els, server, settings, inspector }) {
 
   function finishStatus(turn, seconds) {
     const n = turn.tokens.length;
-    const rate = seconds > 0 && n > 1 ? ` · ${(n / seconds).toFixed(1)} tokens/s` : "";
+    // Tokens after the first over the time they took; too short a span (a buffered burst) says nothing.
+    const rate = seconds >= 0.2 && n > 2 ? ` · ${((n - 1) / seconds).toFixed(1)} tokens/s` : "";
     const reason = { stop: "finished", length: "hit the token limit" }[turn.finish] || turn.finish || "done";
     return `${n} token${n === 1 ? "" : "s"} · ${reason}${rate}`;
   }
@@ -195,7 +198,8 @@ export function createChat({ els, server, settings, inspector }) {
     running = { controller, turn };
     setBusy(true);
     scrollToEnd(true);
-    let started = 0;
+    let firstAt = 0;
+    let lastAt = 0;
     try {
       // The prompt's ids: to fit max_tokens into the context, and for the logit lens of each answer token.
       const tok = await postJSON("/tokenize", { messages, add_generation_prompt: true }, controller.signal);
@@ -216,7 +220,8 @@ export function createChat({ els, server, settings, inspector }) {
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) return;
         if (choice.logprobs || choice.lantern || (choice.delta && choice.delta.content)) {
-          if (!started) started = performance.now();
+          lastAt = performance.now();
+          if (!firstAt) firstAt = lastAt;
           addToken(turn, choice);
           scrollToEnd(false);
         }
@@ -225,7 +230,7 @@ export function createChat({ els, server, settings, inspector }) {
           markEnd(turn);
         }
       }, controller.signal);
-      turn.status.textContent = finishStatus(turn, started ? (performance.now() - started) / 1000 : 0);
+      turn.status.textContent = finishStatus(turn, (lastAt - firstAt) / 1000);
     } catch (err) {
       if (err.name === "AbortError") {
         turn.el.classList.add("stopped");
