@@ -275,6 +275,39 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    async def stream(chunk: dict, req, prompt_tokens: int, queue: asyncio.Queue, request_ids: list[str],
+                     opening: list[dict], render) -> AsyncIterator[str]:
+        """The SSE body of both endpoints: the opening choices, then the choices `render(i, event)` makes of
+        each event, a usage chunk when asked for, and [DONE]. If the stream ends early (the client went away,
+        an engine error) its sequences are aborted at once."""
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+        completion_tokens, done = 0, 0
+        try:
+            for choice in opening:
+                yield sse({**chunk, "choices": [choice], **extra})
+            while done < req.n:
+                i, event = await queue.get()
+                if event.error:
+                    yield sse(error_body(f"generation failed: {event.error}", "server_error"))
+                    break
+                completion_tokens += 1
+                metrics.generation_tokens.inc()
+                for choice in render(i, event):
+                    yield sse({**chunk, "choices": [choice], **extra})
+                if event.step.finish_reason:
+                    done += 1
+            if include_usage:
+                yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if done < req.n:
+                abort_all(request_ids)
+
+    def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     # ------------------------------------------------------------------ routes
 
     web = Path(__file__).parent / "web"
@@ -399,43 +432,20 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                  "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
                 "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        def render(i: int, event: Event) -> list[dict]:
+            step, out = event.step, []
+            lp = chat_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])]) if req.logprobs else None
+            if step.text or lp or event.trace:
+                out.append({"index": i, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": None,
+                            **lantern_extra(req, [event.trace])})
+            if step.finish_reason:  # its own chunk, as OpenAI sends it
+                out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": step.finish_reason})
+            return out
 
-        async def events() -> AsyncIterator[str]:
-            chunk = {**base, "object": "chat.completion.chunk"}
-            extra = {"usage": None} if include_usage else {}
-            completion_tokens, done = 0, 0
-            try:
-                for i in range(req.n):
-                    yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}], **extra})
-                while done < req.n:
-                    i, event = await queue.get()
-                    if event.error:
-                        yield sse(error_body(f"generation failed: {event.error}", "server_error"))
-                        break
-                    step = event.step
-                    completion_tokens += 1
-                    metrics.generation_tokens.inc()
-                    lp = chat_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])]) \
-                        if req.logprobs else None
-                    if step.text or lp or event.trace:
-                        yield sse({**chunk, "choices": [{"index": i, "delta": {"content": step.text},
-                                                         "logprobs": lp, "finish_reason": None,
-                                                         **lantern_extra(req, [event.trace])}], **extra})
-                    if step.finish_reason:
-                        done += 1
-                        yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                         "finish_reason": step.finish_reason}], **extra})
-                if include_usage:
-                    yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion_tokens)})
-                yield "data: [DONE]\n\n"
-            finally:
-                if done < req.n:  # client gone or error: free the sequences now
-                    abort_all(rids)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(req.n)]
+        return sse_response(stream({**base, "object": "chat.completion.chunk"}, req, len(ids), queue, rids,
+                                   opening, render))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -464,46 +474,23 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                  "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
                 "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        offsets = [len(echo_text)] * req.n  # text_offset of each choice's next token
 
-        async def events() -> AsyncIterator[str]:
-            chunk = {**base, "object": "text_completion"}
-            extra = {"usage": None} if include_usage else {}
-            completion_tokens, done = 0, 0
-            offsets = [len(echo_text)] * req.n
-            try:
-                if echo_text:
-                    for i in range(req.n):
-                        yield sse({**chunk, "choices": [{"index": i, "text": echo_text, "logprobs": None,
-                                                         "finish_reason": None}], **extra})
-                while done < req.n:
-                    i, event = await queue.get()
-                    if event.error:
-                        yield sse(error_body(f"generation failed: {event.error}", "server_error"))
-                        break
-                    step = event.step
-                    completion_tokens += 1
-                    metrics.generation_tokens.inc()
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = completion_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])],
-                                                 offsets[i])
-                    offsets[i] += len(step.text)
-                    if step.text or lp or step.finish_reason or event.trace:
-                        yield sse({**chunk, "choices": [{"index": i, "text": step.text, "logprobs": lp,
-                                                         "finish_reason": step.finish_reason,
-                                                         **lantern_extra(req, [event.trace])}], **extra})
-                    if step.finish_reason:
-                        done += 1
-                if include_usage:
-                    yield sse({**chunk, "choices": [], "usage": usage(len(ids), completion_tokens)})
-                yield "data: [DONE]\n\n"
-            finally:
-                if done < req.n:
-                    abort_all(rids)
+        def render(i: int, event: Event) -> list[dict]:
+            step = event.step
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])], offsets[i])
+            offsets[i] += len(step.text)
+            if not (step.text or lp or step.finish_reason or event.trace):
+                return []
+            return [{"index": i, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason,
+                     **lantern_extra(req, [event.trace])}]
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        opening = [{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}
+                   for i in range(req.n)] if echo_text else []
+        return sse_response(stream({**base, "object": "text_completion"}, req, len(ids), queue, rids, opening,
+                                   render))
 
     return app
 
