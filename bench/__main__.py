@@ -14,12 +14,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import env
 
 ENGINES = ("lantern", "llamacpp", "transformers")
 MAX_LOAD = 0.5
+CONTENDED = 0.10    # cpu_stall_share above which a worker's figures are flagged
 RESULTS = env.BENCH_DIR / "results"
 
 
@@ -75,6 +77,15 @@ def check_quiet(force: bool) -> float:
     return load
 
 
+def cpu_stall_us() -> int | None:
+    """Total microseconds some task waited for a CPU (Linux pressure stall info), or None if unavailable."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]  # "some avg10=.. avg60=.. avg300=.. total=N"
+        return int(first.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_worker(engine: str, model: Path, args: argparse.Namespace) -> dict:
     threads = str(args.threads)
     # Thread pools are sized at start-up (OpenMP, MKL), so the count is also set in the environment.
@@ -87,10 +98,20 @@ def run_worker(engine: str, model: Path, args: argparse.Namespace) -> dict:
         if engine == "lantern":
             cmd += ["--streams", args.streams]
         # The worker's stderr (progress, warnings) goes straight to ours, so a long run shows it is alive.
+        stall, start = cpu_stall_us(), time.monotonic()
         done = subprocess.run(cmd, cwd=env.REPO_DIR, env=child_env, stdout=subprocess.DEVNULL)
+        wall, stalled = time.monotonic() - start, cpu_stall_us()
         if done.returncode != 0 or not out.is_file():
             return {"engine": engine, "error": f"worker exited with status {done.returncode} (its output is above)"}
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+    # Share of the worker's wall time during which some task was kept waiting for a CPU: near 0 when the
+    # worker had the cores to itself; high when other work (or more threads than cores) competed.
+    if stall is not None and stalled is not None:
+        result["cpu_stall_share"] = (stalled - stall) / 1e6 / wall
+        if result["cpu_stall_share"] > CONTENDED:
+            env.say(f"WARNING: tasks waited for a CPU {result['cpu_stall_share']:.0%} of the time while {engine} "
+                    f"ran: something competed for the cores, so its figures are suspect")
+    return result
 
 
 def machine(load: float, args: argparse.Namespace) -> dict:
@@ -99,6 +120,7 @@ def machine(load: float, args: argparse.Namespace) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=env.REPO_DIR, capture_output=True,
                             text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "load_1min_at_start": load,
+            "load_1min_at_end": os.getloadavg()[0],
             "forced": load > MAX_LOAD, "python": platform.python_version(), "lantern_commit": commit}
 
 

@@ -58,6 +58,9 @@ def table(results: dict[str, dict]) -> str:
             lines.append(f"{row['streams']:>7}  {row['aggregate_tok_s']:>15.1f}  "
                          f"{(f'{decode:.1f}' if decode else '-'):>17}  {row['aggregate_tok_s'] / row['streams']:>16.1f}")
     lines += ["", "computes with: " + "; ".join(f"{NAMES.get(e, e)} {compute(r)}" for e, r in ok.items())]
+    stalls = [f"{NAMES.get(e, e)} {r['cpu_stall_share']:.0%}" for e, r in ok.items() if "cpu_stall_share" in r]
+    if stalls:
+        lines.append("waited for a CPU (near 0% = cores to itself): " + "; ".join(stalls))
     for engine, r in results.items():
         if "error" in r:
             lines.append(f"\n{NAMES.get(engine, engine)} FAILED: {r['error']}")

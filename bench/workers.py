@@ -81,10 +81,12 @@ class LanternRunner:
 class LlamaCppRunner:
     def __init__(self, path: str, threads: int):
         import llama_cpp
+        # flash_attn on, as llama.cpp itself defaults to on CPU (llama-cpp-python passes off unless asked);
+        # it is ~8% faster on prefill here, and the peer should run at its own best.
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=CONTEXT, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+                                   n_threads_batch=threads, flash_attn=True, verbose=False)
         self.vocab = self.llm.n_vocab()
-        self.info = {"llama_cpp_python": llama_cpp.__version__}
+        self.info = {"llama_cpp_python": llama_cpp.__version__, "flash_attn": True}
 
     def prefill(self, ids: list[int]) -> None:
         self.llm.reset()  # forget earlier tokens, so nothing is reused as a cached prefix

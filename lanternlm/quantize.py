@@ -6,15 +6,16 @@ being blown up to fp32. q/k/v and gate/up are fused into single modules (one mat
 model's own fused code path (the one Phi-3 checkpoints use). The dequantized fp32 model stays the reference
 these are tested against.
 
-Why int8 rows and bf16 activations (measured on the 2-core Sapphire Rapids CI machine, PyTorch 2.13):
+Why int8 rows and bf16 activations (measured on this project's 2-core CI VM, PyTorch 2.13; the VM reported
+"AMD EPYC" with avx512_bf16/avx512_vnni and no AMX flags; oneDNN uses AMX tiles where a CPU has them):
 - one decode step is ~85% matrix-vector products bound by memory; fp32 weights read 4 bytes per weight;
 - PyTorch's `_weight_int8pack_mm` with bf16 activations runs the 3072x576 MLP product in ~55 us against
   ~150 us in fp32, and the 49152x576 lm_head in ~2.1 ms against ~10 ms; its fp32-activation path and the
   CPU int4 kernel are far slower (8 tokens/s), so GGUF's 4-bit blocks are widened to 8 bits per row;
 - `_weight_int8pack_mm` re-reads the weights for every input row (its time grows linearly from 2 rows on:
   3072x576 takes ~55 us for 1 row, ~207 us for 8, ~785 us for 32), so from DENSE_FROM_ROWS rows on
-  (prefill, large batches) the layer is dequantized to bf16 for that call and a dense matmul runs on AMX
-  tiles, which costs far less than the product it enables. A kernel that reads 4-bit weights once for a
+  (prefill, large batches) the layer is dequantized to bf16 for that call and a dense bf16 matmul runs,
+  which costs far less than the product it enables. A kernel that reads 4-bit weights once for a
   whole batch is the next step (see the notes on issue 5).
 Requantizing to one scale per row adds an error of at most half a step (row max / 254) per weight, and
 the kernels return bf16, so logits are rounded to bf16 (3 significant digits) on this path; the exact path
@@ -30,7 +31,7 @@ from .loader.gguf import GGUFFile
 from .loader.gguf_model import unpermute_rows
 from .model import CausalLM
 
-DENSE_FROM_ROWS = 32  # from this many input rows on (prefill, big batches), dequantize to bf16 for the dense (AMX) matmul
+DENSE_FROM_ROWS = 32  # from this many input rows on (prefill, big batches), dequantize to bf16 for a dense matmul
 
 
 def int8_supported() -> bool:
