@@ -17,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import env
+from . import env, report
 
 ENGINES = ("lantern", "llamacpp", "transformers")
 MAX_LOAD = 0.5
-CONTENDED = 0.10    # cpu_stall_share above which a worker's figures are flagged
 RESULTS = env.BENCH_DIR / "results"
 
 
@@ -101,14 +100,14 @@ def run_worker(engine: str, model: Path, args: argparse.Namespace) -> dict:
         stall, start = cpu_stall_us(), time.monotonic()
         done = subprocess.run(cmd, cwd=env.REPO_DIR, env=child_env, stdout=subprocess.DEVNULL)
         wall, stalled = time.monotonic() - start, cpu_stall_us()
-        if done.returncode != 0 or not out.is_file():
-            return {"engine": engine, "error": f"worker exited with status {done.returncode} (its output is above)"}
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        if done.returncode != 0 or "error" in result or not result:
+            return {"engine": engine, "error": result.get("error") or f"worker exited with status {done.returncode}"}
     # Share of the worker's wall time during which some task was kept waiting for a CPU: near 0 when the
     # worker had the cores to itself; high when other work (or more threads than cores) competed.
     if stall is not None and stalled is not None:
         result["cpu_stall_share"] = (stalled - stall) / 1e6 / wall
-        if result["cpu_stall_share"] > CONTENDED:
+        if report.suspect(result):
             env.say(f"WARNING: tasks waited for a CPU {result['cpu_stall_share']:.0%} of the time while {engine} "
                     f"ran: something competed for the cores, so its figures are suspect")
     return result
@@ -128,7 +127,6 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if not env.inside_venv():
         env.reexec_in_venv(argv)  # does not return
-    from . import report
 
     model = model_path(args.model)
     load = check_quiet(args.force)
@@ -140,16 +138,22 @@ def main(argv: list[str]) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = {"when": stamp, "model": str(model), "machine": machine(load, args), "results": results}
     RESULTS.mkdir(exist_ok=True)
-    json_path, png_path = RESULTS / f"bench-{stamp}.json", RESULTS / f"bench-{stamp}.png"
+    json_path = RESULTS / f"bench-{stamp}.json"
     report.save_json(run, json_path)
     title = f"{model.name}, {args.threads} threads" + (f"  (UNDER LOAD {load:.2f})" if load > MAX_LOAD else "")
-    try:
-        report.save_chart(results, png_path, title)
-    except Exception as e:  # the numbers matter more than the picture
-        env.say(f"chart not written: {type(e).__name__}: {e}")
-        png_path = None
+    failed = [e for e, r in results.items() if "error" in r]
+    png_path = None
+    if len(failed) < len(results):
+        png_path = RESULTS / f"bench-{stamp}.png"
+        try:
+            report.save_chart(results, png_path, title)
+        except Exception as e:  # the numbers matter more than the picture
+            env.say(f"chart not written: {type(e).__name__}: {e}")
+            png_path = None
     print(f"\n{title}\n\n{report.table(results)}\n")
     print(f"saved {json_path}" + (f" and {png_path}" if png_path else ""))
+    if failed:
+        raise SystemExit(f"bench: {', '.join(failed)} failed")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ METRICS = [
     ("ttft_s", "TTFT ms", "{:.0f}", False),
     ("peak_rss_mb", "peak RSS MiB", "{:.0f}", False),
 ]
+SUSPECT_STALL = 0.10  # share of the run during which some task waited for a core
 NAMES = {"lantern": "Lantern", "llamacpp": "llama.cpp", "transformers": "transformers"}
 
 
@@ -30,6 +31,11 @@ def _ratio(a, b, higher_is_better: bool) -> str:
     return f"{(a / b if higher_is_better else b / a):.2f}x"
 
 
+def suspect(result: dict) -> bool:
+    """Whether tasks waited for a CPU so often during the engine's run that its timings are doubtful."""
+    return result.get("cpu_stall_share", 0.0) > SUSPECT_STALL
+
+
 def compute(result: dict) -> str:
     """What an engine computes from: the GGUF's quantized blocks, or weights dequantized at load."""
     if result["engine"] == "llamacpp" or result.get("quantized"):
@@ -40,7 +46,8 @@ def compute(result: dict) -> str:
 def table(results: dict[str, dict]) -> str:
     ok = {e: r for e, r in results.items() if "error" not in r}
     header = ["engine"] + [title for _, title, _, _ in METRICS]
-    rows = [[NAMES.get(e, e)] + [_cell(k, f, r.get(k)) for k, _, f, _ in METRICS] for e, r in ok.items()]
+    rows = [[NAMES.get(e, e) + (" *" if suspect(r) else "")] + [_cell(k, f, r.get(k)) for k, _, f, _ in METRICS]
+            for e, r in ok.items()]
     lantern = ok.get("lantern")
     for peer in ("llamacpp", "transformers"):
         if lantern and peer in ok:
@@ -57,10 +64,15 @@ def table(results: dict[str, dict]) -> str:
             decode = row.get("decode_tok_s")
             lines.append(f"{row['streams']:>7}  {row['aggregate_tok_s']:>15.1f}  "
                          f"{(f'{decode:.1f}' if decode else '-'):>17}  {row['aggregate_tok_s'] / row['streams']:>16.1f}")
-    lines += ["", "computes with: " + "; ".join(f"{NAMES.get(e, e)} {compute(r)}" for e, r in ok.items())]
+    if not ok:
+        lines = ["(no engine finished)"]
+    else:
+        lines += ["", "computes with: " + "; ".join(f"{NAMES.get(e, e)} {compute(r)}" for e, r in ok.items())]
     stalls = [f"{NAMES.get(e, e)} {r['cpu_stall_share']:.0%}" for e, r in ok.items() if "cpu_stall_share" in r]
     if stalls:
         lines.append("waited for a CPU (near 0% = cores to itself): " + "; ".join(stalls))
+    if any(suspect(r) for r in ok.values()):
+        lines.append("* other work competed for the CPU during this engine's run: its figures are suspect")
     for engine, r in results.items():
         if "error" in r:
             lines.append(f"\n{NAMES.get(engine, engine)} FAILED: {r['error']}")

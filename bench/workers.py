@@ -53,11 +53,12 @@ class LanternRunner:
         self.llm = LLM(path, context=CONTEXT)
         self.vocab = self.llm.config.vocab_size
         # One cache reused by every prefill: a prefill writes positions 0..T-1 and reads only those back.
-        loaded = self.llm.loaded
-        self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=loaded.dtype, device=self.llm.device)
+        # The cache in the model's compute dtype, as Lantern's own generate() and Engine make it.
+        dtype = self.llm.model.dtype
+        self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=dtype, device=self.llm.device)
         # quantized: whether Lantern computes from the GGUF's quantized weights or dequantized them at load.
-        self.info = {"dtype": str(loaded.dtype).removeprefix("torch."), "quantized": getattr(loaded, "quantized", False),
-                     "torch": torch.__version__}
+        self.info = {"dtype": str(dtype).removeprefix("torch."),
+                     "quantized": getattr(self.llm.loaded, "quantized", False), "torch": torch.__version__}
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",") if s]
-    result = run(args.engine, args.model, args.threads, args.repeats, streams)
+    try:
+        result = run(args.engine, args.model, args.threads, args.repeats, streams)
+    except Exception as e:  # reported as one line in the table; the other engines still run
+        Path(args.out).write_text(json.dumps({"engine": args.engine, "error": f"{type(e).__name__}: {e}"}))
+        raise SystemExit(1)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 
