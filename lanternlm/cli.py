@@ -176,7 +176,12 @@ def sampling_from(args):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, seed=args.seed,
-                          stop=[s.encode().decode("unicode_escape") for s in args.stop])
+                          stop=[unescape(s) for s in args.stop])
+
+
+def unescape(text: str) -> str:
+    """Let a shell user write --stop "\\n\\n" for two newlines; any other character passes as it is."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def read_text(words: list[str], what: str) -> str:

@@ -162,3 +162,9 @@ def test_run_explain_and_lens(model_arg):
     assert lens.returncode == 0, lens.stderr
     out = json.loads(lens.stdout)
     assert out["final_token"]["text"].strip() == "Paris" and len(out["depths"]) == 31
+
+
+def test_stop_flag_keeps_non_ascii_and_reads_newline_escapes():
+    from lanternlm.cli import build_parser, sampling_from
+    args = build_parser().parse_args(["run", "--stop", "。", "--stop", "\\n\\n", "hi"])
+    assert sampling_from(args).stop == ("。", "\n\n")
