@@ -102,7 +102,7 @@ def save_chart(results: dict[str, dict], path: Path, title: str) -> None:
         for i, engine in enumerate(engines):
             values = [ok[engine].get(k) or 0 for k in keys]
             bars = ax.bar([x + i * width for x in range(len(keys))], values, width, label=NAMES.get(engine, engine))
-            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+            ax.bar_label(bars, fmt="%.4g", fontsize=8)
         ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(keys))], keys)
         ax.set_ylabel(label)
         if log:
