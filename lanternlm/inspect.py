@@ -77,7 +77,7 @@ def describe(llm) -> dict:
             "activation": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
             "tie_word_embeddings": cfg.tie_word_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
         },
-        "dtype": {"stored": ({k: v for k, v in loaded.gguf_types.items()} if loaded.gguf_types
+        "dtype": {"stored": (dict(loaded.gguf_types) if loaded.gguf_types
                              else cfg.torch_dtype),
                   "compute": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
                   "weights_bytes_in_memory": weights_bytes},

@@ -18,7 +18,7 @@ from ..tokenizer import Tokenizer
 from . import hf
 from .build import build_model
 from .gguf import read_gguf
-from .gguf_model import gguf_config, gguf_tensors
+from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .quants import type_name
 from ..quantize import int8_supported, quantize_from_gguf
 
@@ -119,7 +119,7 @@ def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> Load
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
-        deferred = frozenset(n for n, _ in _linear_weights(config)) if quantized else frozenset()
+        deferred = _linear_weights(config) if quantized else frozenset()
         model = build_model(config, tensors, path, device, deferred=deferred)
         if quantized:
             quantize_from_gguf(model, gguf)
@@ -128,12 +128,11 @@ def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> Load
                        device=device, dtype=compute, quantized=quantized)
 
 
-def _linear_weights(config: ModelConfig):
-    """The names of the linear layers' weight matrices, as the model has them."""
+def _linear_weights(config: ModelConfig) -> frozenset[str]:
+    """The names of the linear layers' weight matrices (a tied lm_head included), as the model has them."""
     with torch.device("meta"):
-        model = CausalLM(config)
-    return [(n, p) for n, p in model.named_parameters() if n.endswith(("_proj.weight", "lm_head.weight"))] + \
-        ([("lm_head.weight", None)] if config.tie_word_embeddings else [])
+        names = CausalLM(config).state_dict().keys()
+    return frozenset(n for n in names if n.endswith(LINEAR_WEIGHTS))
 
 
 def _as_ids(value) -> list[int]:
