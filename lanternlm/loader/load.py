@@ -69,7 +69,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: st
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantized: bool | None = None) -> LoadedModel:
     """Open a model. `quantized` (GGUF only): keep the weights quantized and compute from them (default on
-    CPU when PyTorch has the int4 kernel); False dequantizes everything, the reference path."""
+    CPU when PyTorch has its int8-weight kernel); False dequantizes everything, the reference path."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelFileError(path, "no such file or folder")
