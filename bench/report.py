@@ -38,8 +38,11 @@ def suspect(result: dict) -> bool:
 
 def compute(result: dict) -> str:
     """What an engine computes from: the GGUF's quantized blocks, or weights dequantized at load."""
-    if result["engine"] == "llamacpp" or result.get("quantized"):
+    if result["engine"] == "llamacpp":
         return "quantized weights"
+    if result.get("quantized"):
+        kernels = result.get("kernels")
+        return f"quantized weights ({'kernels: ' + kernels if kernels and kernels != 'none' else 'PyTorch int8 fallback'})"
     return f"{result.get('dtype', '?')} weights dequantized at load"
 
 

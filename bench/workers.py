@@ -57,8 +57,10 @@ class LanternRunner:
         dtype = self.llm.model.dtype
         self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=dtype, device=self.llm.device)
         # quantized: whether Lantern computes from the GGUF's quantized weights or dequantized them at load.
+        from lanternlm.kernels import isa_name
         self.info = {"dtype": str(dtype).removeprefix("torch."),
-                     "quantized": getattr(self.llm.loaded, "quantized", False), "torch": torch.__version__}
+                     "quantized": getattr(self.llm.loaded, "quantized", False), "torch": torch.__version__,
+                     "kernels": isa_name()}  # Lantern's C++ kernels in use: avx512-vnni, avx2 or none
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch

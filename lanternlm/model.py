@@ -390,12 +390,12 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (the embeddings'; linear layers may hold quantized weights instead)."""
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype (the final norm's: linear layers and embeddings may hold quantized weights)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: int | torch.Tensor | None = None, logits_to_keep: int = 0, output_hidden_states: bool = False,

@@ -1,25 +1,24 @@
-"""Speed as a transform: linear layers that compute from int8 weights, swapped in after the model is built.
+"""Speed as a transform: linear layers (and the embedding) that compute from quantized weights, swapped in
+after the model is built.
 
-The readable model (model.py) keeps plain nn.Linear modules; `quantize_from_gguf` replaces them with
-Int8Linear modules built straight from a GGUF file's tensors, so weights stay 8-bit in memory instead of
-being blown up to fp32. q/k/v and gate/up are fused into single modules (one matmul each) through the
-model's own fused code path (the one Phi-3 checkpoints use). The dequantized fp32 model stays the reference
-these are tested against.
+The readable model (model.py) keeps plain nn.Linear modules; `quantize_from_gguf` replaces them with modules
+built straight from a GGUF file's blocks, so weights stay 4 or 8 bits in memory instead of being blown up to
+fp32. q/k/v and gate/up are fused into single modules (one product each) through the model's own fused code
+path (the one Phi-3 checkpoints use). The dequantized fp32 model stays the reference these are tested against.
 
-Why int8 rows and bf16 activations (measured on this project's 2-core CI VM, PyTorch 2.13; the VM reported
-"AMD EPYC" with avx512_bf16/avx512_vnni and no AMX flags; oneDNN uses AMX tiles where a CPU has them):
-- one decode step is ~85% matrix-vector products bound by memory; fp32 weights read 4 bytes per weight;
-- PyTorch's `_weight_int8pack_mm` with bf16 activations runs the 3072x576 MLP product in ~55 us against
-  ~150 us in fp32, and the 49152x576 lm_head in ~2.1 ms against ~10 ms; its fp32-activation path and the
-  CPU int4 kernel are far slower (8 tokens/s), so GGUF's 4-bit blocks are widened to 8 bits per row;
-- `_weight_int8pack_mm` re-reads the weights for every input row (its time grows linearly from 2 rows on:
-  3072x576 takes ~55 us for 1 row, ~207 us for 8, ~785 us for 32), so from DENSE_FROM_ROWS rows on
-  (prefill, large batches) the layer is dequantized to bf16 for that call and a dense bf16 matmul runs,
-  which costs far less than the product it enables. A kernel that reads 4-bit weights once for a
-  whole batch is the next step (see the notes on issue 5).
-Requantizing to one scale per row adds an error of at most half a step (row max / 254) per weight, and
-the kernels return bf16, so logits are rounded to bf16 (3 significant digits) on this path; the exact path
-(quantized=False) keeps fp32 logits.
+Two implementations, picked by what the machine has:
+- QuantLinear / QuantEmbedding (x86-64 with AVX2, a C++ compiler to build lanternlm/kernels once): weights in
+  32-element blocks (kernels/blocks.py), multiplied by Lantern's own kernel, which quantizes the activations
+  to int8 per block of 32 and reads each weight once per call for all input rows (so a batch of decode rows
+  costs little more than one). From DENSE_FROM_ROWS input rows on (prefill, large batches), the matrix is
+  dequantized to bf16 for that call and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU has them),
+  which costs far less than the product it enables.
+- Int8Linear (any CPU, PyTorch only): int8 weights with one scale per row, PyTorch's `_weight_int8pack_mm`
+  with bf16 activations. Measured on the project's 2-core VM: ~55 us for a 3072x576 product against ~150 us
+  in fp32; the CPU int4 kernel is far slower (8 tokens/s), hence 8 bits. It re-reads the weights per input
+  row, so it too switches to the dense path from DENSE_FROM_ROWS rows.
+Both round activations (int8 blocks, or bf16), so logits differ from the exact path (quantized=False) in the
+third significant digit.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import kernels
+from .kernels.blocks import KIND_NAMES, Blocks, from_ggml
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import unpermute_rows
 from .model import CausalLM
@@ -37,6 +38,60 @@ DENSE_FROM_ROWS = 32  # from this many input rows on (prefill, big batches), deq
 def int8_supported() -> bool:
     """PyTorch's CPU int8-weight kernel exists in this build."""
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def quantization_available() -> bool:
+    """Either implementation can run here."""
+    return kernels(quiet=True) is not None or int8_supported()
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ b) with W kept in 32-element blocks and multiplied by Lantern's CPU kernel."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = blocks.shape
+        self.kind = blocks.kind
+        self.register_buffer("qs", blocks.qs)
+        self.register_buffer("d", blocks.d)
+        self.register_buffer("m", blocks.m)
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < DENSE_FROM_ROWS * self.in_features:  # (..., in) -> (..., out), any leading shape
+            y = kernels().qmatmul(x.float(), self.qs, self.d, self.m, self.kind)
+        else:
+            w = kernels().dequantize(self.qs, self.d, self.m, self.kind, self.in_features, torch.bfloat16)
+            y = (x.to(torch.bfloat16) @ w.t()).float()
+        return y if self.bias is None else y + self.bias
+
+    def weight_blocks(self) -> Blocks:
+        return Blocks(self.qs, self.d, self.m, self.kind, (self.out_features, self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from 32-element blocks: only the looked-up rows are dequantized (to float32)."""
+
+    def __init__(self, blocks: Blocks):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = blocks.shape
+        self.kind = blocks.kind
+        self.register_buffer("qs", blocks.qs)
+        self.register_buffer("d", blocks.d)
+        self.register_buffer("m", blocks.m)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        m = None if self.m is None else self.m[flat]
+        rows = kernels().dequantize(self.qs[flat], self.d[flat], m, self.kind, self.embedding_dim,
+                                        torch.float32)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {KIND_NAMES[self.kind]}"
 
 
 class Int8Linear(nn.Module):
@@ -67,9 +122,38 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, bf16 compute"
 
 
-def _weight(gguf: GGUFFile, name: str, heads: int | None) -> torch.Tensor:
-    w = gguf.tensor(name)
-    return unpermute_rows(w, heads) if heads else w  # llama.cpp permuted Q/K rows of arch "llama"
+def uses_kernels(gguf: GGUFFile) -> bool:
+    """quantize_from_gguf will use Lantern's kernels (and quantize the embedding too) for this file."""
+    return kernels() is not None and all(info.shape[-1] % 32 == 0 for info in gguf.tensors.values()
+                                         if len(info.shape) == 2)
+
+
+class _Source:
+    """The GGUF's weight matrices as Blocks (kernels) or float tensors (Int8Linear), Q/K rows un-permuted."""
+
+    def __init__(self, gguf: GGUFFile, use_kernels: bool):
+        self.gguf, self.use_kernels = gguf, use_kernels
+        self.permuted = gguf.metadata.get("general.architecture") == "llama"
+
+    def get(self, name: str, heads: int | None = None) -> Blocks | torch.Tensor:
+        if not self.use_kernels:
+            w = self.gguf.tensor(name)
+            return unpermute_rows(w, heads) if heads and self.permuted else w
+        info = self.gguf.tensors[name]
+        blocks = from_ggml(self.gguf.raw(name), info.ggml_type, info.shape)
+        if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
+            blocks = blocks.rows(unpermute_rows(torch.arange(blocks.shape[0]), heads))
+        return blocks
+
+    def linear(self, parts: list[Blocks | torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
+        bias = None if bias is None else bias.detach()
+        if not self.use_kernels:
+            return Int8Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+        return QuantLinear(Blocks.cat(parts) if len(parts) > 1 else parts[0], bias)
+
+    def fusable(self, parts: list[Blocks | torch.Tensor]) -> bool:
+        """Blocks of different kinds (e.g. a Q4_K_M file's Q6_K v next to Q4_K q/k) stay separate modules."""
+        return not self.use_kernels or len({p.kind for p in parts}) == 1
 
 
 def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
@@ -79,35 +163,45 @@ def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
 
 @torch.inference_mode()
 def quantize_from_gguf(model: CausalLM, gguf: GGUFFile) -> CausalLM:
-    """Replace the model's linear layers with Int8Linear built from `gguf`'s tensors (in place)."""
-    if not int8_supported():
-        raise RuntimeError("this PyTorch build has no CPU int8-weight kernel")
+    """Replace the model's linear layers (and, with the kernels, its embedding) with quantized modules built
+    from `gguf`'s tensors, in place."""
+    use_kernels = uses_kernels(gguf)
+    if not use_kernels and not int8_supported():
+        raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
+                           "this PyTorch build has no CPU int8-weight kernel")
     cfg = model.config
-    perm = gguf.metadata.get("general.architecture") == "llama"
+    src = _Source(gguf, use_kernels)
     for i, layer in enumerate(model.model.layers):
         blk, attn, mlp = f"blk.{i}", layer.self_attn, layer.mlp
         if cfg.fused_qkv:
-            qkv, bias = _weight(gguf, f"{blk}.attn_qkv.weight", None), attn.qkv_proj.bias
+            attn.qkv_proj = src.linear([src.get(f"{blk}.attn_qkv.weight")], attn.qkv_proj.bias)
         else:
-            qkv = torch.cat([_weight(gguf, f"{blk}.attn_q.weight", cfg.num_attention_heads if perm else None),
-                             _weight(gguf, f"{blk}.attn_k.weight", cfg.num_key_value_heads if perm else None),
-                             _weight(gguf, f"{blk}.attn_v.weight", None)])
-            bias = _bias(attn, ["q_proj", "k_proj", "v_proj"])
-            del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.qkv_proj = Int8Linear(qkv, None if bias is None else bias.detach())
-        attn.fused = True
-        o_bias = attn.o_proj.bias
-        attn.o_proj = Int8Linear(_weight(gguf, f"{blk}.attn_output.weight", None),
-                                 None if o_bias is None else o_bias.detach())
+            qkv = [src.get(f"{blk}.attn_q.weight", cfg.num_attention_heads),
+                   src.get(f"{blk}.attn_k.weight", cfg.num_key_value_heads),
+                   src.get(f"{blk}.attn_v.weight")]
+            if src.fusable(qkv):
+                attn.qkv_proj = src.linear(qkv, _bias(attn, ["q_proj", "k_proj", "v_proj"]))
+                del attn.q_proj, attn.k_proj, attn.v_proj
+                attn.fused = True
+            else:
+                attn.q_proj, attn.k_proj, attn.v_proj = (src.linear([w], getattr(attn, n).bias) for w, n in
+                                                         zip(qkv, ["q_proj", "k_proj", "v_proj"]))
+        attn.o_proj = src.linear([src.get(f"{blk}.attn_output.weight")], attn.o_proj.bias)
         if cfg.fused_qkv:
-            gate_up = _weight(gguf, f"{blk}.ffn_up.weight", None)
+            mlp.gate_up_proj = src.linear([src.get(f"{blk}.ffn_up.weight")], None)
         else:
-            gate_up = torch.cat([_weight(gguf, f"{blk}.ffn_gate.weight", None),
-                                 _weight(gguf, f"{blk}.ffn_up.weight", None)])
-            del mlp.gate_proj, mlp.up_proj
-        mlp.gate_up_proj = Int8Linear(gate_up, None)
-        mlp.fused = True
-        mlp.down_proj = Int8Linear(_weight(gguf, f"{blk}.ffn_down.weight", None), None)
-    head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
-    model.lm_head = Int8Linear(gguf.tensor(head), None)
+            gate_up = [src.get(f"{blk}.ffn_gate.weight"), src.get(f"{blk}.ffn_up.weight")]
+            if src.fusable(gate_up):
+                mlp.gate_up_proj = src.linear(gate_up, None)
+                del mlp.gate_proj, mlp.up_proj
+                mlp.fused = True
+            else:
+                mlp.gate_proj, mlp.up_proj = (src.linear([w], None) for w in gate_up)
+        mlp.down_proj = src.linear([src.get(f"{blk}.ffn_down.weight")], None)
+    tied = "output.weight" not in gguf.tensors
+    head = src.get("token_embd.weight" if tied else "output.weight")
+    model.lm_head = src.linear([head], None)
+    if use_kernels:
+        # The embedding shares the tied head's blocks (one copy in memory), or gets its own.
+        model.model.embed_tokens = QuantEmbedding(head if tied else src.get("token_embd.weight"))
     return model

@@ -90,9 +90,9 @@ LINEAR_WEIGHTS = ("_proj.weight", "lm_head.weight")
 
 
 def gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-                 skip_linear: bool = False) -> dict[str, torch.Tensor]:
-    """Every weight, dequantized to `dtype` on `device`, under its HF name, in HF layout. With skip_linear,
-    the linear layers' weight matrices are left out (a quantize transform builds those from the blocks)."""
+                 skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every weight, dequantized to `dtype` on `device`, under its HF name, in HF layout. HF names in `skip`
+    are left out (a quantize transform builds those from the blocks)."""
     arch = gguf.metadata.get("general.architecture")
     out: dict[str, torch.Tensor] = {}
     for name in gguf.tensors:
@@ -101,7 +101,7 @@ def gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, device
         target = hf_name(name, config.model_type)
         if target is None:
             raise ModelFileError(gguf.path, f"tensor {name!r} has no counterpart in a {arch} model")
-        if skip_linear and target.endswith(LINEAR_WEIGHTS):
+        if target in skip:
             continue
         w = gguf.tensor(name, dtype=torch.float32)
         if arch == "llama" and target.endswith(("q_proj.weight", "k_proj.weight")):

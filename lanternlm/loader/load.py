@@ -20,11 +20,14 @@ from .build import build_model
 from .gguf import read_gguf
 from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .quants import type_name
-from ..quantize import int8_supported, quantize_from_gguf
+from ..fused import fuse_for_cpu
+from ..quantize import quantization_available, quantize_from_gguf, uses_kernels
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
 # own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the
 # generation defaults of a GGUF model; a request's explicit values still win.
+EMBEDDING = "model.embed_tokens.weight"
+
 GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -78,7 +81,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
         return _load_hf(path, dtype, dev)
     if path.suffix.lower() == ".gguf" or _looks_like_gguf(path):
         if quantized is None:
-            quantized = dev.type == "cpu" and int8_supported() and dtype in (None, "auto", torch.float32)
+            quantized = dev.type == "cpu" and quantization_available() and dtype in (None, "auto", torch.float32)
         return _load_gguf(path, dtype, dev, quantized)
     raise ModelFileError(path, "not a model: expected a Hugging Face folder or a .gguf file")
 
@@ -115,14 +118,18 @@ def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> Load
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, source=str(path))
         tokenizer = tokenizer.with_end_ids(set(config.eos_token_id))
         compute = pick_dtype(dtype, device, "float16")
-        tensors = gguf_tensors(gguf, config, compute, device, skip_linear=quantized)
+        deferred = frozenset()
+        if quantized:  # left for the quantize transform to build from the blocks
+            deferred = _linear_weights(config) | ({EMBEDDING} if uses_kernels(gguf) else frozenset())
+        tensors = gguf_tensors(gguf, config, compute, device, skip=deferred)
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
-        deferred = _linear_weights(config) if quantized else frozenset()
         model = build_model(config, tensors, path, device, deferred=deferred)
         if quantized:
             quantize_from_gguf(model, gguf)
+            if uses_kernels(gguf):
+                fuse_for_cpu(model)
     return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
                        dict(GGUF_GENERATION_DEFAULTS), [path], types,
                        device=device, dtype=compute, quantized=quantized)

@@ -245,14 +245,19 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     return (dl * q).view(n, _QK_K)
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def q4_k_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K super-block's 8 sub-blocks of 32: values (n, 8, 32) uint8 in 0..15, scales and offsets (n, 8)
+    float32, where element = q * scale - offset."""
     n = blocks.shape[0]
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     scales, mins = _k_scales_mins(blocks[:, 4:16])
-    dl = (d * scales).view(n, 8, 1)
-    ml = (dmin * mins).view(n, 8, 1)
-    q = _nibbles(blocks[:, 16:144], 4).view(n, 8, 32).float()  # 8 sub-blocks of 32
-    return q.mul_(dl).sub_(ml).view(n, _QK_K)
+    return _nibbles(blocks[:, 16:144], 4).view(n, 8, 32), d * scales, dmin * mins
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    q, dl, ml = q4_k_parts(blocks)
+    return q.float().mul_(dl.view(n, 8, 1)).sub_(ml.view(n, 8, 1)).view(n, _QK_K)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:

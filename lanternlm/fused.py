@@ -1,0 +1,161 @@
+"""Speed as a transform: a fused CPU decode path, swapped into a built model.
+
+A decode step of the readable model runs about 270 small PyTorch ops per token (norms, RoPE's slices and
+concatenations, the cache write, attention, the gated activation), and on a small model their dispatch
+costs more than the arithmetic: on the project's 2-core VM the quantized SmolLM2-135M spent ~13 ms per
+token, of which the matrix products were ~3.5 ms. `fuse_for_cpu` changes the classes of the model's norm,
+attention and MLP modules to subclasses whose forward calls Lantern's C++ ops (kernels/decode_cpu.cpp) for
+the cases they cover, and the readable model's own forward for everything else:
+- FusedRMSNorm: float32 inputs;
+- FusedMLP: fused gate/up with SiLU or GELU-tanh (one op for act(gate) * up);
+- FusedAttention: one new token per sequence with a KV cache (the decode step, single or batched): RoPE,
+  the cache write and attention over the cache (causal, sliding window) in one op. Prefill, attention
+  weights for inspection, and non-float32 caches take the readable path.
+Module names, parameters and printed trees are unchanged (only the classes differ), so state dicts,
+`inspect` and the look-inside views work as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import kernels
+from .model import MLP, Attention, BaseOutput, CausalLM, KVCache, RMSNorm, Transformer
+
+def _act_code(act: nn.Module) -> int | None:
+    if isinstance(act, nn.SiLU):
+        return 0
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        return 1
+    return None
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().forward(x)
+        return kernels().rms_norm(x, self.weight, self.eps, self.weight_offset)
+
+
+class FusedMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused or self._act is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().forward(x)
+        return self.down_proj(kernels().gated_act(self.gate_up_proj(x), self._act))
+
+
+class FusedAttention(Attention):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                positions: torch.Tensor, cache: KVCache | None, slots: int | torch.Tensor | None, length: int,
+                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        if (T != 1 or cache is None or return_weights or not self.fused or x.dtype != torch.float32
+                or x.device.type != "cpu" or cache.k[self.layer_idx].dtype != torch.float32):
+            return super().forward(x, cos, sin, mask, positions, cache, slots, length, return_weights)
+        # (B, 1, (H + 2KV) * D) -> per-head views (B, heads, D); the op reads them in place
+        q, k, v = self.qkv_proj(x).view(B, self.n_heads + 2 * self.n_kv, self.head_dim).split(
+            [self.n_heads, self.n_kv, self.n_kv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rows = slots if isinstance(slots, torch.Tensor) else self._rows(slots or 0, B)
+        out = kernels().decode_attention(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                             rows, positions.reshape(B), self.scale, self.window)
+        return self.o_proj(out.view(B, 1, -1)), None
+
+    def _rows(self, start: int, count: int) -> torch.Tensor:
+        """Cache rows start..start+count-1 as a tensor, made once per (start, count) (the same every step)."""
+        key = (start, count)
+        if key not in self._row_tensors:
+            self._row_tensors[key] = torch.arange(start, start + count)
+        return self._row_tensors[key]
+
+
+class FusedTransformer(Transformer):
+    """Runs a whole decode step's layers in one C++ call (the DecodeStack built by fuse_for_cpu): one new token
+    per sequence, with a float32 cache, and no hidden states or attention weights asked for. Everything else,
+    and models the stack cannot take (unfused or non-quantized linear layers), runs the module path."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                slots: int | torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BaseOutput:
+        B, T = input_ids.shape
+        if self._stack is None and self._stackable:
+            self._stack = _decode_stack(self)  # None if the layers are not in a shape it takes
+            self._stackable = self._stack is not None
+        if (self._stack is None or T != 1 or cache is None or positions is None or output_hidden_states
+                or output_attentions or cache.k[0].dtype != torch.float32 or input_ids.device.type != "cpu"):
+            return super().forward(input_ids, positions, cache, slots, output_hidden_states, output_attentions)
+        h = self.embed_tokens(input_ids)[:, 0]  # (B, C)
+        if self.config.embed_scale is not None:
+            h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
+        cos, sin = [], []
+        for kind in self._rope_kinds:
+            c, s = self.rotary[kind](positions, h.dtype)  # (B, 1, rot)
+            cos.append(c[:, 0])
+            sin.append(s[:, 0])
+        rows = slots if isinstance(slots, torch.Tensor) else self.layers[0].self_attn._rows(slots or 0, B)
+        h = self._stack.forward(h, cos, sin, cache.k, cache.v, rows, positions.reshape(B))
+        return BaseOutput(self.norm(h[:, None]), None, None)
+
+
+def _decode_stack(transformer: Transformer):
+    """The C++ DecodeStack over `transformer`'s own tensors, or None when a layer is not in the shape it takes
+    (unfused or non-quantized linear layers, an activation it lacks)."""
+    from .quantize import QuantLinear
+
+    def weights(module):
+        if not isinstance(module, QuantLinear):
+            raise _NotStackable
+        return {"qs": module.qs, "d": module.d, "m": module.m, "kind": module.kind, "bias": module.bias}
+
+    cfg = transformer.config
+    kinds = sorted(set(cfg.layer_types))
+    layers = []
+    try:
+        for layer in transformer.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (attn.fused and mlp.fused) or mlp._act is None:
+                raise _NotStackable
+            spec = {"qkv": weights(attn.qkv_proj), "o": weights(attn.o_proj), "gate_up": weights(mlp.gate_up_proj),
+                    "down": weights(mlp.down_proj), "in_norm": layer.input_layernorm.weight,
+                    "post_attn_norm": layer.post_attention_layernorm.weight,
+                    "window": attn.window, "rope": kinds.index(layer.layer_type)}
+            if attn.q_norm is not None:
+                spec.update(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight)
+            if layer.sandwich:
+                spec.update(pre_ff_norm=layer.pre_feedforward_layernorm.weight,
+                            post_ff_norm=layer.post_feedforward_layernorm.weight)
+            layers.append(spec)
+    except _NotStackable:
+        return None
+    return kernels().DecodeStack(layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                 cfg.rms_norm_eps, cfg.norm_weight_offset, transformer.layers[0].mlp._act,
+                                 cfg.attention_scale)
+
+
+class _NotStackable(Exception):
+    pass
+
+
+def fuse_for_cpu(model: CausalLM) -> CausalLM:
+    """Swap in the fused decode path (in place). Needs the C++ kernels; returns the model unchanged without."""
+    if kernels() is None:
+        return model
+    cfg = model.config
+    row_tensors: dict[tuple[int, int], torch.Tensor] = {}  # shared by the layers
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.__class__ = FusedRMSNorm
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.__class__ = FusedAttention
+        attn._row_tensors = row_tensors
+        attn.window = cfg.sliding_window if layer.layer_type == "sliding_attention" and cfg.sliding_window else 0
+        mlp.__class__ = FusedMLP
+        mlp._act = _act_code(mlp.act)
+    transformer = model.model
+    transformer.__class__ = FusedTransformer
+    transformer._rope_kinds = sorted(set(cfg.layer_types))
+    transformer._stack, transformer._stackable = None, True  # built on the first decode step
+    return model

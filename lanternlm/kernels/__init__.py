@@ -1,0 +1,92 @@
+"""Builds, caches and loads Lantern's C++ CPU kernels (quant_cpu.cpp), or says why they are unavailable.
+
+The extension is compiled once per (source, PyTorch version, Python version) with torch's cpp_extension into
+`$XDG_CACHE_HOME/lantern/kernels/<hash>/` (~/.cache/lantern/kernels) and loaded from there afterwards. It is
+deliberately not under $LANTERN_HOME, the model store: a build belongs to this machine and Python, not to a
+set of models, and a fresh store must not mean another half-minute compile. The hash is of the sources, so an edited
+kernel rebuilds and an old build is never loaded by mistake. Without a C++ compiler, on a non-x86 CPU or on
+one without AVX2/FMA, `kernels()` returns None and the callers keep PyTorch's own kernels; `why_unavailable()`
+says which of these happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCES = ("quant_cpu.cpp", "decode_cpu.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """Where built kernels live."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lantern" / "kernels"
+
+
+def _build_name() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode())
+    return f"lantern_quant_{h.hexdigest()[:16]}"
+
+
+def _compile(quiet: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    name = _build_name()
+    build = cache_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    if not quiet and not (build / f"{name}.so").exists():
+        print("lantern: compiling the CPU kernels (once, about 30 s)...", file=sys.stderr, flush=True)
+    sources = [str(Path(__file__).parent / s) for s in _SOURCES]
+    return load(name=name, sources=sources, build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for runs serially without OpenMP
+
+
+def kernels(quiet: bool = False) -> ModuleType | None:
+    """The loaded extension, compiling it on first use; None when this machine cannot have it."""
+    if "module" in _state:  # the hot path: modules call this on every forward
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" in _state:
+            return _state["module"]  # type: ignore[return-value]
+        module, why = None, None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            why = f"the kernels are x86-64 only (this is {platform.machine()})"
+        elif os.environ.get("LANTERN_NO_KERNELS"):
+            why = "LANTERN_NO_KERNELS is set"
+        elif shutil.which(os.environ.get("CXX", "c++")) is None:
+            why = "no C++ compiler found (install g++ to build them)"
+        else:
+            try:
+                module = _compile(quiet)
+            except Exception as exc:  # a failed build must not stop the model from running
+                why = f"building them failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+            else:
+                if module.isa() == 0:
+                    why, module = "this CPU lacks AVX2/FMA", None
+        _state["module"], _state["why"] = module, why
+        return module
+
+
+def why_unavailable() -> str | None:
+    """None when the kernels are loaded, else one line on why not (after kernels() has been tried)."""
+    kernels(quiet=True)
+    return _state.get("why")  # type: ignore[return-value]
+
+
+def isa_name() -> str:
+    """The instruction set the kernels run with on this CPU, or 'none'."""
+    module = kernels(quiet=True)
+    return {0: "none", 1: "avx2", 2: "avx512-vnni"}[module.isa() if module else 0]

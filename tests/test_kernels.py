@@ -1,0 +1,294 @@
+"""Lantern's C++ CPU kernels (lanternlm/kernels) against the PyTorch references they replace.
+
+- the split-block layout equals gguf-py's dequantization of the ggml blocks it came from;
+- the quantized matrix product equals x @ W.T with W the exact dequantized weights, for every block kind,
+  batch size and shape edge (a block count that is odd, or not a multiple of 16), on every instruction set
+  this CPU has (the AVX2 kernel is forced on AVX-512 machines too);
+- the fused decode ops (RMSNorm, gated activation, single-token attention with RoPE and the cache write)
+  equal the readable model's modules, single and batched, with GQA, sliding windows, partial rotary and
+  q/k norms.
+Skipped as a whole where the kernels cannot be built (no compiler, not x86-64 with AVX2); the fallback path
+is tested in test_quantized.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from lanternlm.config import ModelConfig
+from lanternlm.fused import FusedAttention, fuse_for_cpu
+from lanternlm.kernels import kernels, why_unavailable
+from lanternlm.loader.quants import q4_k_parts
+from lanternlm.kernels.blocks import KIND_Q4, KIND_Q4_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8
+from lanternlm.model import KVCache
+from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
+from gguf_writer import random_k_blocks
+from tiny_models import make_hf_model
+
+K = kernels(quiet=True)
+pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
+
+
+@pytest.fixture(params=[1, 2], ids=["avx2", "avx512"])
+def isa(request):
+    """Run a test on each instruction set the CPU has; restore the best one afterwards."""
+    best = K.set_isa(9)
+    if request.param > best:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(best)
+
+
+def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
+    rng = np.random.default_rng(seed)
+    if qtype in (T.Q4_K, T.Q6_K):
+        raw = random_k_blocks(qtype, n, k, rng)
+    else:
+        w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+        raw = gguf_quantize(w, qtype)
+    return raw.reshape(-1).view(np.uint8), torch.from_numpy(gguf_dequantize(raw, qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype,kind", [(T.Q4_0, KIND_Q4), (T.Q4_1, KIND_Q4_MIN), (T.Q8_0, KIND_Q8)])
+def test_native_block_types_repack_exactly(qtype, kind):
+    raw, ref = ggml_blocks(qtype, 7, 96, seed=1)
+    blocks = from_ggml(raw, qtype, (7, 96))
+    assert blocks.kind == kind
+    assert torch.equal(dequantize_blocks(blocks), ref)
+    assert torch.equal(K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, 96, torch.float32), ref)
+    assert torch.equal(K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, 96, torch.bfloat16),
+                       ref.to(torch.bfloat16))
+
+
+def test_q4_k_repacks_within_float16_scale_rounding():
+    raw, ref = ggml_blocks(T.Q4_K, 4, 512, seed=2)
+    blocks = from_ggml(raw, T.Q4_K, (4, 512))
+    assert blocks.kind == KIND_Q4_MIN
+    got = dequantize_blocks(blocks)
+    # value = q * scale - offset; each block's scale and offset are rounded to float16, a relative change of
+    # at most 2^-11 (2^-25 absolute below float16's normal range) of each term.
+    q, scale, offset = q4_k_parts(torch.from_numpy(raw.copy()).view(-1, 144))  # (4*2, 8, 32), (4*2, 8)
+    terms = (q.float() * scale[..., None] + offset[..., None]).reshape(4, 512)
+    bound = 2.0 ** -11 * terms + 2 * 2.0 ** -25 * (q.float().reshape(4, 512) + 1) + 1e-9
+    assert torch.all((got - ref).abs() <= bound)
+    assert not torch.equal(got, ref)  # the rounding is real: this checks the bound, not a no-op
+
+
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_0, T.F16])
+def test_other_types_requantize_to_8_bits_within_half_a_step(qtype):
+    if qtype == T.F16:
+        w = torch.randn(5, 64)
+        raw, ref = w.half().numpy().reshape(-1).view(np.uint8), w.half().float()
+    else:
+        raw, ref = ggml_blocks(qtype, 5, 256, seed=3)
+    blocks = from_ggml(raw, qtype, tuple(ref.shape))
+    assert blocks.kind == KIND_Q8
+    got = dequantize_blocks(blocks)
+    step = ref.view(ref.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+    # half a step, plus the float16 rounding of the scale (2^-11 of a value)
+    bound = (step * 0.5 * (1 + 2.0 ** -10) + ref.view_as(step.expand(-1, -1, 32)).abs() * 2.0 ** -10).reshape(ref.shape)
+    assert torch.all((got - ref).abs() <= bound + 1e-7)
+    assert not torch.equal(got, ref) or qtype == T.F16
+
+
+def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rounding of int16 activations per block of 32 (half of max|x| / 32767 per value) times |w|, plus float32
+    summation."""
+    xb = x.view(x.shape[0], -1, 32)
+    step = (xb.abs().amax(-1, keepdim=True) / 32767 / 2).expand_as(xb).reshape(x.shape)
+    return step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-6
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+@pytest.mark.parametrize("k", [32, 96, 576, 608])  # 1, 3, 18 and 19 blocks: odd counts and partial groups of 16
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
+    n = 37
+    raw, w = ggml_blocks(qtype, n, k, seed=k + rows)
+    blocks = from_ggml(raw, qtype, (n, k))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] *= 100  # an outlier block must not cost the other blocks their precision
+    got = K.qmatmul(x, blocks.qs, blocks.d, blocks.m, blocks.kind)
+    ref = x.double() @ w.double().t()
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double())
+
+
+def test_qmatmul_zero_rows_and_zero_activations():
+    raw, w = ggml_blocks(T.Q4_1, 8, 64, seed=0)
+    blocks = from_ggml(raw, T.Q4_1, (8, 64))
+    assert K.qmatmul(torch.zeros(0, 64), blocks.qs, blocks.d, blocks.m, blocks.kind).shape == (0, 8)
+    assert torch.equal(K.qmatmul(torch.zeros(2, 64), blocks.qs, blocks.d, blocks.m, blocks.kind), torch.zeros(2, 8))
+
+
+def test_kernels_refuse_malformed_arguments():
+    raw, _ = ggml_blocks(T.Q4_1, 8, 64, seed=0)
+    b = from_ggml(raw, T.Q4_1, (8, 64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        K.qmatmul(torch.zeros(1, 48), b.qs, b.d, b.m, b.kind)
+    with pytest.raises(RuntimeError, match="row length"):
+        K.qmatmul(torch.zeros(1, 96), b.qs, b.d, b.m, b.kind)
+    with pytest.raises(RuntimeError, match="float32"):
+        K.qmatmul(torch.zeros(1, 64, dtype=torch.float64), b.qs, b.d, b.m, b.kind)
+    with pytest.raises(RuntimeError, match="m:"):
+        K.qmatmul(torch.zeros(1, 64), b.qs, b.d, None, b.kind)
+    with pytest.raises(RuntimeError, match="kind"):
+        K.qmatmul(torch.zeros(1, 64), b.qs, b.d, b.m, 7)
+
+
+@pytest.mark.parametrize("rows", [1, 5, DENSE_FROM_ROWS, 40])  # the kernel, and the dense bf16 path from 32 rows
+def test_quant_linear_both_paths(rows):
+    raw, w = ggml_blocks(T.Q4_1, 48, 96, seed=5)
+    bias = torch.randn(48)
+    layer = QuantLinear(from_ggml(raw, T.Q4_1, (48, 96)), bias)
+    x = torch.randn(2, rows, 96)
+    got = layer(x)
+    ref = x @ w.t() + bias
+    assert got.shape == (2, rows, 48)
+    if rows < DENSE_FROM_ROWS:
+        bound = product_bound(x.reshape(-1, 96), w).reshape(ref.shape)
+    else:  # bf16 activations and weights: 2^-8 relative each, on the magnitudes multiplied
+        bound = 3 * 2.0 ** -8 * (x.abs() @ w.abs().t()) + 1e-5
+    assert torch.all((got - ref).abs() <= bound)
+
+
+def test_quant_embedding_rows_are_exact():
+    raw, w = ggml_blocks(T.Q8_0, 50, 64, seed=6)
+    emb = QuantEmbedding(from_ggml(raw, T.Q8_0, (50, 64)))
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids), w[ids])
+
+
+def test_quantize_q8_keeps_zero_rows_and_signs():
+    w = torch.randn(3, 64)
+    w[1] = 0
+    got = dequantize_blocks(quantize_q8(w))
+    assert torch.equal(got[1], torch.zeros(64))
+    assert torch.all((got - w).abs() <= w.view(3, 2, 32).abs().amax(-1, keepdim=True).expand(3, 2, 32).reshape(3, 64) / 127)
+
+
+# ---- fused decode ops ----
+
+def test_rms_norm_and_gated_activations_equal_the_readable_modules():
+    from lanternlm.model import MLP, RMSNorm
+    for offset in (0.0, 1.0):
+        norm = RMSNorm(96, 1e-6, offset)
+        torch.nn.init.normal_(norm.weight)
+        x = torch.randn(2, 3, 96)
+        ref = norm(x)
+        fused = fuse_for_cpu_module(norm)
+        assert torch.allclose(fused(x), ref, atol=1e-5, rtol=1e-5)
+    for act in ("silu", "gelu_pytorch_tanh"):
+        cfg = ModelConfig.from_hf(make_hf_model("phi3", hidden_act=act).config.to_dict())
+        mlp = MLP(cfg)
+        for p in mlp.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        x = torch.randn(1, 2, cfg.hidden_size)
+        ref = mlp(x)
+        assert torch.allclose(fuse_for_cpu_module(mlp)(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def fuse_for_cpu_module(module):
+    """A copy of one module with its fused class, as fuse_for_cpu swaps it in a model."""
+    from lanternlm import fused
+    m = copy.deepcopy(module)
+    m.__class__ = {"RMSNorm": fused.FusedRMSNorm, "MLP": fused.FusedMLP}[type(module).__name__]
+    m._act = fused._act_code(m.act) if hasattr(m, "act") else None
+    return m
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "phi3", "gemma3"])
+def test_decode_step_equals_the_readable_model_single_and_batched(arch):
+    # The tiny models of the other tests, with q/k/v and gate/up fused as the quantize transform fuses them.
+    hf = make_hf_model(arch)  # mistral and gemma3 have windows (5, 4) shorter than the sequences below
+    from lanternlm.loader.build import build_model
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    ref = build_model(cfg, {k: v.float() for k, v in hf.state_dict().items()}, "tiny")
+    fuse_qkv(ref)
+    fast = fuse_for_cpu(copy.deepcopy(ref))
+    assert any(isinstance(m, FusedAttention) for m in fast.modules())
+    gen = torch.Generator().manual_seed(0)
+    # three sequences of different lengths in slots 2, 0, 3 of a 4-slot cache (the Engine's batched decode)
+    lengths = [9, 3, 14]
+    slots = torch.tensor([2, 0, 3])
+    caches = [KVCache(cfg, 4, 32, torch.float32) for _ in range(2)]
+    for model, cache in zip((ref, fast), caches):
+        for slot, n in zip(slots.tolist(), lengths):
+            ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+            model(ids, torch.arange(n)[None], cache, slots=slot)
+    with torch.inference_mode():
+        for step in range(4):  # four decode steps, batched
+            ids = torch.randint(0, cfg.vocab_size, (3, 1), generator=gen)
+            pos = torch.tensor([[n + step] for n in lengths])
+            a = ref(ids, pos, caches[0], slots=slots).logits
+            b = fast(ids, pos, caches[1], slots=slots).logits
+            assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (a - b).abs().max()
+        for layer in range(cfg.num_hidden_layers):  # the op wrote the same keys and values
+            assert torch.allclose(caches[0].k[layer], caches[1].k[layer], atol=1e-5)
+            assert torch.allclose(caches[0].v[layer], caches[1].v[layer], atol=1e-5)
+        # and a single sequence (B = 1, slot given as an int), as plain generation runs it
+        a = ref(torch.tensor([[5]]), torch.tensor([[lengths[1] + 4]]), caches[0], slots=0).logits
+        b = fast(torch.tensor([[5]]), torch.tensor([[lengths[1] + 4]]), caches[1], slots=0).logits
+        assert torch.allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def fuse_qkv(model) -> None:
+    """Fuse q/k/v and gate/up into single nn.Linear modules in place (the layout the fused path runs on)."""
+    from torch import nn
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not attn.fused:
+            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+            fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+            fused.weight.data = torch.cat([p.weight for p in parts])
+            if fused.bias is not None:
+                fused.bias.data = torch.cat([p.bias for p in parts])
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            attn.qkv_proj, attn.fused = fused, True
+        if not mlp.fused:
+            gate_up = nn.Linear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False)
+            gate_up.weight.data = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            del mlp.gate_proj, mlp.up_proj
+            mlp.gate_up_proj, mlp.fused = gate_up, True
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"])
+def test_decode_stack_equals_the_module_path(arch, tmp_path):
+    # The one-call C++ decoder stack against the same quantized model run module by module.
+    from gguf_writer import write_gguf
+    from lanternlm.loader.load import load
+    write_gguf(make_hf_model(arch), tmp_path / "m.gguf", T.Q8_0)
+    model = load(tmp_path / "m.gguf", quantized=True).model
+    slow = copy.deepcopy(model)
+    slow.model._stackable = False  # module by module
+    cfg = model.config
+    caches = [KVCache(cfg, 4, 40, torch.float32) for _ in range(2)]
+    lengths, slots = [9, 3, 14], torch.tensor([2, 0, 3])
+    with torch.inference_mode():
+        for m, cache in zip((model, slow), caches):
+            for slot, n in zip(slots.tolist(), lengths):
+                ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+                m(ids, torch.arange(n)[None], cache, slots=slot)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(5):
+            ids = torch.randint(0, cfg.vocab_size, (3, 1), generator=gen)
+            pos = torch.tensor([[n + step] for n in lengths])
+            a = model(ids, pos, caches[0], slots=slots).logits
+            b = slow(ids, pos, caches[1], slots=slots).logits
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a - b).abs().max()
+        assert model.model._stack is not None and slow.model._stack is None  # both paths really ran
+        a = model(torch.tensor([[7]]), torch.tensor([[30]]), caches[0], slots=1).logits
+        b = slow(torch.tensor([[7]]), torch.tensor([[30]]), caches[1], slots=1).logits
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+        for layer in range(cfg.num_hidden_layers):
+            assert torch.allclose(caches[0].k[layer], caches[1].k[layer], atol=1e-5)
+            assert torch.allclose(caches[0].v[layer], caches[1].v[layer], atol=1e-5)
