@@ -15,10 +15,8 @@ def count(module: nn.Module | None) -> int:
 def logical_model(config):
     """The readable model for a config, on the meta device: no memory, plain nn.Linear layers. Parameter
     counts and the module tree come from it, whatever speed transforms the running model has."""
-    import torch
-    from .model import CausalLM
-    with torch.device("meta"):
-        return CausalLM(config)
+    from .loader.build import meta_model
+    return meta_model(config)
 
 
 def parameter_counts(model) -> dict:

@@ -45,13 +45,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (rot_dim/2,) and the cos/sin scale, as transformers' rope init functions compute them."""
+    """Inverse frequencies (rot_dim/2,) and the cos/sin scale, as transformers' rope init functions compute them.
+    Always computed on the CPU in float32, also inside a meta-device context (the loaders build there)."""
     dim = int(head_dim * rope.partial_rotary_factor)
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (rope.rope_theta ** exponents)
     scale = 1.0
     if rope.freq_factors is not None:  # llama.cpp's precomputed per-frequency divisors
-        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
     if rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
@@ -69,7 +70,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> tuple[
         inv_freq, scale = _yarn(rope, dim)
     elif rope.rope_type == "longrope":
         factors = rope.long_factor if long else rope.short_factor
-        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * rope.rope_theta ** exponents)
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * rope.rope_theta ** exponents)
         factor = rope.factor or 1.0
         scale = rope.attention_factor or (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(rope.original_max_position_embeddings)))
@@ -97,8 +98,8 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid dividing by zero
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, attention

@@ -140,7 +140,8 @@ class _Source:
             w = self.gguf.tensor(name)
             return unpermute_rows(w, heads) if heads and self.permuted else w
         info = self.gguf.tensors[name]
-        blocks = from_ggml(self.gguf.raw(name), info.ggml_type, info.shape)
+        blocks = from_ggml(self.gguf.raw(name), info.ggml_type, info.shape)  # copies out of the file
+        self.gguf.release(name)
         if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
             blocks = blocks.rows(unpermute_rows(torch.arange(blocks.shape[0]), heads))
         return blocks

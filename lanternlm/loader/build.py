@@ -6,6 +6,8 @@ are, and only the RoPE buffers, which no checkpoint stores, are computed for rea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..config import ModelConfig
@@ -16,11 +18,34 @@ from ..model import CausalLM, RotaryEmbedding
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+@contextmanager
+def _skip_random_init():
+    """nn.Linear and nn.Embedding draw random initial weights as they are built, which on the meta device runs
+    through PyTorch's Python reference ops and imports torch._dynamo: ~1.3 s of the first load, measured.
+    Every weight is assigned from the checkpoint next, so the draws are skipped (the same thing transformers'
+    `no_init_weights` does)."""
+    init = torch.nn.init
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {name: getattr(init, name) for name in names}
+    for name in names:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def meta_model(config: ModelConfig) -> CausalLM:
+    """The module tree for `config` on the meta device: no memory and no initialisation."""
+    with torch.device("meta"), _skip_random_init():
+        return CausalLM(config)
+
+
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source,
                 device: torch.device | str = "cpu", deferred: frozenset[str] = frozenset()) -> CausalLM:
     """`deferred` names are left on the meta device: a transform (quantize.py) replaces their modules next."""
-    with torch.device("meta"):
-        model = CausalLM(config)
+    model = meta_model(config)
     expected = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # shares model.embed_tokens.weight

@@ -101,6 +101,17 @@ class GGUFFile:
         assert self._bytes is not None  # _info checked the file is open
         return self._bytes[info.offset : info.offset + info.nbytes]
 
+    def release(self, name: str) -> None:
+        """Tell the OS the tensor's bytes are no longer needed in memory (after they were copied out): the
+        mapped file's pages would otherwise stay resident, on top of the copies, until the file is closed."""
+        info = self._info(name)
+        assert self._mapping is not None
+        page = mmap.PAGESIZE
+        start = (info.offset + page - 1) // page * page  # whole pages inside the tensor only
+        end = (info.offset + info.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to a new float32 tensor of its PyTorch shape, then cast to `dtype`."""
         info = self._info(name)

@@ -104,6 +104,7 @@ def gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, device
         if target in skip:
             continue
         w = gguf.tensor(name, dtype=torch.float32)
+        gguf.release(name)
         if arch == "llama" and target.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in target else config.num_key_value_heads
             w = unpermute_rows(w, heads)

@@ -16,7 +16,7 @@ from ..errors import ModelFileError
 from ..model import CausalLM
 from ..tokenizer import Tokenizer
 from . import hf
-from .build import build_model
+from .build import build_model, meta_model
 from .gguf import read_gguf
 from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .quants import type_name
@@ -137,8 +137,7 @@ def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> Load
 
 def _linear_weights(config: ModelConfig) -> frozenset[str]:
     """The names of the linear layers' weight matrices (a tied lm_head included), as the model has them."""
-    with torch.device("meta"):
-        names = CausalLM(config).state_dict().keys()
+    names = meta_model(config).state_dict().keys()
     return frozenset(n for n in names if n.endswith(LINEAR_WEIGHTS))
 
 
