@@ -292,3 +292,24 @@ def test_decode_stack_equals_the_module_path(arch, tmp_path):
         for layer in range(cfg.num_hidden_layers):
             assert torch.allclose(caches[0].k[layer], caches[1].k[layer], atol=1e-5)
             assert torch.allclose(caches[0].v[layer], caches[1].v[layer], atol=1e-5)
+
+
+def test_products_from_another_thread_equal_the_main_threads():
+    # The process's first thread runs kernels on PyTorch's OpenMP team, other threads (the serving Engine's)
+    # on Lantern's own pool: both must give the same numbers, for every row split.
+    import threading
+    raw, _ = ggml_blocks(T.Q4_1, 3000, 576, seed=9)
+    b = from_ggml(raw, T.Q4_1, (3000, 576))
+    results = {}
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+        results["main", rows] = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
+
+        def work(rows=rows, x=x):
+            for _ in range(3):  # repeated calls reuse the pool's sleeping/spinning workers
+                results["thread", rows] = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        assert torch.equal(results["main", rows], results["thread", rows])

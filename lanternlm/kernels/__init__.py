@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-_SOURCES = ("quant_cpu.cpp", "decode_cpu.cpp")
+_SOURCES = ("quant_cpu.cpp", "decode_cpu.cpp", "pool.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
+
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LANTERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -137,7 +140,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         }
     }
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    // Threads only pay off on long caches (the work per (row, head) grows with the cached length).
+    const int64_t longest = *std::max_element(pos, pos + B) + 1;
+    parallel_rows(B * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D)), [&](int64_t t0, int64_t t1) {
         std::vector<float> qr(D), scores;
         for (int64_t t = t0; t < t1; t++) {
             const int64_t b = t / H, h = t % H, g = h / group;

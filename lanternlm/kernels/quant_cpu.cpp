@@ -25,7 +25,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <vector>
+
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
 namespace {
 
@@ -336,7 +339,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     const uint8_t* w = static_cast<const uint8_t*>(qs.data_ptr());
     const uint16_t* dw = half_ptr(d);
     float* out = y.data_ptr<float>();
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
         if (wide) avx512::matmul_rows(w, dw, mw, kind, k, xq, rows, out, n, n0, n1);
         else avx2::matmul_rows(w, dw, mw, kind, k, xq, rows, out, n, n0, n1);
     });
@@ -354,7 +357,7 @@ torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const 
     float* f = dtype == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
     uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
-    at::parallel_for(0, qs.size(0), 16, [&](int64_t r0, int64_t r1) {
+    parallel_rows(qs.size(0), 16, [&](int64_t r0, int64_t r1) {
         avx2::dequantize_rows(static_cast<const uint8_t*>(qs.data_ptr()), half_ptr(d), mw, kind, k, r0, r1, f, h);
     });
 #endif
