@@ -38,9 +38,8 @@ class Blocks:
     kind: int
     shape: tuple[int, int]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.qs, self.d, self.m) if t is not None]
 
     def rows(self, index: torch.Tensor) -> Blocks:
         """The rows at `index` (a permutation or a lookup), as a new Blocks."""
@@ -56,6 +55,19 @@ class Blocks:
         m = None if kind != KIND_Q4_MIN else torch.cat([p.m for p in parts])
         return Blocks(torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, kind,
                       (sum(p.shape[0] for p in parts), k))
+
+
+def kind_for(ggml_type: int) -> int:
+    """The block kind a ggml type converts to."""
+    return {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q4_K: KIND_Q4_MIN}.get(ggml_type, KIND_Q8)
+
+
+def blocks_nbytes(ggml_type: int, shape: tuple[int, ...]) -> list[int]:
+    """Bytes of each tensor (qs, d, and m when the kind has offsets) a matrix of this type converts to."""
+    n, k = (int(s) for s in shape)
+    kind = kind_for(ggml_type)
+    scales = n * (k // 32) * 2
+    return [n * k if kind == KIND_Q8 else n * k // 2, scales] + ([scales] if kind == KIND_Q4_MIN else [])
 
 
 def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
