@@ -1,6 +1,6 @@
 """Builds, caches and loads Lantern's C++ CPU kernels (quant_cpu.cpp), or says why they are unavailable.
 
-The extension is compiled once per (source, PyTorch version, Python version) with torch's cpp_extension into
+The extension is compiled once per (source, PyTorch installation, Python version) with torch's cpp_extension into
 `$XDG_CACHE_HOME/lantern/kernels/<hash>/` (~/.cache/lantern/kernels) and loaded from there afterwards. It is
 deliberately not under $LANTERN_HOME, the model store: a build belongs to this machine and Python, not to a
 set of models, and a fresh store must not mean another half-minute compile. The hash is of the sources, so an edited
@@ -33,25 +33,33 @@ def cache_dir() -> Path:
     return Path(base) / "lantern" / "kernels"
 
 
-def _build_name() -> str:
-    h = hashlib.sha256()
+def _build_name() -> tuple[str, str]:
+    """(environment key, build name): the build name adds a hash of the sources to the environment's key."""
+    env = hashlib.sha256(f"{torch.__version__} {torch.__file__} {sys.version_info[:2]} {platform.machine()}".encode())
+    src = hashlib.sha256()
     for name in _SOURCES:
-        h.update((Path(__file__).parent / name).read_bytes())
-    h.update(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode())
-    return f"lantern_quant_{h.hexdigest()[:16]}"
+        src.update((Path(__file__).parent / name).read_bytes())
+    # The environment is part of the name because torch's loader rebuilds whenever include paths differ:
+    # two virtualenvs sharing one build directory would rebuild it on every alternate run.
+    key = f"lantern_quant_{env.hexdigest()[:8]}"
+    return key, f"{key}_{src.hexdigest()[:12]}"
 
 
 def _compile(quiet: bool) -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    name = _build_name()
+    key, name = _build_name()
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     if not quiet and not (build / f"{name}.so").exists():
         print("lantern: compiling the CPU kernels (once, about 30 s)...", file=sys.stderr, flush=True)
     sources = [str(Path(__file__).parent / s) for s in _SOURCES]
-    return load(name=name, sources=sources, build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for runs serially without OpenMP
+    module = load(name=name, sources=sources, build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+                  extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for runs serially without OpenMP
+    for old in cache_dir().glob(f"{key}_*"):  # this environment's builds of older sources
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return module
 
 
 def kernels(quiet: bool = False) -> ModuleType | None:
