@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .kernels import isa_name
+
 
 def count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
@@ -78,9 +80,11 @@ def describe(llm) -> dict:
         "dtype": {"stored": (dict(loaded.gguf_types) if loaded.gguf_types
                              else cfg.torch_dtype),
                   "compute": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
-                  "weights_bytes_in_memory": weights_bytes},
+                  "weights_bytes_in_memory": weights_bytes,
+                  # Lantern's C++ kernels in use (avx512-vnni / avx2), or None on PyTorch's own kernels
+                  "kernels": isa_name() if any(k.startswith("Quant") for k in kinds) else None},
         "parameters": parameter_counts(readable),
-        "linear_layers": kinds,                 # what computes them: Linear, or Int4Linear / Int8Linear
+        "linear_layers": kinds,                 # what computes them: Linear, QuantLinear or Int8Linear
         "tokenizer": {
             "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token,
             "end_of_turn": sorted(tok.tokens(sorted(tok.end_token_ids))),
@@ -124,7 +128,8 @@ def render_text(llm, info: dict) -> str:
         + (f", sliding window {c['sliding_window']} on {c['sliding_layers']} layers" if c["sliding_window"] else ""),
         f"  stored {info['dtype']['stored']}, computed in {info['dtype']['compute']} on {info['dtype']['device']} "
         f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory; linear layers run as "
-        f"{', '.join(info['linear_layers'])})",
+        f"{', '.join(info['linear_layers'])}"
+        + (f", kernels {info['dtype']['kernels']}" if info['dtype'].get('kernels') else "") + ")",
         "",
         "tokenizer",
         f"  vocab {t['vocab_size']}, bos {t['bos']!r}, eos {t['eos']!r}, end of turn {t['end_of_turn']}, "
