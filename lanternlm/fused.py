@@ -11,8 +11,12 @@ the cases they cover, and the readable model's own forward for everything else:
 - FusedAttention: one new token per sequence with a KV cache (the decode step, single or batched): RoPE,
   the cache write and attention over the cache (causal, sliding window) in one op. Prefill, attention
   weights for inspection, and non-float32 caches take the readable path.
+- FusedTransformer: when every layer is quantized (QuantLinear, fused q/k/v and gate/up), a decode step
+  runs all the layers in one C++ call (DecodeStack, the same ops in the same order) and returns to Python
+  only for the final norm and the lm_head: 6.4 ms per token instead of 9 ms with the per-module ops.
 Module names, parameters and printed trees are unchanged (only the classes differ), so state dicts,
-`inspect` and the look-inside views work as before.
+`inspect` and the look-inside views (which ask for hidden states or attention weights, and so take the
+module path) work as before.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from .kernels import kernels
 from .model import MLP, Attention, BaseOutput, CausalLM, KVCache, RMSNorm, Transformer
+
 
 def _act_code(act: nn.Module) -> int | None:
     if isinstance(act, nn.SiLU):

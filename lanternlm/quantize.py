@@ -44,8 +44,8 @@ def int8_supported() -> bool:
 
 
 def quantization_available() -> bool:
-    """Either implementation can run here."""
-    return kernels(quiet=True) is not None or int8_supported()
+    """Either implementation can run here (builds Lantern's kernels on first use, saying so)."""
+    return kernels() is not None or int8_supported()
 
 
 class QuantLinear(nn.Module):
@@ -89,8 +89,7 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         m = None if self.m is None else self.m[flat]
-        rows = kernels().dequantize(self.qs[flat], self.d[flat], m, self.kind, self.embedding_dim,
-                                        torch.float32)
+        rows = kernels().dequantize(self.qs[flat], self.d[flat], m, self.kind, self.embedding_dim, torch.float32)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -183,9 +183,10 @@ template <int64_t KIND>
 inline __m512i load_block(const uint8_t* row, int64_t i) {
     if (KIND == KIND_Q8)
         return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * i)));
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i));
-    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
-    return _mm512_cvtepu8_epi16(nib);
+    // 16 bytes -> 16 int16 lanes, each holding a byte: its low nibbles are elements 0-15, high ones 16-31
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i)));
+    const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(v, 4), 1);
 }
 
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
@@ -203,13 +204,15 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
     for (int64_t g = 0; g < nb; g += 16) {
         const int left = static_cast<int>(std::min<int64_t>(16, nb - g));
         const __mmask16 lm = static_cast<__mmask16>((1u << left) - 1);
-        __m512 scale[R][NB];
+        // Each block's scale d * dx, kept in memory so every block broadcasts its own with a load (a
+        // register permute per block cost a shuffle-port operation, measured slower).
+        alignas(64) float scale[R][NB][16];
         for (int r = 0; r < R; r++) {
             const int64_t wo = (n + r) * nb + g;
             const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, dw + wo));
             for (int b = 0; b < NB; b++) {
                 const int64_t xo = (b0 + b) * xq.blocks + g;
-                scale[r][b] = _mm512_mul_ps(d16, _mm512_loadu_ps(xq.d.data() + xo));
+                _mm512_store_ps(scale[r][b], _mm512_mul_ps(d16, _mm512_loadu_ps(xq.d.data() + xo)));
                 if (KIND != KIND_Q8) {
                     const __m512 m16 = KIND == KIND_Q4_MIN ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mw + wo))
                                                            : _mm512_mul_ps(d16, _mm512_set1_ps(-8.0f));
@@ -219,7 +222,6 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
         }
         for (int j = 0; j < left; j++) {
             const int64_t i = g + j;
-            const __m512i lane = _mm512_set1_epi32(j);
             __m512i xv[NB];
             for (int b = 0; b < NB; b++)
                 xv[b] = _mm512_loadu_si512(xq.q.data() + ((b0 + b) * xq.blocks + i) * 32);
@@ -227,7 +229,7 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
                 const __m512i w = load_block<KIND>(qs + (n + r) * row_bytes, i);
                 for (int b = 0; b < NB; b++) {
                     const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xv[b]));
-                    acc[r][b] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(lane, scale[r][b]), acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[r][b][j]), acc[r][b]);
                 }
             }
         }
