@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .kernels import isa_name
+from .kernels import isa_name, why_unavailable
 
 
 def count(module: nn.Module | None) -> int:
@@ -81,8 +81,10 @@ def describe(llm) -> dict:
                              else cfg.torch_dtype),
                   "compute": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
                   "weights_bytes_in_memory": weights_bytes,
-                  # Lantern's C++ kernels in use (avx512-vnni / avx2), or None on PyTorch's own kernels
-                  "kernels": isa_name() if any(k.startswith("Quant") for k in kinds) else None},
+                  # Lantern's C++ kernels in use (avx512-vnni / avx2), or None on PyTorch's own kernels,
+                  # and why not when the quantized path runs without them
+                  "kernels": isa_name() if any(k.startswith("Quant") for k in kinds) else None,
+                  "kernels_unavailable": why_unavailable() if "Int8Linear" in kinds else None},
         "parameters": parameter_counts(readable),
         "linear_layers": kinds,                 # what computes them: Linear, QuantLinear or Int8Linear
         "tokenizer": {
@@ -129,7 +131,9 @@ def render_text(llm, info: dict) -> str:
         f"  stored {info['dtype']['stored']}, computed in {info['dtype']['compute']} on {info['dtype']['device']} "
         f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory; linear layers run as "
         f"{', '.join(info['linear_layers'])}"
-        + (f", kernels {info['dtype']['kernels']}" if info['dtype'].get('kernels') else "") + ")",
+        + (f", kernels {info['dtype']['kernels']}" if info['dtype'].get('kernels') else "")
+        + (f"; Lantern's kernels unavailable: {info['dtype']['kernels_unavailable']}"
+           if info['dtype'].get('kernels_unavailable') else "") + ")",
         "",
         "tokenizer",
         f"  vocab {t['vocab_size']}, bos {t['bos']!r}, eos {t['eos']!r}, end of turn {t['end_of_turn']}, "
