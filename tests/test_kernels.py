@@ -59,7 +59,7 @@ def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.
 
 
 @pytest.mark.parametrize("qtype,kind", [(T.Q4_0, KIND_Q4), (T.Q4_1, KIND_Q4_MIN), (T.Q8_0, KIND_Q8)])
-def test_native_block_types_repack_exactly(qtype, kind):
+def test_native_block_types_repack_exactly(isa, qtype, kind):
     raw, ref = ggml_blocks(qtype, 7, 96, seed=1)
     blocks = from_ggml(raw, qtype, (7, 96))
     assert blocks.kind == kind

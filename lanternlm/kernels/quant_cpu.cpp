@@ -266,6 +266,43 @@ void rows_all(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t
     for (; n < n1; n++) rows_block<KIND, 1>(qs, dw, mw, k, xq, m, y, n_out, n);
 }
 
+// Rows of blocks -> float32 or bfloat16 (round to nearest even), 16 values per instruction.
+void dequantize_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
+                     int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
+    const int64_t nb = k / 32;
+    const int64_t row_bytes = kind == KIND_Q8 ? k : k / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t i = 0; i < nb; i++) {
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(dw[r * nb + i]));
+            const __m512 mo = _mm512_set1_ps(kind == KIND_Q4_MIN ? _cvtsh_ss(mw[r * nb + i])
+                                             : kind == KIND_Q4 ? -8.0f * _cvtsh_ss(dw[r * nb + i]) : 0.0f);
+            __m512i half[2];  // elements 0-15 and 16-31 as int32
+            if (kind == KIND_Q8) {
+                const int8_t* q = reinterpret_cast<const int8_t*>(qs + r * row_bytes + 32 * i);
+                half[0] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+                half[1] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+            } else {
+                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + r * row_bytes + 16 * i));
+                const __m512i b = _mm512_cvtepu8_epi32(v);
+                half[0] = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
+                half[1] = _mm512_srli_epi32(b, 4);
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half[h]), d, mo);
+                const int64_t off = r * k + 32 * i + 16 * h;
+                if (out_f32) {
+                    _mm512_storeu_ps(out_f32 + off, v);
+                } else {
+                    __m512i bits = _mm512_castps_si512(v);
+                    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                    bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_bf16 + off), _mm512_cvtepi32_epi16(bits));
+                }
+            }
+        }
+    }
+}
+
 void matmul_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
                  const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0, int64_t n1) {
     if (kind == KIND_Q4_MIN) rows_all<KIND_Q4_MIN>(qs, dw, mw, k, xq, m, y, n_out, n0, n1);
@@ -360,7 +397,9 @@ torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const 
     uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     parallel_rows(qs.size(0), 16, [&](int64_t r0, int64_t r1) {
-        avx2::dequantize_rows(static_cast<const uint8_t*>(qs.data_ptr()), half_ptr(d), mw, kind, k, r0, r1, f, h);
+        const uint8_t* w = static_cast<const uint8_t*>(qs.data_ptr());
+        if (ISA == 2) avx512::dequantize_rows(w, half_ptr(d), mw, kind, k, r0, r1, f, h);
+        else avx2::dequantize_rows(w, half_ptr(d), mw, kind, k, r0, r1, f, h);
     });
 #endif
     return out;
