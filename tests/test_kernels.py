@@ -261,13 +261,24 @@ def fuse_qkv(model) -> None:
             mlp.gate_up_proj, mlp.fused = gate_up, True
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "llama-k-quants"])
 def test_decode_stack_equals_the_module_path(arch, tmp_path):
-    # The one-call C++ decoder stack against the same quantized model run module by module.
+    # The one-call C++ decoder stack against the same quantized model run module by module. "llama-k-quants"
+    # is laid out like a Q4_K_M file: Q4_K q/k next to a Q6_K v, so q, k and v stay separate products.
     from gguf_writer import write_gguf
     from lanternlm.loader.load import load
-    write_gguf(make_hf_model(arch), tmp_path / "m.gguf", T.Q8_0)
+    if arch == "llama-k-quants":
+        mix = {"q_proj": T.Q4_K, "k_proj": T.Q4_K, "v_proj": T.Q6_K, "down_proj": T.Q6_K}
+        write_gguf(make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64), tmp_path / "m.gguf",
+                   T.Q4_K, qtype_for=lambda name, shape: mix.get(name.rsplit(".", 2)[-2], T.Q4_K))
+    else:
+        write_gguf(make_hf_model(arch), tmp_path / "m.gguf", T.Q8_0)
     model = load(tmp_path / "m.gguf", quantized=True).model
+    if arch == "llama-k-quants":
+        assert not model.model.layers[0].self_attn.fused and model.model.layers[0].mlp.fused
+    # With separate q/k/v the module path runs the readable attention (PyTorch's RoPE and SDPA) instead of the
+    # fused op, so float summation order differs: measured 7e-4 on logits of magnitude ~10.
+    atol = 2e-3 if arch == "llama-k-quants" else 1e-4
     slow = copy.deepcopy(model)
     slow.model._stackable = False  # module by module
     cfg = model.config
@@ -284,14 +295,14 @@ def test_decode_stack_equals_the_module_path(arch, tmp_path):
             pos = torch.tensor([[n + step] for n in lengths])
             a = model(ids, pos, caches[0], slots=slots).logits
             b = slow(ids, pos, caches[1], slots=slots).logits
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a - b).abs().max()
+            assert torch.allclose(a, b, atol=atol, rtol=1e-5), (a - b).abs().max()
         assert model.model._stack is not None and slow.model._stack is None  # both paths really ran
         a = model(torch.tensor([[7]]), torch.tensor([[30]]), caches[0], slots=1).logits
         b = slow(torch.tensor([[7]]), torch.tensor([[30]]), caches[1], slots=1).logits
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(a, b, atol=atol, rtol=1e-5)
         for layer in range(cfg.num_hidden_layers):
-            assert torch.allclose(caches[0].k[layer], caches[1].k[layer], atol=1e-5)
-            assert torch.allclose(caches[0].v[layer], caches[1].v[layer], atol=1e-5)
+            assert torch.allclose(caches[0].k[layer], caches[1].k[layer], atol=atol / 10)
+            assert torch.allclose(caches[0].v[layer], caches[1].v[layer], atol=atol / 10)
 
 
 def test_products_from_another_thread_equal_the_main_threads():

@@ -187,8 +187,21 @@ struct QWeight {  // one QuantLinear: blocks plus an optional bias
     }
 };
 
+// One product, or several whose outputs are concatenated (q, k, v or gate, up kept apart when their blocks
+// differ in kind, as in Q4_K_M files).
+struct QWeights {
+    std::vector<QWeight> parts;
+    torch::Tensor apply(const torch::Tensor& x) const {
+        if (parts.size() == 1) return parts[0].apply(x);
+        std::vector<torch::Tensor> outs;
+        for (const auto& p : parts) outs.push_back(p.apply(x));
+        return torch::cat(outs, -1);
+    }
+};
+
 struct Layer {
-    QWeight qkv, o, gate_up, down;
+    QWeights qkv, gate_up;
+    QWeight o, down;
     torch::Tensor in_norm, post_attn_norm;
     c10::optional<torch::Tensor> q_norm, k_norm, pre_ff_norm, post_ff_norm;  // Qwen3/Gemma 3; Gemma 3 sandwich
     int64_t window;   // sliding window, 0 for full attention
@@ -202,6 +215,12 @@ QWeight qweight(const pybind11::dict& w) {
     if (!w["m"].is_none()) q.m = w["m"].cast<torch::Tensor>();
     if (!w["bias"].is_none()) q.bias = w["bias"].cast<torch::Tensor>();
     q.kind = w["kind"].cast<int64_t>();
+    return q;
+}
+
+QWeights qweights(const pybind11::list& parts) {
+    QWeights q;
+    for (const auto& part : parts) q.parts.push_back(qweight(part.cast<pybind11::dict>()));
     return q;
 }
 
@@ -224,9 +243,9 @@ public:
         for (const auto& item : layers) {
             const auto spec = item.cast<pybind11::dict>();
             Layer l;
-            l.qkv = qweight(spec["qkv"].cast<pybind11::dict>());
+            l.qkv = qweights(spec["qkv"].cast<pybind11::list>());
             l.o = qweight(spec["o"].cast<pybind11::dict>());
-            l.gate_up = qweight(spec["gate_up"].cast<pybind11::dict>());
+            l.gate_up = qweights(spec["gate_up"].cast<pybind11::list>());
             l.down = qweight(spec["down"].cast<pybind11::dict>());
             l.in_norm = spec["in_norm"].cast<torch::Tensor>();
             l.post_attn_norm = spec["post_attn_norm"].cast<torch::Tensor>();
