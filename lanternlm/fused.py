@@ -3,7 +3,7 @@
 A decode step of the readable model runs about 270 small PyTorch ops per token (norms, RoPE's slices and
 concatenations, the cache write, attention, the gated activation), and on a small model their dispatch
 costs more than the arithmetic: on the project's 2-core VM the quantized SmolLM2-135M spent ~13 ms per
-token, of which the matrix products were ~3.5 ms. `fuse_for_cpu` changes the classes of the model's norm,
+token, of which the matrix products were ~5.4 ms. `fuse_for_cpu` changes the classes of the model's norm,
 attention and MLP modules to subclasses whose forward calls Lantern's C++ ops (kernels/decode_cpu.cpp) for
 the cases they cover, and the readable model's own forward for everything else:
 - FusedRMSNorm: float32 inputs;

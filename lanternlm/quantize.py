@@ -218,7 +218,7 @@ class _Arena:
     """One buffer for every quantized weight, marked for transparent huge pages (Linux), filled in order.
 
     A decode step streams all the weights, and with 4 KiB pages each page costs a TLB miss: weights in 2 MiB
-    pages decoded ~9% faster on the project's 2-core VM (131 -> 142 tokens/s on SmolLM2). Sized up front
+    pages decoded ~8% faster on the project's 2-core VM (131 -> 142 tokens/s on SmolLM2). Sized up front
     from the file's tensor table, so each matrix is copied in once (untouched pages cost no memory)."""
 
     ALIGN = 64
