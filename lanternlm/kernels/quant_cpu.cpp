@@ -198,9 +198,12 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
                       int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t nb = k / 32;
     const int64_t row_bytes = KIND == KIND_Q8 ? k : k / 2;
-    __m512 acc[R][NB];
+    // Few rows at a time leave too few independent fmadd chains to hide their latency: then even and odd
+    // blocks accumulate apart (S = 2).
+    constexpr int S = R * NB <= 2 ? 2 : 1;
+    __m512 acc[R][NB], acc_odd[R][NB];
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+        for (int b = 0; b < NB; b++) acc[r][b] = acc_odd[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < nb; g += 16) {
         const int left = static_cast<int>(std::min<int64_t>(16, nb - g));
         const __mmask16 lm = static_cast<__mmask16>((1u << left) - 1);
@@ -229,13 +232,16 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
                 const __m512i w = load_block<KIND>(qs + (n + r) * row_bytes, i);
                 for (int b = 0; b < NB; b++) {
                     const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xv[b]));
-                    acc[r][b] = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[r][b][j]), acc[r][b]);
+                    if (S == 2 && (j & 1))
+                        acc_odd[r][b] = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[r][b][j]), acc_odd[r][b]);
+                    else
+                        acc[r][b] = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[r][b][j]), acc[r][b]);
                 }
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][b], acc_odd[r][b]));
 }
 
 // Weight rows n..n+R-1 against all m activation rows, in tiles of NB activation rows.
