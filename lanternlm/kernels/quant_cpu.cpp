@@ -429,6 +429,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             "one token per row: RoPE, cache write and attention over the cache -> (B, H*D)");
     mod.def("isa", &isa, "0: no kernels on this CPU, 1: AVX2+FMA, 2: AVX-512 VNNI");
     mod.def("set_isa", &set_isa, "use a lower instruction set than the CPU's (for tests); returns the level in use");
-    mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind)");
-    mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16");
+    // The products let other Python threads run meanwhile (the server's event loop beside the Engine's
+    // thread); they touch no Python object.
+    mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind)",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
