@@ -1,11 +1,14 @@
-// A small persistent thread pool for Lantern's kernels: parallel_rows(n, grain, fn) splits [0, n) into one
-// contiguous range per thread and runs them, the calling thread taking the first.
+// How Lantern's kernels split work across threads: parallel_rows(n, grain, fn) splits [0, n) into one
+// contiguous range per thread. On the process's first thread it uses PyTorch's OpenMP team; on any other
+// thread, a small persistent pool of its own (the calling thread takes the first range).
 //
-// Why not at::parallel_for (OpenMP): called from a thread other than the process's first one (the serving
-// Engine's), each OpenMP region woke its team from sleep, adding ~45 us per call on the project's 2-core VM
-// (a 3072x576 product: 39 us from the main thread, 86 us from another) and halving the Engine's decode
-// speed. These workers spin briefly between calls (a decode step makes hundreds of calls microseconds
-// apart), then sleep, so they cost nothing while idle. The thread count follows torch.get_num_threads().
+// Why two: called from a thread other than the first (the serving Engine's), each OpenMP region woke its
+// team from sleep, adding ~45 us per call on the project's 2-core VM (a 3072x576 product: 39 us from the
+// main thread, 86 us from another) and halving the Engine's decode speed. On the first thread, a pool of
+// its own fought PyTorch's OpenMP workers, which spin after PyTorch's own parallel ops, and halved plain
+// generation instead. The pool's workers spin briefly between calls (a decode step makes hundreds of calls
+// microseconds apart), then sleep, so they cost nothing while idle. The thread count follows
+// torch.get_num_threads().
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
