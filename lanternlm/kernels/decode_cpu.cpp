@@ -231,8 +231,8 @@ c10::optional<torch::Tensor> optional_tensor(const pybind11::dict& d, const char
 
 }  // namespace
 
-// The decoder layers of a model whose linear layers are QuantLinear (fused q/k/v and gate/up), run for one
-// new token per row without returning to Python between operations. Built once from the modules' tensors
+// The decoder layers of a model whose linear layers are all QuantLinear (q/k/v and gate/up fused or not), run
+// for one new token per row without returning to Python between operations. Built once from the modules' tensors
 // (shared, not copied); `forward` takes the hidden states after the embedding and returns them after the
 // last layer (before the final norm). Mirrors DecoderLayer/Attention/MLP in model.py op for op.
 class DecodeStack {
