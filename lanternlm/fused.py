@@ -63,22 +63,27 @@ class FusedAttention(Attention):
             [self.n_heads, self.n_kv, self.n_kv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rows = slots if isinstance(slots, torch.Tensor) else self._rows(slots or 0, B)
         out = kernels().decode_attention(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                                             rows, positions.reshape(B), self.scale, self.window)
+                                         _slot_rows(self._row_tensors, slots, B), positions.reshape(B),
+                                         self.scale, self.window)
         return self.o_proj(out.view(B, 1, -1)), None
 
-    def _rows(self, start: int, count: int) -> torch.Tensor:
-        """Cache rows start..start+count-1 as a tensor, made once per (start, count) (the same every step)."""
-        key = (start, count)
-        if key not in self._row_tensors:
-            self._row_tensors[key] = torch.arange(start, start + count)
-        return self._row_tensors[key]
+
+def _slot_rows(table: dict[tuple[int, int], torch.Tensor], slots: int | torch.Tensor | None,
+               count: int) -> torch.Tensor:
+    """The cache rows of `slots` (see KVCache.update) as a (count,) tensor; a contiguous run start..start+count-1
+    is made once and kept in `table` (the same every step)."""
+    if isinstance(slots, torch.Tensor):
+        return slots
+    key = (slots or 0, count)
+    if key not in table:
+        table[key] = torch.arange(key[0], key[0] + count)
+    return table[key]
 
 
 class FusedTransformer(Transformer):
-    """Runs a whole decode step's layers in one C++ call (the DecodeStack built by fuse_for_cpu): one new token
-    per sequence, with a float32 cache, and no hidden states or attention weights asked for. Everything else,
+    """Runs a whole decode step's layers in one C++ call (a DecodeStack, built on the first decode step): one
+    new token per sequence, with a float32 cache, and no hidden states or attention weights asked for. Everything else,
     and models the stack cannot take (non-quantized linear layers), runs the module path."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -99,7 +104,7 @@ class FusedTransformer(Transformer):
             c, s = self.rotary[kind](positions, h.dtype)  # (B, 1, rot)
             cos.append(c[:, 0])
             sin.append(s[:, 0])
-        rows = slots if isinstance(slots, torch.Tensor) else self.layers[0].self_attn._rows(slots or 0, B)
+        rows = _slot_rows(self._row_tensors, slots, B)
         h = self._stack.forward(h, cos, sin, cache.k, cache.v, rows, positions.reshape(B))
         return BaseOutput(self.norm(h[:, None]), None, None)
 
@@ -166,5 +171,6 @@ def fuse_for_cpu(model: CausalLM) -> CausalLM:
     transformer = model.model
     transformer.__class__ = FusedTransformer
     transformer._rope_kinds = sorted(set(cfg.layer_types))
+    transformer._row_tensors = row_tensors
     transformer._stack, transformer._stackable = None, True  # built on the first decode step
     return model

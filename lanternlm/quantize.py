@@ -48,16 +48,27 @@ def quantization_available() -> bool:
     return kernels() is not None or int8_supported()
 
 
-class QuantLinear(nn.Module):
-    """y = x @ W.T (+ b) with W kept in 32-element blocks and multiplied by Lantern's CPU kernel."""
+class _BlocksModule(nn.Module):
+    """Holds one matrix's blocks as buffers (qs, d, m) and its kind; `weight_blocks()` gives them back."""
 
-    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+    def __init__(self, blocks: Blocks):
         super().__init__()
-        self.out_features, self.in_features = blocks.shape
         self.kind = blocks.kind
+        self.shape = blocks.shape
         self.register_buffer("qs", blocks.qs)
         self.register_buffer("d", blocks.d)
         self.register_buffer("m", blocks.m)
+
+    def weight_blocks(self) -> Blocks:
+        return Blocks(self.qs, self.d, self.m, self.kind, self.shape)
+
+
+class QuantLinear(_BlocksModule):
+    """y = x @ W.T (+ b) with W kept in 32-element blocks and multiplied by Lantern's CPU kernel."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+        super().__init__(blocks)
+        self.out_features, self.in_features = blocks.shape
         self.register_buffer("bias", None if bias is None else bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,23 +79,16 @@ class QuantLinear(nn.Module):
             y = (x.to(torch.bfloat16) @ w.t()).float()
         return y if self.bias is None else y + self.bias
 
-    def weight_blocks(self) -> Blocks:
-        return Blocks(self.qs, self.d, self.m, self.kind, (self.out_features, self.in_features))
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {KIND_NAMES[self.kind]}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_BlocksModule):
     """Embedding lookup from 32-element blocks: only the looked-up rows are dequantized (to float32)."""
 
     def __init__(self, blocks: Blocks):
-        super().__init__()
+        super().__init__(blocks)
         self.num_embeddings, self.embedding_dim = blocks.shape
-        self.kind = blocks.kind
-        self.register_buffer("qs", blocks.qs)
-        self.register_buffer("d", blocks.d)
-        self.register_buffer("m", blocks.m)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -168,10 +172,11 @@ def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
 
 
 @torch.inference_mode()
-def quantize_from_gguf(model: CausalLM, gguf: GGUFFile) -> CausalLM:
+def quantize_from_gguf(model: CausalLM, gguf: GGUFFile, use_kernels: bool | None = None) -> CausalLM:
     """Replace the model's linear layers (and, with the kernels, its embedding) with quantized modules built
-    from `gguf`'s tensors, in place."""
-    use_kernels = uses_kernels(gguf)
+    from `gguf`'s tensors, in place. `use_kernels` defaults to `uses_kernels(gguf)`."""
+    if use_kernels is None:
+        use_kernels = uses_kernels(gguf)
     if not use_kernels and not int8_supported():
         raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
                            "this PyTorch build has no CPU int8-weight kernel")

@@ -1,10 +1,11 @@
-"""Builds, caches and loads Lantern's C++ CPU kernels (quant_cpu.cpp), or says why they are unavailable.
+"""Builds, caches and loads Lantern's C++ CPU kernels (quant_cpu.cpp, decode_cpu.cpp, pool.cpp), or says why
+they are unavailable.
 
-The extension is compiled once per (source, PyTorch installation, Python version) with torch's cpp_extension into
-`$XDG_CACHE_HOME/lantern/kernels/<hash>/` (~/.cache/lantern/kernels) and loaded from there afterwards. It is
-deliberately not under $LANTERN_HOME, the model store: a build belongs to this machine and Python, not to a
-set of models, and a fresh store must not mean another half-minute compile. The hash is of the sources, so an edited
-kernel rebuilds and an old build is never loaded by mistake. Without a C++ compiler, on a non-x86 CPU or on
+The extension is compiled once per (sources, PyTorch installation, Python version) with torch's cpp_extension
+into `$XDG_CACHE_HOME/lantern/kernels/lantern_quant_<environment>_<sources>/` (~/.cache/lantern/kernels) and
+loaded from there afterwards. It is deliberately not under $LANTERN_HOME, the model store: a build belongs to
+this machine and Python, not to a set of models, and a fresh store must not mean another half-minute compile.
+The name hashes the sources, so an edited kernel rebuilds and an old build is never loaded by mistake. Without a C++ compiler, on a non-x86 CPU or on
 one without AVX2/FMA, `kernels()` returns None and the callers keep PyTorch's own kernels; `why_unavailable()`
 says which of these happened.
 """

@@ -26,9 +26,9 @@ from ..quantize import quantization_available, quantize_from_gguf, uses_kernels
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
 # own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the
 # generation defaults of a GGUF model; a request's explicit values still win.
-EMBEDDING = "model.embed_tokens.weight"
-
 GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+EMBEDDING = "model.embed_tokens.weight"  # quantized too (from the blocks) when Lantern's kernels run
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,7 +72,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: st
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantized: bool | None = None) -> LoadedModel:
     """Open a model. `quantized` (GGUF only): keep the weights quantized and compute from them (default on
-    CPU when PyTorch has its int8-weight kernel); False dequantizes everything, the reference path."""
+    CPU when Lantern's kernels or PyTorch's int8-weight kernel can run); False dequantizes everything, the
+    reference path."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelFileError(path, "no such file or folder")
@@ -119,16 +120,17 @@ def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> Load
         tokenizer = tokenizer.with_end_ids(set(config.eos_token_id))
         compute = pick_dtype(dtype, device, "float16")
         deferred = frozenset()
+        use_kernels = quantized and uses_kernels(gguf)
         if quantized:  # left for the quantize transform to build from the blocks
-            deferred = _linear_weights(config) | ({EMBEDDING} if uses_kernels(gguf) else frozenset())
+            deferred = _linear_weights(config) | ({EMBEDDING} if use_kernels else frozenset())
         tensors = gguf_tensors(gguf, config, compute, device, skip=deferred)
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
         model = build_model(config, tensors, path, device, deferred=deferred)
         if quantized:
-            quantize_from_gguf(model, gguf)
-            if uses_kernels(gguf):
+            quantize_from_gguf(model, gguf, use_kernels)
+            if use_kernels:
                 fuse_for_cpu(model)
     return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
                        dict(GGUF_GENERATION_DEFAULTS), [path], types,
