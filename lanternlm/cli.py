@@ -70,6 +70,9 @@ def add_model(p):
                    help=f"catalogue name, HF folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: auto)")
+    p.add_argument("--exact", action="store_true",
+                   help="GGUF: compute from weights dequantized to --dtype (the reference path) instead of "
+                        "from the quantized blocks")
 
 
 def add_sampling(p):
@@ -140,6 +143,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence (default: the model's, at most 4096; sets KV cache memory)")
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: from -m)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (by default it needs the key when one is set)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="stop a request after this many seconds (408); default: no limit")
+    p.add_argument("--shutdown-timeout", type=float, default=30,
+                   help="on SIGTERM, seconds in-flight requests may take to finish (default: 30)")
     p.add_argument("--log-level", default="warning")
 
     p = command("inspect", "show the module tree, parameter counts, config, tokenizer and files")
@@ -168,7 +177,7 @@ def open_model(args):
     except NotPulledError:  # a catalogue model not fetched yet: fetch it first, as `ollama run` does
         print(f"{name} is not on this machine yet: pulling it", file=sys.stderr)
         pull(name)
-    return LLM(name, dtype=args.dtype, device=args.device)
+    return LLM(name, dtype=args.dtype, device=args.device, quantized=False if args.exact else None)
 
 
 def sampling_from(args):
@@ -362,7 +371,7 @@ def cmd_serve(args) -> int:
 
     from .server.app import ServerConfig, create_app
 
-    for name in ("port", "max_batch", "max_queue", "context"):
+    for name in ("port", "max_batch", "max_queue", "context", "request_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise LanternError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -373,14 +382,18 @@ def cmd_serve(args) -> int:
         served = llm.path.stem if llm.path.is_file() else llm.path.name
     config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
                           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                          context=context)
+                          context=context, public_metrics=args.public_metrics,
+                          request_timeout=args.request_timeout)
     app = create_app(llm, config)
     print(f"serving {served} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context})",
           file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
     # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    if args.shutdown_timeout < 0:
+        raise LanternError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
 
 

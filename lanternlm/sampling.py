@@ -399,3 +399,19 @@ __all__ = [
     "sample_batch", "apply_logit_bias", "apply_repetition_penalty", "apply_frequency_presence_penalty",
     "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "keep_argmax",
 ]
+
+
+def token_logprobs(logits: torch.Tensor, targets: Sequence[int],
+                   top: int) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    """Log-probabilities under the model's own distribution (before any sampling stage, as OpenAI and vLLM
+    report them): for each row of `logits` (T, V), the target token's logprob, its rank (1 = most likely), and
+    the `top` most likely tokens with their logprobs, best first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+    chosen = logp.gather(1, torch.tensor(list(targets), device=logp.device)[:, None])  # (T, 1)
+    ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+    chosen = chosen[:, 0].tolist()
+    if top <= 0:
+        return [(lp, rank, []) for lp, rank in zip(chosen, ranks)]
+    best = logp.topk(top, dim=-1)
+    return [(lp, rank, list(zip(ids, values)))
+            for lp, rank, ids, values in zip(chosen, ranks, best.indices.tolist(), best.values.tolist())]

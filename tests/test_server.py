@@ -6,67 +6,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
+from serving import KEY, MSG, Server
 from tiny_models import make_hf_model
-
-KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: str, *extra: str, name: str = "tiny"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lanternlm", "serve", "-m", model, "--port", str(self.port),
-             "--served-model-name", name, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
-
-    def client(self, key: str | None = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and not line.startswith("#"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return -9
-        return self.proc.returncode
-
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
@@ -83,9 +30,6 @@ def server(tiny_folder):
     s = Server(str(tiny_folder), "--api-key", KEY, "--max-batch", "8")
     yield s
     assert s.stop() == 0  # SIGTERM: graceful shutdown, exit 0
-
-
-MSG = [{"role": "user", "content": "Hello world! The quick brown fox"}]
 
 
 def test_chat_completion_shape(server):
@@ -203,6 +147,21 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x" * 2000}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    # The OpenAI spec's own bounds.
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "seed": 2**63}, 400, "seed"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "seed": -2**63 - 1}, 400, "seed"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "top_logprobs": 21, "logprobs": True}, 400,
+     "top_logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": False,
+                         "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"model": "tiny", "prompt": [[1, 2], [999999]]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["hi", "x" * 2000]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["hi"] * 20, "n": 4}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "prompt_logprobs": 21}, 400, "prompt_logprobs"),
 ]
 
 

@@ -25,11 +25,13 @@ from ..errors import LanternError
 from ..explain import trace_step
 from ..generate import OutputStream, plan_lengths
 from ..model import CausalLM, KVCache
-from ..sampling import SamplingParams, make_generator, process_logits, sample
+from ..sampling import SamplingParams, make_generator, process_logits, sample, token_logprobs
 from ..tokenizer import Tokenizer
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")
+
+SCORING_CHUNK = 128  # prefill chunk for requests that want every prompt position's logprobs
 
 
 class QueueFullError(LanternError):
@@ -49,6 +51,7 @@ class EngineStats:
     requests_aborted: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    steps_total: int = 0                # engine steps taken (each: one prefill chunk and/or one batched decode)
 
 
 class Engine:
@@ -78,14 +81,17 @@ class Engine:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
-               request_id: str | None = None, logprobs: int | None = None, trace_top_k: int | None = None) -> str:
-        """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once."""
+               request_id: str | None = None, logprobs: int | None = None, trace_top_k: int | None = None,
+               prompt_logprobs: int | None = None) -> str:
+        """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once.
+        `logprobs` / `prompt_logprobs`: report the generated / prompt tokens' logprobs with this many
+        alternatives each."""
         max_new = plan_lengths(len(prompt_ids), params, self.context)
         if self.dead:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
                        OutputStream(self.tokenizer, params, prompt_ids, max_new), make_generator(params.seed),
-                       on_event, logprobs=logprobs, trace_top_k=trace_top_k)
+                       on_event, logprobs=logprobs, trace_top_k=trace_top_k, prompt_logprobs=prompt_logprobs)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -138,6 +144,9 @@ class Engine:
         """One engine step: aborts, admission, one prefill chunk, one batched decode."""
         self._apply_aborts()
         self._admit()
+        if not self.running:  # everything was aborted: no forward at all
+            return
+        self.stats.steps_total += 1
         prefill = next((s for s in self.running if s.prefilling), None)
         if prefill is not None:
             self._prefill_chunk(prefill)
@@ -166,14 +175,23 @@ class Engine:
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         start = seq.computed
-        chunk = seq.prompt_ids[start:start + self.prefill_chunk]
+        scoring = seq.prompt_logprobs is not None  # every position's logits are needed, not only the last
+        # Scoring keeps (chunk, vocab) float32 logits: a smaller chunk bounds that (128 x 262k x 4 B = 134 MB).
+        chunk = seq.prompt_ids[start:start + (min(self.prefill_chunk, SCORING_CHUNK) if scoring else
+                                              self.prefill_chunk)]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(ids, positions, self.cache, slots=seq.slot, logits_to_keep=1).logits[0, -1]
+        logits = self.model(ids, positions, self.cache, slots=seq.slot, logits_to_keep=0 if scoring else 1).logits[0]
+        if scoring:
+            if start == 0:
+                seq.prompt_lp.append(None)  # nothing predicts the first token
+            # Row j predicts prompt token start + j + 1; the chunk's last row predicts the next chunk's first.
+            targets = seq.prompt_ids[start + 1:start + 1 + len(chunk)]
+            seq.prompt_lp.extend(token_logprobs(logits[:len(targets)], targets, seq.prompt_logprobs))
         seq.computed += len(chunk)
         self.stats.prompt_tokens_total += len(chunk)
         if not seq.prefilling:  # the prompt is in: its last logits give the first token
-            self._sample_and_emit(seq, logits)
+            self._sample_and_emit(seq, logits[-1])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         # Running sequences are packed, so a contiguous run of slots is a view of the cache.
@@ -207,11 +225,9 @@ class Engine:
         self.stats.generation_tokens_total += 1
         event = Event(seq.request_id, step, trace=trace)
         if seq.logprobs is not None:  # of the model's own distribution, before sampling transforms (as vLLM)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            event.logprob = float(logp[token])
-            if seq.logprobs:
-                top = logp.topk(seq.logprobs)
-                event.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+            [(event.logprob, _, event.top_logprobs)] = token_logprobs(logits[None], [token], seq.logprobs)
+        if seq.prompt_logprobs is not None and len(seq.stream.output_ids) == 1:
+            event.prompt_logprobs = seq.prompt_lp
         self._emit(seq, event)
 
     def _emit(self, seq: Sequence, event: Event) -> None:

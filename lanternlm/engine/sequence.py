@@ -24,6 +24,9 @@ class Event:
     logprob: float | None = None       # log-probability of step.token_id under the model, when asked for
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
     trace: dict | None = None          # explain.trace_step's record of how the token was chosen, when asked for
+    # On a request's first event, when asked for: per prompt token, None for the first (nothing predicts it),
+    # then (logprob, rank, [(id, logprob), ...]) of that token given the ones before it.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Sequence:
     aborted: bool = False
     logprobs: int | None = None          # report the chosen token's logprob and this many alternatives
     trace_top_k: int | None = None       # report a sampling trace with this many candidates per stage
+    prompt_logprobs: int | None = None   # report each prompt token's logprob and this many alternatives
+    prompt_lp: list = field(default_factory=list)  # what has been computed of them so far
 
     @staticmethod
     def new_id() -> str:

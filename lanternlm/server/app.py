@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,22 +21,28 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..chat import validate_messages
 from ..engine import Engine, EngineDeadError, Event, QueueFullError
-from ..errors import LanternError, TemplateError
+from ..errors import LanternError
 from ..generate import ContextLengthError
 from ..sampling import SamplingParams
+from .errors import APIError, install_error_handlers
+from .guard import Guard
 from .protocol import (AttentionRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LensRequest,
                        TokenizeRequest, error_body, new_id, now)
 
 log = logging.getLogger("lanternlm.server")
 
 
-class APIError(Exception):
-    """An error to answer in OpenAI's shape with this status."""
+class ClientGone(APIError):
+    """The client closed the connection; nothing will read an answer (499, as nginx logs it)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+    def __init__(self):
+        super().__init__(499, "the client closed the request")
+
+
+class RequestTimeout(APIError):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request took longer than the server's limit of {seconds:g} s "
+                              "(lantern serve --request-timeout)", "timeout_error", code="request_timeout")
 
 
 @dataclass
@@ -50,6 +55,8 @@ class ServerConfig:
     context: int = 2048
     max_body_bytes: int = 4 * 1024 * 1024
     prefill_chunk: int = 512
+    public_metrics: bool = False             # /metrics without the API key (it is behind the key otherwise)
+    request_timeout: float | None = None     # seconds a request may take before it is stopped (408)
 
 
 class Metrics:
@@ -65,6 +72,9 @@ class Metrics:
         self.aborted = Counter("lantern_requests_aborted", "Requests aborted (client gone, shutdown)", registry=r)
         self.queue_depth = Gauge("lantern_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("lantern_running_sequences", "Sequences in the running batch", registry=r)
+        self.steps = Counter("lantern_engine_steps", "Engine steps taken (a prefill chunk and/or a batched decode)",
+                             registry=r)
+        self.timeouts = Counter("lantern_requests_timed_out", "Requests stopped by --request-timeout", registry=r)
         self.ttft = Histogram("lantern_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("lantern_inter_token_latency_seconds", "Time between tokens of a stream", registry=r,
@@ -81,6 +91,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     traces: list[dict] = field(default_factory=list)
+    prompt_logprobs: list | None = None   # the engine's, when asked for (see Event.prompt_logprobs)
     finish_reason: str | None = None
 
 
@@ -100,45 +111,11 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Lantern", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API for a local model, served by Lantern.")
 
-    # ------------------------------------------------------------------ errors
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"unsupported field {param!r}: Lantern does not implement it"
-        elif first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
-        else:
-            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return JSONResponse(error_body(f"request body larger than {config.max_body_bytes} bytes"),
-                                status_code=413)
-        if config.api_key and (request.url.path.startswith("/v1/") or request.url.path in ("/tokenize",
-                                                                                            "/detokenize")):
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                metrics.requests.labels(request.url.path, "401").inc()
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                               code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    install_error_handlers(app)
+    route_paths: set[str] = set()  # filled once the routes below exist
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       public_metrics=config.public_metrics, routes=lambda: route_paths,
+                       count=lambda route, status: metrics.requests.labels(route, str(status)).inc())
 
     # ------------------------------------------------------------------ helpers
 
@@ -154,7 +131,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {config.served_name!r}",
                            param="model", code="model_not_found")
 
-    def params_for(req, max_tokens: int | None, seed_offset: int, logprobs_wanted: bool) -> SamplingParams:
+    def params_for(req, max_tokens: int | None, seed_offset: int) -> SamplingParams:
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         if any(not 0 <= k < llm.config.vocab_size for k in bias):
             raise APIError(400, "logit_bias has a token id outside the vocabulary", param="logit_bias")
@@ -169,58 +146,100 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             raise APIError(400, str(e)) from None
         return params.with_defaults(llm.generation_config)
 
-    async def run_choices(request: Request, ids: list[int], req, max_tokens: int | None,
-                          logprobs: int | None) -> tuple[asyncio.Queue, list[str]]:
-        """Submit the request's n choices; events arrive on one queue as (choice index, Event)."""
+    def check_request(req) -> None:
+        """Checks that span several fields (pydantic checks each field alone)."""
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+    async def run_choices(prompts: list[list[int]], req, max_tokens: int | None, logprobs: int | None,
+                          prompt_logprobs: int | None, param: str) -> tuple[asyncio.Queue, list[str]]:
+        """Submit n choices for each prompt; events arrive on one queue as (choice index, Event), choice
+        index = prompt index * n + j, as OpenAI numbers a batch's choices."""
         eng = engine()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         request_ids: list[str] = []
-        all_params = [params_for(req, max_tokens, i, logprobs is not None) for i in range(req.n)]
+        if len(prompts) * req.n > config.max_queue:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} is more than this server queues at once "
+                                f"({config.max_queue})", param=param)
+        all_params = [params_for(req, max_tokens, j) for j in range(req.n)]
+        trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
         try:
-            for i, params in enumerate(all_params):
+            for p, ids in enumerate(prompts):
+                for j, params in enumerate(all_params):
 
-                def deliver(event: Event, i=i):
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                    def deliver(event: Event, i=p * req.n + j):
+                        loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
-                trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
-                request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace))
+                    request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace,
+                                                  prompt_logprobs=prompt_logprobs))
         except ContextLengthError as e:
-            raise APIError(400, str(e), param="messages" if hasattr(req, "messages") else "prompt",
-                           code="context_length_exceeded") from None
+            abort_all(request_ids, count=False)
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except QueueFullError as e:
-            for rid in request_ids:
-                eng.abort(rid)
+            abort_all(request_ids, count=False)
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) \
                 from None
         except EngineDeadError as e:
+            abort_all(request_ids, count=False)
             raise APIError(503, str(e), "server_error", code="engine_dead") from None
         except LanternError as e:
-            abort_all(request_ids)
-            raise APIError(400, str(e)) from None
-        metrics.prompt_tokens.inc(len(ids) * req.n)
+            abort_all(request_ids, count=False)
+            raise APIError(400, str(e), param=param) from None
+        metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts) * req.n)
         return queue, request_ids
 
-    async def collect(request: Request, queue: asyncio.Queue, n: int, request_ids: list[str]) -> list[Choice]:
-        """Wait for every choice to finish; abort them all if the client goes away."""
-        choices = [Choice(i) for i in range(n)]
-        done = 0
+    async def until_disconnect(request: Request) -> None:
+        """Return when the client has gone. The body is read by now, so `receive` has nothing else to say."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    class Events:
+        """The events of one request's choices, ended early by a client that leaves or by the deadline; the
+        choices' sequences are aborted whenever the events end before every choice finished."""
+
+        def __init__(self, request: Request, queue: asyncio.Queue, total: int, request_ids: list[str]):
+            self.queue, self.total, self.request_ids = queue, total, request_ids
+            self.gone = asyncio.ensure_future(until_disconnect(request))
+            self.deadline = None if config.request_timeout is None else \
+                asyncio.get_running_loop().time() + config.request_timeout
+            self.finished = 0
+
+        async def next(self) -> tuple[int, Event]:
+            get = asyncio.ensure_future(self.queue.get())
+            timeout = None if self.deadline is None else max(0.0, self.deadline - asyncio.get_running_loop().time())
+            done, _ = await asyncio.wait({get, self.gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                if self.gone in done:
+                    raise ClientGone()
+                metrics.timeouts.inc()
+                raise RequestTimeout(config.request_timeout)
+            i, event = get.result()
+            if event.step is not None and event.step.finish_reason:
+                self.finished += 1
+            return i, event
+
+        @property
+        def done(self) -> bool:
+            return self.finished >= self.total
+
+        def close(self) -> None:
+            self.gone.cancel()
+            if not self.done:
+                abort_all(self.request_ids)
+
+    async def collect(events: Events) -> list[Choice]:
+        """Wait for every choice to finish (non-streamed answers)."""
+        choices = [Choice(i) for i in range(events.total)]
         try:
-            while done < n:
-                try:
-                    i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError
-                    continue
+            while not events.done:
+                i, event = await events.next()
                 if event.error:
                     raise APIError(500, f"generation failed: {event.error}", "server_error")
                 absorb(choices[i], event)
-                if event.step.finish_reason:
-                    done += 1
-        except BaseException:
-            abort_all(request_ids)
-            raise
+        finally:
+            events.close()
         return choices
 
     def absorb(choice: Choice, event: Event) -> None:
@@ -229,18 +248,21 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         choice.token_ids.append(step.token_id)
         if event.logprob is not None:
             choice.logprobs.append((step.token_id, event.logprob, event.top_logprobs or []))
+        if event.prompt_logprobs is not None:
+            choice.prompt_logprobs = event.prompt_logprobs
         if event.trace is not None:
             choice.traces.append(event.trace)
         metrics.generation_tokens.inc()
         if step.finish_reason:
             choice.finish_reason = step.finish_reason
 
-    def abort_all(request_ids: list[str]) -> None:
+    def abort_all(request_ids: list[str], count: bool = True) -> None:
         eng = state.get("engine")
         if eng is not None:
             for rid in request_ids:
                 eng.abort(rid)
-            metrics.aborted.inc(len(request_ids))
+            if count:
+                metrics.aborted.inc(len(request_ids))
 
     def token_text(token_id: int) -> str:
         return llm.tokenizer.decode([token_id])
@@ -253,6 +275,8 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                             for tid, lp, top in entries], "refusal": None}
 
     def completion_logprobs(entries, offset: int) -> dict:
+        """OpenAI's legacy shape: parallel lists. `entries`: (token id, logprob or None, alternatives or None);
+        None marks the prompt's first token, which nothing predicts (OpenAI and vLLM report null there)."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for tid, lp, top in entries:
             text = token_text(tid)
@@ -260,8 +284,27 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             offset += len(text)
             tokens.append(text)
             token_lps.append(lp)
-            tops.append({token_text(t): l for t, l in top})
+            tops.append(None if top is None else {token_text(t): l for t, l in top})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def prompt_entries(ids: list[int], scored: list) -> list[tuple[int, float | None, list | None]]:
+        """The engine's prompt logprobs as completion_logprobs entries."""
+        return [(tid, None, None) if s is None else (tid, s[0], s[2]) for tid, s in zip(ids, scored)]
+
+    def vllm_prompt_logprobs(ids: list[int], scored: list) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token, null for the first, else {token id: {logprob, rank,
+        decoded_token}} for the token itself and its top alternatives."""
+        out = []
+        for tid, s in zip(ids, scored):
+            if s is None:
+                out.append(None)
+                continue
+            lp, rank, top = s
+            entry = {str(t): {"logprob": l, "rank": r + 1, "decoded_token": token_text(t)}
+                     for r, (t, l) in enumerate(top)}
+            entry[str(tid)] = {"logprob": lp, "rank": rank, "decoded_token": token_text(tid)}
+            out.append(entry)
+        return out
 
     def lantern_extra(req, traces: list) -> dict:
         """The `lantern` extension on a choice: present only when the request asked for a trace."""
@@ -275,34 +318,37 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def stream(chunk: dict, req, prompt_tokens: int, queue: asyncio.Queue, request_ids: list[str],
-                     opening: list[dict], render) -> AsyncIterator[str]:
+    async def stream(chunk: dict, req, prompt_tokens: int, events: Events, opening: list[dict],
+                     render) -> AsyncIterator[str]:
         """The SSE body of both endpoints: the opening choices, then the choices `render(i, event)` makes of
         each event, a usage chunk when asked for, and [DONE]. If the stream ends early (the client went away,
-        an engine error) its sequences are aborted at once."""
+        the deadline, an engine error) its sequences are aborted at once."""
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
-        completion_tokens, done = 0, 0
+        completion_tokens = 0
         try:
             for choice in opening:
                 yield sse({**chunk, "choices": [choice], **extra})
-            while done < req.n:
-                i, event = await queue.get()
+            while not events.done:
+                try:
+                    i, event = await events.next()
+                except ClientGone:
+                    return
+                except APIError as e:  # the deadline: say so in the stream, as the status is long sent
+                    yield sse(e.body)
+                    return
                 if event.error:
                     yield sse(error_body(f"generation failed: {event.error}", "server_error"))
-                    break
+                    return
                 completion_tokens += 1
                 metrics.generation_tokens.inc()
                 for choice in render(i, event):
                     yield sse({**chunk, "choices": [choice], **extra})
-                if event.step.finish_reason:
-                    done += 1
             if include_usage:
                 yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
         finally:
-            if done < req.n:
-                abort_all(request_ids)
+            events.close()
 
     def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(body, media_type="text/event-stream",
@@ -328,12 +374,25 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
+        """Prometheus metrics; behind the API key unless the server runs with --public-metrics."""
         eng = state.get("engine")
         if eng is not None:
             snap = eng.snapshot()
             metrics.queue_depth.set(snap.waiting)
             metrics.running.set(snap.running)
+            metrics.steps.inc(snap.steps_total - state.get("steps_seen", 0))  # the engine counts, we mirror
+            state["steps_seen"] = snap.steps_total
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer's facts (vLLM's route of the same name, which lm-eval's remote tokenizer reads)."""
+        tok = llm.tokenizer
+        return {"tokenizer_class": "lantern", "model_max_length": config.context, "vocab_size": tok.vocab_size,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": None if tok.pad_token_id is None else token_text(tok.pad_token_id),
+                "add_bos_token": tok.add_bos_token, "end_token_ids": sorted(tok.end_token_ids),
+                "chat_template": llm.loaded.chat_template}
 
     @app.get("/v1/models")
     async def models():
@@ -410,32 +469,34 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
+        check_request(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         try:
             messages = validate_messages([_message_dict(m) for m in req.messages])
             ids = llm.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
-        except TemplateError as e:
-            raise APIError(400, str(e), param="messages") from None
         except LanternError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        queue, rids = await run_choices(request, ids, req, max_tokens, logprobs)
+        queue, rids = await run_choices([ids], req, max_tokens, logprobs, req.prompt_logprobs, "messages")
+        events = Events(request, queue, req.n, rids)
         cid, created = new_id("chatcmpl"), now()
         base = {"id": cid, "created": created, "model": config.served_name}
         if not req.stream:
-            choices = await collect(request, queue, req.n, rids)
+            choices = await collect(events)
+            extra = {} if req.prompt_logprobs is None else {
+                "prompt_logprobs": vllm_prompt_logprobs(ids, choices[0].prompt_logprobs)}
             return {**base, "object": "chat.completion", "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
                  "logprobs": chat_logprobs(c.logprobs) if req.logprobs else None,
                  "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
-                "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
+                "usage": usage(len(ids), sum(len(c.token_ids) for c in choices)), **extra}
 
         def render(i: int, event: Event) -> list[dict]:
             step, out = event.step, []
             lp = chat_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])]) if req.logprobs else None
-            if step.text or lp or event.trace:
+            if step.text or lp or event.trace or event.prompt_logprobs is not None:
                 out.append({"index": i, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": None,
                             **lantern_extra(req, [event.trace])})
             if step.finish_reason:  # its own chunk, as OpenAI sends it
@@ -444,54 +505,89 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(req.n)]
-        return sse_response(stream({**base, "object": "chat.completion.chunk"}, req, len(ids), queue, rids,
-                                   opening, render))
+        chunk = {**base, "object": "chat.completion.chunk"}
+        if req.prompt_logprobs is None:
+            return sse_response(stream(chunk, req, len(ids), events, opening, render))
+
+        def render_with_prompt(i: int, event: Event) -> list[dict]:
+            # The prompt's logprobs come with the first event (after prefill): they ride on its first chunk.
+            out = render(i, event)
+            if event.prompt_logprobs is not None and out:
+                out[0] = {**out[0], "prompt_logprobs": vllm_prompt_logprobs(ids, event.prompt_logprobs)}
+            return out
+        return sse_response(stream(chunk, req, len(ids), events, opening, render_with_prompt))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
+        check_request(req)
         prompts = _prompts(req.prompt)
-        if len(prompts) != 1:
-            raise APIError(400, "batched prompts are not supported yet: send one prompt per request",
-                           param="prompt")
-        prompt = prompts[0]
         try:
-            ids = llm.encode(prompt)
+            encoded = [llm.encode(p) for p in prompts]
         except LanternError as e:
             raise APIError(400, str(e), param="prompt") from None
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported yet",
-                           param="echo")
-        echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else ""
-        queue, rids = await run_choices(request, ids, req, req.max_tokens, req.logprobs)
+        # echo + logprobs: the prompt's own tokens get logprobs too (how evaluation harnesses score text).
+        scoring = req.echo and req.logprobs is not None
+        prompt_logprobs = req.logprobs if scoring else req.prompt_logprobs
+        queue, rids = await run_choices(encoded, req, req.max_tokens, req.logprobs, prompt_logprobs, "prompt")
+        total = len(prompts) * req.n
+        events = Events(request, queue, total, rids)
+
+        def prompt_of(i: int) -> int:
+            return i // req.n
+
+        echo_texts = [(p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else ""
+                      for p, ids in zip(prompts, encoded)]
         cid, created = new_id("cmpl"), now()
         base = {"id": cid, "created": created, "model": config.served_name}
-        if not req.stream:
-            choices = await collect(request, queue, req.n, rids)
-            return {**base, "object": "text_completion", "choices": [
-                {"index": c.index, "text": echo_text + "".join(c.text),
-                 "logprobs": completion_logprobs(c.logprobs, len(echo_text)) if req.logprobs is not None else None,
-                 "finish_reason": c.finish_reason, **lantern_extra(req, c.traces)} for c in choices],
-                "usage": usage(len(ids), sum(len(c.token_ids) for c in choices))}
+        prompt_tokens = sum(len(ids) for ids in encoded)
 
-        offsets = [len(echo_text)] * req.n  # text_offset of each choice's next token
+        def echo_logprobs(i: int, scored: list) -> dict:
+            ids = encoded[prompt_of(i)]
+            return completion_logprobs(prompt_entries(ids, scored), 0)
+
+        if not req.stream:
+            choices = await collect(events)
+            out = []
+            for c in choices:
+                p = prompt_of(c.index)
+                lp = None
+                if req.logprobs is not None:
+                    if scoring:
+                        head = prompt_entries(encoded[p], c.prompt_logprobs)
+                        lp = completion_logprobs(head + c.logprobs, 0)
+                    else:
+                        lp = completion_logprobs(c.logprobs, len(echo_texts[p]))
+                extra = {} if req.prompt_logprobs is None or scoring else {
+                    "prompt_logprobs": vllm_prompt_logprobs(encoded[p], c.prompt_logprobs)}
+                out.append({"index": c.index, "text": echo_texts[p] + "".join(c.text), "logprobs": lp,
+                            "finish_reason": c.finish_reason, **extra, **lantern_extra(req, c.traces)})
+            return {**base, "object": "text_completion", "choices": out,
+                    "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+
+        offsets = [len(echo_texts[prompt_of(i)]) for i in range(total)]  # text_offset of each choice's next token
 
         def render(i: int, event: Event) -> list[dict]:
-            step = event.step
+            step, out = event.step, []
+            if scoring and event.prompt_logprobs is not None:  # the echo, with the prompt's logprobs
+                head = echo_logprobs(i, event.prompt_logprobs)
+                out.append({"index": i, "text": echo_texts[prompt_of(i)], "logprobs": head, "finish_reason": None})
+                offsets[i] = head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0
             lp = None
             if req.logprobs is not None:
                 lp = completion_logprobs([(step.token_id, event.logprob, event.top_logprobs or [])], offsets[i])
             offsets[i] += len(step.text)
-            if not (step.text or lp or step.finish_reason or event.trace):
-                return []
-            return [{"index": i, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason,
-                     **lantern_extra(req, [event.trace])}]
+            if step.text or lp or step.finish_reason or event.trace:
+                out.append({"index": i, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason,
+                            **lantern_extra(req, [event.trace])})
+            return out
 
-        opening = [{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}
-                   for i in range(req.n)] if echo_text else []
-        return sse_response(stream({**base, "object": "text_completion"}, req, len(ids), queue, rids, opening,
+        opening = [] if scoring else [{"index": i, "text": echo_texts[prompt_of(i)], "logprobs": None,
+                                       "finish_reason": None} for i in range(total) if echo_texts[prompt_of(i)]]
+        return sse_response(stream({**base, "object": "text_completion"}, req, prompt_tokens, events, opening,
                                    render))
 
+    route_paths.update(route.path for route in app.routes)
     return app
 
 

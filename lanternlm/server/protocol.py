@@ -10,6 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_STOP_STRINGS = 4          # OpenAI: "up to 4 sequences"
+MAX_COMPLETION_LOGPROBS = 5   # OpenAI's legacy completions: "the maximum value for logprobs is 5"
+MAX_TOP_LOGPROBS = 20         # chat: top_logprobs "between 0 and 20"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,21 +60,23 @@ class SamplingFields(Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # OpenAI: a 64-bit integer
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    # vLLM's extension: log-probabilities of the prompt's tokens, with this many alternatives each.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     lantern: LanternOptions | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 16:
-            raise ValueError("at most 16 stop strings")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (OpenAI's limit)")
         if any(not s for s in items):
             raise ValueError("stop strings must not be empty")
         return v
@@ -88,15 +96,16 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
 
 class CompletionRequest(SamplingFields):
+    # A text, a list of texts, token ids, or a list of token-id lists (each its own prompt, as OpenAI batches).
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
 
 
