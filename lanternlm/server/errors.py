@@ -30,16 +30,16 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for the first of pydantic's errors, with the field path as OpenAI's `param`."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = ".".join(loc) or "body"  # no field: the body as a whole is wrong (not an object, missing)
     kind = first.get("type")
     if kind == "extra_forbidden":
         return f"unsupported field {param!r}: Lantern does not implement it", param
     if kind == "json_invalid":
         return "the request body is not valid JSON", "body"
-    if kind == "missing" and param is None:
+    if kind == "missing" and param == "body":
         return "the request body is missing", "body"
     msg = str(first.get("msg"))
-    return (f"{param}: {msg}" if param else msg), param
+    return (msg if param == "body" else f"{param}: {msg}"), param
 
 
 def install_error_handlers(app: FastAPI) -> None:

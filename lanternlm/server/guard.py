@@ -131,6 +131,10 @@ class Guard:
                         check_json_body(raw)
                     except BodyError as e:
                         return await reply(e.status, error_body(str(e), param=e.param))
+                    # Every route takes JSON, so the body is read as JSON whatever its Content-Type says
+                    # (`curl -d` without -H sends form encoding).
+                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                             + [(b"content-type", b"application/json")]}
                 receive = _replay(raw, receive)
             await self.app(scope, receive, counted_send)
         finally:
