@@ -77,7 +77,7 @@ class Guard:
     """ASGI middleware: authentication, body limits and checks, and per-route request counts."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int, public_metrics: bool,
-                 count: Callable[[str, int], None], routes: Callable[[], set[str]]):
+                 count: Callable[[str, int], None], routes: set[str]):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
         self.public_metrics, self.count, self.routes = public_metrics, count, routes
 
@@ -91,7 +91,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         # A label per route the app has, one for everything else: random paths must not grow the metrics.
-        label = path if path in self.routes() else "other"
+        label = path if path in self.routes else "other"
         status = {}
 
         async def counted_send(message):

@@ -152,3 +152,14 @@ def now() -> int:
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def message_dict(message: ChatMessage) -> dict:
+    """A request's chat message as the dict chat templates read."""
+    d = message.model_dump(exclude_none=True)
+    if isinstance(d.get("content"), list):  # text parts -> one string, as templates expect text
+        d["content"] = "".join(part["text"] for part in d["content"])
+    if d["role"] == "developer":  # OpenAI's newer name for the system role
+        d["role"] = "system"
+    d.setdefault("content", "")
+    return d

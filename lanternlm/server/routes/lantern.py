@@ -1,0 +1,70 @@
+"""Lantern's look-inside routes (/v1/lantern/...): the logit lens, attention weights and the model's
+description; and the namespaced `lantern` extension that carries a per-token trace on OpenAI's answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from ...chat import validate_messages
+from ...errors import LanternError
+from ..errors import APIError
+from ..protocol import AttentionRequest, LensRequest, message_dict
+from ..state import ServerState, current
+
+router = APIRouter(tags=["lantern"])
+
+
+def lantern_extra(req, traces: list) -> dict:
+    """The `lantern` extension on a choice: present only when the request asked for a trace."""
+    if not (req.lantern and req.lantern.trace):
+        return {}
+    return {"lantern": {"trace": [t for t in traces if t is not None]}}
+
+
+def input_ids(state: ServerState, req) -> list[int]:
+    if req.model is not None:
+        state.check_model(req.model)
+    given = [x is not None for x in (req.prompt, req.messages, req.ids)]
+    if sum(given) != 1:
+        raise APIError(400, "give exactly one of 'prompt', 'messages' or 'ids'", param="prompt")
+    try:
+        if req.messages is not None:
+            return state.llm.encode_chat(validate_messages([message_dict(m) for m in req.messages]))
+        return state.llm.encode(req.prompt if req.prompt is not None else req.ids)
+    except LanternError as e:
+        raise APIError(400, str(e), param="prompt") from None
+
+
+async def off_loop(state: ServerState, fn):
+    """Run an inspection forward in a worker thread, so streams keep flowing meanwhile; one at a time."""
+    async with state.inspections:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        except LanternError as e:
+            raise APIError(400, str(e)) from None
+
+
+@router.get("/v1/lantern/inspect")
+async def lantern_inspect(request: Request):
+    """The model's module tree, parameter counts, config, tokenizer facts and files (`lantern inspect`)."""
+    state = current(request)
+    return await off_loop(state, state.llm.describe)
+
+
+@router.post("/v1/lantern/lens")
+async def lantern_lens(req: LensRequest, request: Request):
+    """Logit lens: what each layer's hidden state at `position` would predict through the final norm and
+    lm_head (top_k tokens per layer)."""
+    state = current(request)
+    ids = input_ids(state, req)
+    return await off_loop(state, lambda: state.llm.logit_lens(ids, position=req.position, top_k=req.top_k))
+
+
+@router.post("/v1/lantern/attention")
+async def lantern_attention(req: AttentionRequest, request: Request):
+    """Attention weights per layer and head for a prompt (a slower path that materialises them)."""
+    state = current(request)
+    ids = input_ids(state, req)
+    return await off_loop(state, lambda: state.llm.attention(ids, layers=req.layers, heads=req.heads))

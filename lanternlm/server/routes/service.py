@@ -1,0 +1,32 @@
+"""The service routes: GET /health for probes, GET /metrics for Prometheus (behind the API key unless the
+server runs with --public-metrics)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..state import current
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    eng = current(request).engine
+    if eng is None or eng.dead:
+        return JSONResponse({"status": "dead", "error": eng.dead if eng else "not started"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    state = current(request)
+    if state.engine is not None:
+        snap = state.engine.snapshot()
+        state.metrics.queue_depth.set(snap.waiting)
+        state.metrics.running.set(snap.running)
+        state.metrics.steps.inc(snap.steps_total - state.steps_seen)  # the engine counts; the metric mirrors it
+        state.steps_seen = snap.steps_total
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""Models and tokens: GET /v1/models, POST /tokenize and /detokenize (vLLM's shapes), and GET
+/tokenizer_info (vLLM's route, which lm-eval's remote tokenizer reads)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ...chat import validate_messages
+from ...errors import LanternError
+from ..errors import APIError
+from ..protocol import DetokenizeRequest, TokenizeRequest, message_dict, now
+from ..state import current
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = current(request)
+    return {"object": "list", "data": [{"id": state.config.served_name, "object": "model", "created": now(),
+                                        "owned_by": "lantern", "max_model_len": state.config.context,
+                                        "root": str(state.llm.path)}]}
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    state = current(request)
+    if req.model is not None:
+        state.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+    try:
+        if req.messages is not None:
+            messages = validate_messages([message_dict(m) for m in req.messages])
+            ids = state.llm.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    except LanternError as e:
+        raise APIError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.config.context,
+            "token_strs": state.llm.tokenizer.tokens(ids)}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    state = current(request)
+    if req.model is not None:
+        state.check_model(req.model)
+    bad = [t for t in req.tokens if not 0 <= t < state.llm.config.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
+    return {"prompt": state.llm.tokenizer.decode(req.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    """The tokenizer's facts: special tokens, context, vocabulary size, end-of-turn ids, chat template."""
+    state = current(request)
+    tok = state.llm.tokenizer
+    return {"tokenizer_class": "lantern", "model_max_length": state.config.context, "vocab_size": tok.vocab_size,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "pad_token": None if tok.pad_token_id is None else state.token_text(tok.pad_token_id),
+            "add_bos_token": tok.add_bos_token, "end_token_ids": sorted(tok.end_token_ids),
+            "chat_template": state.llm.loaded.chat_template}

@@ -1,0 +1,154 @@
+"""What every route shares: the server's configuration, its metrics, the loaded model and the running engine,
+and the steps from a request to the engine (model check, sampling parameters, submitting choices, aborting).
+The routes reach it through `current(request)`; nothing here is global."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..engine import Engine, EngineDeadError, Event, QueueFullError
+from ..errors import LanternError
+from ..generate import ContextLengthError
+from ..sampling import SamplingParams
+from .errors import APIError
+
+
+@dataclass
+class ServerConfig:
+    served_name: str
+    aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    context: int = 2048
+    max_body_bytes: int = 4 * 1024 * 1024
+    prefill_chunk: int = 512
+    public_metrics: bool = False             # /metrics without the API key (it is behind the key otherwise)
+    request_timeout: float | None = None     # seconds a request may take before it is stopped (408)
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry (no process-global state)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lantern_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("lantern_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("lantern_generation_tokens", "Tokens generated", registry=r)
+        self.aborted = Counter("lantern_requests_aborted", "Requests aborted (client gone, shutdown)", registry=r)
+        self.queue_depth = Gauge("lantern_queue_depth", "Requests waiting for a slot", registry=r)
+        self.running = Gauge("lantern_running_sequences", "Sequences in the running batch", registry=r)
+        self.steps = Counter("lantern_engine_steps", "Engine steps taken (a prefill chunk and/or a batched decode)",
+                             registry=r)
+        self.timeouts = Counter("lantern_requests_timed_out", "Requests stopped by --request-timeout", registry=r)
+        self.ttft = Histogram("lantern_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("lantern_inter_token_latency_seconds", "Time between tokens of a stream", registry=r,
+                             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+    def observe(self, name: str, value: float) -> None:
+        (self.ttft if name == "time_to_first_token" else self.itl).observe(value)
+
+
+@dataclass
+class ServerState:
+    llm: object                       # lanternlm.api.LLM: the model, its tokenizer and template
+    config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None      # set while the app runs (its lifespan)
+    steps_seen: int = 0               # engine steps already mirrored into metrics.steps
+    # Inspection forwards (lens, attention) run one at a time beside the engine: a burst of them queues here
+    # instead of starting a thread each.
+    inspections: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+    def running_engine(self) -> Engine:
+        eng = self.engine
+        if eng is None or eng.dead:
+            raise APIError(503, f"the engine is not running{': ' + eng.dead if eng and eng.dead else ''}",
+                           "server_error", code="engine_dead")
+        return eng
+
+    def check_model(self, name: str) -> None:
+        if name not in (self.config.served_name, *self.config.aliases):
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.config.served_name!r}", param="model", code="model_not_found")
+
+    def token_text(self, token_id: int) -> str:
+        return self.llm.tokenizer.decode([token_id])
+
+    def params_for(self, req, max_tokens: int | None, seed_offset: int) -> SamplingParams:
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        if any(not 0 <= k < self.llm.config.vocab_size for k in bias):
+            raise APIError(400, "logit_bias has a token id outside the vocabulary", param="logit_bias")
+        try:
+            params = SamplingParams(
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, logit_bias=bias or None,
+                seed=None if req.seed is None else req.seed + seed_offset, max_tokens=max_tokens,
+                stop=req.stop or (), ignore_eos=req.ignore_eos)
+        except LanternError as e:
+            raise APIError(400, str(e)) from None
+        return params.with_defaults(self.llm.generation_config)
+
+    def submit(self, prompts: list[list[int]], req, max_tokens: int | None, logprobs: int | None,
+               prompt_logprobs: int | None, param: str) -> tuple[asyncio.Queue, list[str]]:
+        """Submit n choices for each prompt; events arrive on one queue as (choice index, Event), choice
+        index = prompt index * n + j, as OpenAI numbers a batch's choices. Call on the event loop."""
+        eng = self.running_engine()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        request_ids: list[str] = []
+        if len(prompts) * req.n > self.config.max_queue:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} is more than this server queues at once "
+                                f"({self.config.max_queue})", param=param)
+        all_params = [self.params_for(req, max_tokens, j) for j in range(req.n)]
+        trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
+        try:
+            for p, ids in enumerate(prompts):
+                for j, params in enumerate(all_params):
+
+                    def deliver(event: Event, i=p * req.n + j):
+                        loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+
+                    request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace,
+                                                  prompt_logprobs=prompt_logprobs))
+        except ContextLengthError as e:
+            self.abort(request_ids, count=False)
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except QueueFullError as e:
+            self.abort(request_ids, count=False)
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) \
+                from None
+        except EngineDeadError as e:
+            self.abort(request_ids, count=False)
+            raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        except LanternError as e:
+            self.abort(request_ids, count=False)
+            raise APIError(400, str(e), param=param) from None
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts) * req.n)
+        return queue, request_ids
+
+    def abort(self, request_ids: list[str], count: bool = True) -> None:
+        if self.engine is not None:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            if count:
+                self.metrics.aborted.inc(len(request_ids))
+
+
+def current(request: Request) -> ServerState:
+    """The state of the app serving this request."""
+    return request.app.state.lantern
+
+
+def check_stream_options(req) -> None:
+    """pydantic checks each field alone; this one spans two."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
