@@ -44,6 +44,33 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _ONE_DIGIT = r"\p{N}"
+# Qwen3.5 adds combining marks (\p{M}) to the letter runs; its reference ids keep "e" + U+0301 as two tokens, so
+# there is no NFC step before it (unlike Qwen2).
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek (LLM and Coder, v1) split with a sequence of Split pre-tokenizers in tokenizer.json: line breaks, letter
+# runs, punctuation runs, CJK runs, digits. Characters beyond ASCII are written as escapes: several in the LLM's
+# letter ranges (Greek with singleton decompositions, the Kelvin and Ohm signs) would change if the source file
+# were ever NFC-normalized, and a range whose ends swap is an Oniguruma error.
+_DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_CODER = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, _ONE_DIGIT)
+_DEEPSEEK_LLM = (
+    r"[\r\n]",
+    ("\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+     "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+     "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+     "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+     "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+     "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+     "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+     "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+     "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+     "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+"),
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+$",
+    _DEEPSEEK_CJK,
+    r"\p{N}+",
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +80,9 @@ class _BytePre:
     patterns: tuple[str, ...]
     ignore_merges: bool = False  # a pre-token that is already a whole vocabulary entry skips the merges
     add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
-    nfc: bool = False  # the HF tokenizer NFC-normalizes first (Qwen2)
+    # The HF tokenizer.json has an NFC normalizer, which GGUF does not carry: without it text with combining accents
+    # ("e" + U+0301) gets other ids than the same text precomposed ("é"), unlike the model's own tokenizer.
+    nfc: bool = False
 
 
 _LLAMA3_PRE = _BytePre((_LLAMA3,), ignore_merges=True, add_bos=True)
@@ -66,13 +95,17 @@ _SMOLLM_PRE = _BytePre((_ONE_DIGIT, _GPT2))  # digits one by one, then GPT-2 (Sm
 BYTE_LEVEL_PRE_TOKENIZERS: MappingProxyType[str, _BytePre] = MappingProxyType({
     # llama.cpp's fallback for files without a pre-tokenizer name: punctuation runs, GPT-2, number runs, 3 digits.
     "default": _BytePre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
-    "gpt-2": _GPT2_PRE, "phi-2": _GPT2_PRE, "mpt": _GPT2_PRE, "olmo": _GPT2_PRE, "jais": _GPT2_PRE,
-    "smollm": _SMOLLM_PRE, "starcoder": _SMOLLM_PRE, "refact": _SMOLLM_PRE, "command-r": _SMOLLM_PRE,
+    "gpt-2": _GPT2_PRE, "phi-2": _GPT2_PRE, "olmo": _GPT2_PRE, "jais": _GPT2_PRE,
+    "mpt": _BytePre((_GPT2,), nfc=True),  # GPT-NeoX-20B's tokenizer, which NFC-normalizes
+    "smollm": _SMOLLM_PRE, "starcoder": _SMOLLM_PRE, "refact": _SMOLLM_PRE,
+    "command-r": _BytePre((_ONE_DIGIT, _GPT2), nfc=True),  # Cohere's tokenizer.json: NFC, digits, ByteLevel
     "codeshell": _SMOLLM_PRE, "exaone": _SMOLLM_PRE,
     "llama-bpe": _LLAMA3_PRE, "llama3": _LLAMA3_PRE, "llama-v3": _LLAMA3_PRE, "falcon3": _LLAMA3_PRE,
     "pixtral": _LLAMA3_PRE,
     "dbrx": _BytePre((_LLAMA3,)), "smaug-bpe": _BytePre((_LLAMA3,)),
     "qwen2": _QWEN2_PRE, "deepseek-r1-qwen": _QWEN2_PRE, "stablelm2": _BytePre((_QWEN2,)),
+    "qwen35": _BytePre((_QWEN35,)),
+    "deepseek-coder": _BytePre(_DEEPSEEK_CODER), "deepseek-llm": _BytePre(_DEEPSEEK_LLM),
     "falcon": _BytePre((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]")),
 })
 
@@ -147,6 +180,12 @@ class Tokenizer:
         """Token ids for `text`; special tokens written in the text match whole, as in transformers."""
         if not isinstance(text, str):
             raise LanternError(f"can only tokenize text (str), got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from JSON's "\ud800": not a character
+                raise LanternError(f"the text contains a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at "
+                                   f"character {e.start}; it is not a character and cannot be tokenized") from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
