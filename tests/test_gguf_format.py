@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -361,19 +360,17 @@ def test_malformed_file_gives_one_clear_error(sample, tmp_path, case):
     bad.write_bytes(corrupt(sample.read_bytes()))
 
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(ModelFileError, match=expected) as exc:
             read_gguf(bad)
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
 
     assert str(exc.value).startswith(f"{bad}: ")  # names the file first, then the problem
     assert exc.value.path == str(bad)
-    # A generous bound: this guards against looping over a corrupt count, it is not a speed target.
-    assert elapsed < 5.0, f"{case} took {elapsed:.2f} s"
+    # A corrupt count is refused before anything is sized or looped by it (no wall clock here: a loop over a
+    # huge count would show as this test never ending; fuzz/ runs the reader with a per-input time bound).
     assert peak < 16 * 2**20, f"{case} allocated {peak} bytes"  # no allocation sized by a corrupt length
 
 
