@@ -47,6 +47,8 @@ class Events:
 
     async def next(self) -> tuple[int, Event]:
         """The next event; raises ClientGone or RequestTimeout instead when the request ends early."""
+        if not self.queue.empty() and not self.gone.done():  # an event is waiting: no need to race for it
+            return self._count(self.queue.get_nowait())
         get = asyncio.ensure_future(self.queue.get())
         timeout = None if self.deadline is None else max(0.0, self.deadline - asyncio.get_running_loop().time())
         done, _ = await asyncio.wait({get, self.gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -56,10 +58,12 @@ class Events:
                 raise ClientGone()
             self.state.metrics.timeouts.inc()
             raise RequestTimeout(self.state.config.request_timeout)
-        i, event = get.result()
-        if event.step is not None and event.step.finish_reason:
+        return self._count(get.result())
+
+    def _count(self, item: tuple[int, Event]) -> tuple[int, Event]:
+        if item[1].step is not None and item[1].step.finish_reason:
             self.finished += 1
-        return i, event
+        return item
 
     @property
     def done(self) -> bool:
