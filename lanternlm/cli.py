@@ -38,6 +38,7 @@ EXAMPLES = {
     "serve": """examples:
   lantern serve                                  # the default model on http://127.0.0.1:8000/v1
   lantern serve -m ./model.gguf --port 8080 --api-key secret --max-batch 16
+  lantern serve --embedding-model all-minilm-l6-v2   # chat and /v1/embeddings from one server
   then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 """,
@@ -143,6 +144,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence (default: the model's, at most 4096; sets KV cache memory)")
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: from -m)")
+    p.add_argument("--embedding-model", action="append", default=[], metavar="MODEL",
+                   help="also serve this embedding model on /v1/embeddings (repeatable), e.g. all-minilm-l6-v2")
+    p.add_argument("--embedding", action="store_true",
+                   help="let the main model (-m) answer /v1/embeddings too (a decoder pools its hidden states)")
+    p.add_argument("--embedding-pooling", choices=("last", "mean"), default="last",
+                   help="how a decoder marked with --embedding pools (default: last token)")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (by default it needs the key when one is set)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -366,32 +373,43 @@ def cmd_rm(args) -> int:
     raise LanternError(f"{args.name} is not in the cache")
 
 
+def served_name(name: str, llm) -> str:
+    """The name clients use: a catalogue name as given, a path as its file or folder name."""
+    if "/" in name or name.endswith(".gguf"):
+        return llm.path.stem if llm.path.is_file() else llm.path.name
+    return name
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .server.app import ServerConfig, create_app
+    from .server.app import ServedModel, ServerConfig, create_app
 
     for name in ("port", "max_batch", "max_queue", "context", "request_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise LanternError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.shutdown_timeout < 0:
+        raise LanternError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     llm = open_model(args)
     context = min(args.context or 4096, llm.config.max_position_embeddings)
-    served = args.served_model_name or args.model or DEFAULT_MODEL
-    if "/" in served or served.endswith(".gguf"):
-        served = llm.path.stem if llm.path.is_file() else llm.path.name
+    served = served_name(args.served_model_name or args.model or DEFAULT_MODEL, llm)
     config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
                           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                           context=context, public_metrics=args.public_metrics,
                           request_timeout=args.request_timeout)
-    app = create_app(llm, config)
-    print(f"serving {served} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context})",
+    extra = []
+    for name in args.embedding_model:
+        emb = open_model(argparse.Namespace(model=name, dtype=args.dtype, device=args.device, exact=False))
+        extra.append(ServedModel(served_name(name, emb), emb, (name, str(emb.path)), embedding=True))
+    app = create_app(llm, config, embed_main=args.embedding, pooling=args.embedding_pooling,
+                     embedding_models=tuple(extra))
+    names = ", ".join([served] + [m.name for m in extra])
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context})",
           file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
     # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    if args.shutdown_timeout < 0:
-        raise LanternError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

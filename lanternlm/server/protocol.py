@@ -163,3 +163,15 @@ def message_dict(message: ChatMessage) -> dict:
         d["role"] = "system"
     d.setdefault("content", "")
     return d
+
+
+class EmbeddingRequest(Strict):
+    """OpenAI's embeddings request, plus vLLM's `truncate_prompt_tokens` (cut over-long inputs to this many
+    tokens, and say so in the response, instead of refusing them)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)

@@ -56,16 +56,35 @@ class Metrics:
         (self.ttft if name == "time_to_first_token" else self.itl).observe(value)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model this server answers for, under its name and aliases."""
+
+    name: str
+    llm: object                       # lanternlm.api.LLM
+    aliases: tuple[str, ...] = ()
+    embedding: bool = False           # answers /v1/embeddings (an encoder always; a decoder when marked)
+    pooling: str | None = None        # how a decoder that embeds pools its hidden states: "last" or "mean"
+
+    @property
+    def generates(self) -> bool:
+        return getattr(self.llm, "kind", "generate") == "generate"
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.name or name in self.aliases
+
+
 @dataclass
 class ServerState:
-    llm: object                       # lanternlm.api.LLM: the model, its tokenizer and template
+    llm: object                       # lanternlm.api.LLM: the main (-m) model, its tokenizer and template
     config: ServerConfig
+    models: list[ServedModel] = field(default_factory=list)  # every model served, the main one first
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None      # set while the app runs (its lifespan)
     steps_seen: int = 0               # engine steps already mirrored into metrics.steps
-    # Inspection forwards (lens, attention) run one at a time beside the engine: a burst of them queues here
-    # instead of starting a thread each.
-    inspections: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    # Forwards outside the engine (lens, attention, embeddings) run one at a time beside it: a burst of them
+    # queues here instead of starting a thread each.
+    side_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     def running_engine(self) -> Engine:
         eng = self.engine
@@ -74,10 +93,27 @@ class ServerState:
                            "server_error", code="engine_dead")
         return eng
 
+    def find(self, name: str) -> ServedModel:
+        for served in self.models:
+            if served.answers_to(name):
+                return served
+        names = ", ".join(repr(m.name) for m in self.models)
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {names}", param="model",
+                       code="model_not_found")
+
     def check_model(self, name: str) -> None:
-        if name not in (self.config.served_name, *self.config.aliases):
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.config.served_name!r}", param="model", code="model_not_found")
+        """A model that generates (chat, completions, the look-inside routes)."""
+        if not self.find(name).generates:
+            raise APIError(400, f"the model {name!r} is an embedding model: it answers /v1/embeddings, not "
+                                "chat or completions", param="model", code="wrong_model_type")
+
+    def embedding_model(self, name: str) -> ServedModel:
+        served = self.find(name)
+        if not served.embedding:
+            raise APIError(400, f"the model {name!r} does not serve embeddings (serve an embedding model with "
+                                "--embedding-model, or mark this one with --embedding)", param="model",
+                           code="wrong_model_type")
+        return served
 
     def token_text(self, token_id: int) -> str:
         return self.llm.tokenizer.decode([token_id])

@@ -39,7 +39,7 @@ def input_ids(state: ServerState, req) -> list[int]:
 
 async def off_loop(state: ServerState, fn):
     """Run an inspection forward in a worker thread, so streams keep flowing meanwhile; one at a time."""
-    async with state.inspections:
+    async with state.side_work:
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn)
         except LanternError as e:

@@ -14,8 +14,9 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    eng = current(request).engine
-    if eng is None or eng.dead:
+    state = current(request)
+    eng = state.engine
+    if state.models[0].generates and (eng is None or eng.dead):  # an embedding-only server has no engine
         return JSONResponse({"status": "dead", "error": eng.dead if eng else "not started"}, status_code=503)
     return {"status": "ok"}
 

@@ -17,9 +17,11 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models(request: Request):
     state = current(request)
-    return {"object": "list", "data": [{"id": state.config.served_name, "object": "model", "created": now(),
-                                        "owned_by": "lantern", "max_model_len": state.config.context,
-                                        "root": str(state.llm.path)}]}
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": now(), "owned_by": "lantern",
+         "max_model_len": state.config.context if m.generates else m.llm.embedding_max_length,
+         "root": str(m.llm.path), "lantern": {"generates": m.generates, "embeds": m.embedding}}
+        for m in state.models]}
 
 
 @router.post("/tokenize")
