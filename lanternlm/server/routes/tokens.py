@@ -14,6 +14,11 @@ from ..state import current
 router = APIRouter()
 
 
+def model_for(state, name: str | None):
+    """The LLM whose tokenizer a request names (any served model), else the main one."""
+    return state.models[0].llm if name is None else state.find(name).llm
+
+
 @router.get("/v1/models")
 async def models(request: Request):
     state = current(request)
@@ -27,31 +32,28 @@ async def models(request: Request):
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request):
     state = current(request)
-    if req.model is not None:
-        state.check_model(req.model)
+    llm = model_for(state, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     try:
         if req.messages is not None:
             messages = validate_messages([message_dict(m) for m in req.messages])
-            ids = state.llm.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+            ids = llm.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
         else:
-            ids = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     except LanternError as e:
         raise APIError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
     return {"tokens": ids, "count": len(ids), "max_model_len": state.config.context,
-            "token_strs": state.llm.tokenizer.tokens(ids)}
+            "token_strs": llm.tokenizer.tokens(ids)}
 
 
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, request: Request):
-    state = current(request)
-    if req.model is not None:
-        state.check_model(req.model)
-    bad = [t for t in req.tokens if not 0 <= t < state.llm.config.vocab_size]
+    llm = model_for(current(request), req.model)
+    bad = [t for t in req.tokens if not 0 <= t < llm.config.vocab_size]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
-    return {"prompt": state.llm.tokenizer.decode(req.tokens)}
+    return {"prompt": llm.tokenizer.decode(req.tokens)}
 
 
 @router.get("/tokenizer_info")
