@@ -13,7 +13,7 @@ import sys
 import time
 
 from .errors import LanternError
-from .store import DEFAULT_MODEL
+from .store import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 
 EXAMPLES = {
     "run": """examples:
@@ -50,6 +50,20 @@ EXAMPLES = {
   lantern lens "The capital of France is"
   lantern lens --chat --top-k 5 "What is the capital of France?"
   lantern lens --json -m ./model.gguf "1, 2, 3,"
+""",
+    "embed": """examples:
+  lantern embed "first text" "second text"          # one JSON array per line (all-minilm-l6-v2)
+  cat lines.txt | lantern embed --json               # one input per stdin line, one JSON document
+  lantern embed -m ./bge-small-folder --prompt-name query "what is a lantern?"
+  lantern embed -m smollm2-135m-instruct --pooling mean "a decoder embeds too"
+""",
+    "rag": """examples:
+  lantern rag add notes/ manual.pdf       # folders recurse over .txt .md .html .pdf; unchanged files are skipped
+  lantern rag ask "How do I reset the router?"
+  lantern rag ask --show --k 2 --temperature 0 "How do I reset the router?"   # chunks, scores, prompt, answer
+  lantern rag list
+  lantern rag rm notes/old.md
+  lantern rag add --index work --embedding-model ./bge-small-folder docs/    # another index, another model
 """,
     "tokenize": """examples:
   lantern tokenize "Hello world 12345"
@@ -162,13 +176,55 @@ def build_parser() -> ArgumentParser:
     add_model(p)
     p.add_argument("--json", action="store_true")
 
+    p = command("embed", f"embed texts: one vector per TEXT (default model: {DEFAULT_EMBEDDING_MODEL})")
+    add_model(p)
+    p.add_argument("text", nargs="*", help="the texts, one embedding each (default: one per line of stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON document with the model, dimensions and vectors")
+    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's maximum")
+    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="default: the model's")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise (default: the model's)")
+    p.add_argument("--prompt-name", default=None, help="a prompt from the model's config (e.g. query, passage)")
+
     p = command("tokenize", "show tokens, ids and pieces of a text")
     add_model(p)
     p.add_argument("text", nargs="*", help="the text (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="render the chat template around TEXT first")
     p.add_argument("--no-special", action="store_true", help="do not add BOS/special tokens")
     p.add_argument("--json", action="store_true")
+
+    add_rag_parser(command("rag", "retrieval: index files, then ask questions answered from them, with sources"))
     return parser
+
+
+def add_rag_parser(rag):
+    """`lantern rag add|rm|list|ask`: each leaf takes --index (and --debug, which only counts when given)."""
+    sub = rag.add_subparsers(dest="rag_command", metavar="ACTION", parser_class=ArgumentParser, required=True)
+
+    def action(name, help_):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES["rag"],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--index", default="default", help="which index (default: default), under the store's rag/")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        return p
+
+    p = action("add", "index files and folders (new and changed files only; each file is committed whole)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--embedding-model", default=None,
+                   help=f"embedding model (default: the index's, else {DEFAULT_EMBEDDING_MODEL})")
+    p = action("rm", "remove files (or everything under a folder) from the index")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = action("list", "list the indexed documents and the embedding model")
+    p.add_argument("--json", action="store_true")
+    p = action("ask", "answer a question from the indexed documents, then list the sources")
+    add_model(p)
+    p.add_argument("question", nargs="*", help="the question (default: read from stdin)")
+    p.add_argument("--k", type=int, default=4, help="how many chunks to retrieve (default: 4)")
+    p.add_argument("--show", action="store_true",
+                   help="print every step: the question's tokens, the chunks with scores, the prompt and its size")
+    p.add_argument("--json", action="store_true", help="every step and the answer as one JSON document")
+    p.add_argument("--embedding-model", default=None, help="default: the model the index was built with")
+    add_sampling(p)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -423,6 +479,27 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    if args.text:
+        texts = args.text
+    elif sys.stdin.isatty():
+        raise LanternError("give the texts as arguments or on stdin, one per line")
+    else:
+        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    args.model = args.model or DEFAULT_EMBEDDING_MODEL
+    llm = open_model(args)
+    vectors = llm.embed(texts, normalize=args.normalize, truncate=args.truncate, pooling=args.pooling,
+                        prompt_name=args.prompt_name)
+    if args.json:
+        print(json.dumps({"model": args.model, "dimensions": llm.embedding_dimensions,
+                          "data": [{"index": i, "text": t, "embedding": v}
+                                   for i, (t, v) in enumerate(zip(texts, vectors))]}, ensure_ascii=False))
+    else:
+        for v in vectors:
+            print(json.dumps(v))
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     text = read_text(args.text, "text")
     llm = open_model(args)
@@ -449,8 +526,102 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_rag(args) -> int:
+    from .retrieval import Rag
+
+    def load(name):  # the CLI's way to open a model: pulls a catalogue model on first use
+        return open_model(argparse.Namespace(model=name, dtype=getattr(args, "dtype", None),
+                                             device=getattr(args, "device", None), exact=False))
+    chat = getattr(args, "model", None)
+    rag = Rag(args.index, embedding_model=getattr(args, "embedding_model", None), chat_model=chat, load=load)
+    try:
+        return RAG_ACTIONS[args.rag_command](rag, args)
+    finally:
+        rag.close()
+
+
+def rag_add(rag, args) -> int:
+    failed = 0
+
+    def progress(r):
+        nonlocal failed
+        if r["status"] == "failed":
+            failed += 1
+            print(f"skipped {r['path']}: {' '.join(r['error'].split())}", file=sys.stderr, flush=True)
+        else:
+            print(f"{r['status']:9} {r['path']} ({r['chunks']} chunks)", flush=True)
+    rag.add(args.paths, progress=progress)
+    info = rag.list()
+    print(f"index {info['index']}: {len(info['documents'])} documents, {info['chunks']} chunks ({info['path']})",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def rag_rm(rag, args) -> int:
+    for path in rag.remove(args.paths):
+        print(f"removed {path}")
+    return 0
+
+
+def rag_list(rag, args) -> int:
+    info = rag.list()
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    model = info["embedding_model"]
+    described = f"{model['name']} ({model['dimensions']} dimensions)" if model else "none yet"
+    print(f"index {info['index']} ({info['path']}): {len(info['documents'])} documents, {info['chunks']} chunks, "
+          f"embedding model {described}")
+    print(f"{'CHUNKS':>6}  {'KIND':8}  PATH")
+    for d in info["documents"]:
+        print(f"{d['chunks']:>6}  {d['kind']:8}  {d['path']}")
+    return 0
+
+
+def rag_ask(rag, args) -> int:
+    from .retrieval import sources_text
+    question = read_text(args.question, "question").strip()
+    params = sampling_from(args)
+    if args.json:
+        result = rag.ask(question, args.k, params, show=True)
+        result.pop("prompt_token_ids", None)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    plan = rag.plan(question, args.k, params.max_tokens)
+    if args.show:
+        print_rag_plan(plan)
+        print("== answer")
+    text, _ = stream_out(rag.answer_stream(plan, params), False, plan["prompt_tokens"], time.perf_counter())
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")
+    print("\nSources:" if not args.show else "== sources")
+    print(sources_text(plan["sources"]))
+    return 0
+
+
+def print_rag_plan(plan: dict) -> None:
+    """The steps before the answer, as `lantern rag ask --show` prints them."""
+    query = plan["query"]
+    prefix = f", query prefix {query['prefix']!r}" if query["prefix"] else ""
+    print(f"== question, as the embedding model {plan['embedding_model']} reads it: {len(query['token_ids'])} "
+          f"tokens{prefix}")
+    print(" ".join(query["tokens"]))
+    print(f"== {len(plan['hits'])} chunks found (score = cosine similarity)")
+    for hit in plan["hits"]:
+        where = f"lines {hit['lines'][0]}-{hit['lines'][1]}, chars {hit['chars'][0]}-{hit['chars'][1]}"
+        print(f"[{hit['rank']}] score {hit['score']:.4f}  {hit['source']}  ({where}, {hit['tokens']} tokens)")
+        snippet = " ".join(hit["text"].split())
+        print(f"    {snippet[:300]}{'...' if len(snippet) > 300 else ''}")
+    dropped = f"; {plan['dropped_passages']} passages dropped to fit the context" if plan["dropped_passages"] else ""
+    print(f"== prompt ({plan['chat_model']}'s chat template): {plan['prompt_tokens']} tokens{dropped}")
+    print(plan["prompt"], end="" if plan["prompt"].endswith("\n") else "\n")
+
+
+RAG_ACTIONS = {"add": rag_add, "rm": rag_rm, "list": rag_list, "ask": rag_ask}
+
+
 COMMANDS = {"run": cmd_run, "lens": cmd_lens, "chat": cmd_chat, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
-            "inspect": cmd_inspect, "tokenize": cmd_tokenize}
+            "inspect": cmd_inspect, "tokenize": cmd_tokenize, "embed": cmd_embed, "rag": cmd_rag}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,111 @@ def parameter_counts(model) -> dict:
     }
 
 
+def encoder_parameter_counts(model) -> dict:
+    """An encoder's parameters per component; `total` equals transformers' BertModel.num_parameters()."""
+    layer = model.encoder.layer[0]
+    emb = {name: count(m) for name, m in model.embeddings.named_children() if m is not None}
+    per_layer = {"attention.self": count(getattr(layer.attention, "self")),
+                 "attention.output": count(layer.attention.output),
+                 "intermediate": count(layer.intermediate), "output": count(layer.output)}
+    return {
+        "embeddings": emb,
+        "embeddings_total": count(model.embeddings),
+        "per_layer": {**per_layer, "total": count(layer)},
+        "layers": count(model.encoder),
+        "pooler": count(model.pooler),
+        "total": count(model),
+    }
+
+
+def describe_encoder(llm) -> dict:
+    import torch
+
+    from .loader.build import _skip_random_init
+    from .models.encoder import EncoderModel
+
+    cfg, tok, loaded, spec = llm.config, llm.tokenizer, llm.loaded, llm.embedding_spec
+    files = [{"path": str(p), "bytes": p.stat().st_size} for p in loaded.files]
+    for extra in ("config.json", "tokenizer.json", "tokenizer_config.json", *(
+            str(p.relative_to(loaded.path)) for p in loaded.sentence.files)):
+        if (loaded.path / extra).is_file():
+            files.append({"path": str(loaded.path / extra), "bytes": (loaded.path / extra).stat().st_size})
+    with torch.device("meta"), _skip_random_init():  # the readable tree, no memory: counts and the printed tree
+        readable = EncoderModel(cfg)
+    weights_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
+    return {
+        "model": str(loaded.path),
+        "format": loaded.format,
+        "kind": "embed",
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "config": {
+            "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+            "head_dim": cfg.head_dim, "max_positions": cfg.max_position_embeddings,
+            "vocab_size": cfg.vocab_size, "token_types": cfg.type_vocab_size, "activation": cfg.hidden_act,
+            "layer_norm_eps": cfg.layer_norm_eps, "pooler": cfg.pooler,
+        },
+        "embedding": {"pooling": spec.pooling, "normalize": spec.normalize, "max_length": spec.max_length,
+                      "dimensions": spec.dimensions, "prompts": spec.prompts,
+                      "default_prompt_name": spec.default_prompt_name, "similarity": spec.similarity,
+                      "do_lower_case": spec.do_lower_case},
+        "dtype": {"stored": cfg.torch_dtype, "compute": str(loaded.dtype).replace("torch.", ""),
+                  "device": str(loaded.device), "weights_bytes_in_memory": weights_bytes},
+        "parameters": encoder_parameter_counts(readable),
+        "tokenizer": {"vocab_size": tok.vocab_size, "special_tokens": len(tok.special_ids),
+                      "adds": tok.tokens([i for i in tok.encode("", add_special_tokens=True)])},
+        "files": files,
+        "module_tree": str(readable),
+    }
+
+
+def render_encoder_text(info: dict) -> str:
+    c, p, e = info["config"], info["parameters"], info["embedding"]
+    per = p["per_layer"]
+    emb = ", ".join(f"{k} {v:,}" for k, v in p["embeddings"].items())
+    lines = [
+        f"{info['architecture']} encoder ({info['format']}) from {info['model']}",
+        "",
+        info["module_tree"],
+        "",
+        "parameters",
+        f"  embeddings             {p['embeddings_total']:>15,}   ({emb})",
+        f"  one encoder layer      {per['total']:>15,}   (attention.self {per['attention.self']:,}, "
+        f"attention.output {per['attention.output']:,}, intermediate {per['intermediate']:,}, "
+        f"output {per['output']:,})",
+        f"  {'x ' + str(c['layers']) + ' layers':<22} {p['layers']:>15,}",
+        f"  pooler                 {p['pooler']:>15,}",
+        f"  total                  {p['total']:>15,}   (each tensor once, as num_parameters())",
+        "",
+        "config",
+        f"  layers {c['layers']}, hidden {c['hidden_size']}, intermediate {c['intermediate_size']} "
+        f"({c['activation']}), heads {c['heads']}, head_dim {c['head_dim']}",
+        f"  max positions {c['max_positions']}, vocab {c['vocab_size']}, token types {c['token_types']}, "
+        f"layer norm eps {c['layer_norm_eps']:g}",
+        f"  stored {info['dtype']['stored']}, computed in {info['dtype']['compute']} on {info['dtype']['device']} "
+        f"({info['dtype']['weights_bytes_in_memory'] / 1e6:.1f} MB of weights in memory)",
+        "",
+        "embedding",
+        f"  {e['dimensions']} dimensions, {e['pooling']} pooling, "
+        f"{'L2-normalised' if e['normalize'] else 'not normalised'}, at most {e['max_length']} tokens, "
+        f"similarity {e['similarity']}",
+        f"  prompts: {e['prompts'] or 'none'}"
+        + (f" (default {e['default_prompt_name']!r})" if e["default_prompt_name"] else ""),
+        "",
+        "tokenizer",
+        f"  vocab {info['tokenizer']['vocab_size']}, {info['tokenizer']['special_tokens']} special tokens, "
+        f"adds {' ... '.join(info['tokenizer']['adds']) or 'nothing'}",
+        "",
+        "files",
+    ]
+    lines += [f"  {f['path']}  ({f['bytes'] / 1e6:.1f} MB)" for f in info["files"]]
+    return "\n".join(lines)
+
+
 def describe(llm) -> dict:
+    if llm.kind == "embed":
+        return describe_encoder(llm)
     cfg, tok, loaded = llm.config, llm.tokenizer, llm.loaded
     files = [{"path": str(p), "bytes": p.stat().st_size} for p in loaded.files]
     for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -63,6 +167,7 @@ def describe(llm) -> dict:
     return {
         "model": str(loaded.path),
         "format": loaded.format,
+        "kind": "generate",
         "architecture": cfg.architecture,
         "model_type": cfg.model_type,
         "config": {
@@ -100,6 +205,8 @@ def describe(llm) -> dict:
 
 
 def render_text(llm, info: dict) -> str:
+    if info.get("kind") == "embed":
+        return render_encoder_text(info)
     c, p, t = info["config"], info["parameters"], info["tokenizer"]
     per = p["per_layer"]
     lines = [

@@ -14,8 +14,10 @@ import torch
 from ..config import ConfigError, ModelConfig
 from ..errors import ModelFileError
 from ..model import CausalLM
+from ..models.encoder import EncoderConfig, EncoderModel
 from ..tokenizer import Tokenizer
 from . import hf
+from .encoder import SentenceConfig, is_encoder_config, load_encoder
 from .build import build_model, meta_model
 from .gguf import read_gguf
 from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
@@ -38,8 +40,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 class LoadedModel:
     path: Path
     format: str                      # "hf" or "gguf"
-    config: ModelConfig
-    model: CausalLM
+    config: ModelConfig | EncoderConfig
+    model: CausalLM | EncoderModel
     tokenizer: Tokenizer
     chat_template: str | None
     generation_config: dict = field(default_factory=dict)
@@ -48,6 +50,8 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     quantized: bool = False          # linear layers compute from quantized weights (quantize.py)
+    kind: str = "generate"           # "generate" (a decoder) or "embed" (an encoder)
+    sentence: SentenceConfig | None = None  # encoders: pooling, normalisation, max length, prompts
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -97,6 +101,11 @@ def _looks_like_gguf(path: Path) -> bool:
 
 def _load_hf(folder: Path, dtype, device: torch.device) -> LoadedModel:
     raw = hf.read_config(folder)
+    if is_encoder_config(raw):
+        compute = pick_dtype(dtype, device, str(raw.get("torch_dtype", raw.get("dtype", "float32"))))
+        config, model, tokenizer, sentence, files = load_encoder(folder, raw, compute, device)
+        return LoadedModel(folder, "hf", config, model, tokenizer, None, {}, files, device=device,
+                           dtype=compute, kind="embed", sentence=sentence)
     try:
         config = ModelConfig.from_hf(raw, source=str(folder / "config.json"))
     except ConfigError as e:

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from ..engine import Engine
 from .errors import install_error_handlers
 from .guard import Guard
-from .routes import chat, completions, embeddings, lantern, service, tokens
+from .routes import chat, completions, embeddings, lantern, rag, service, tokens
 from .state import ServedModel, ServerConfig, ServerState
 
 __all__ = ["ServedModel", "ServerConfig", "create_app"]
@@ -49,7 +49,7 @@ def create_app(llm, config: ServerConfig, embed_main: bool = False, pooling: str
                   description="OpenAI-compatible API for a local model, served by Lantern.")
     app.state.lantern = state
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, tokens, service, lantern):
+    for module in (chat, completions, embeddings, tokens, service, lantern, rag):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)
@@ -58,7 +58,7 @@ def create_app(llm, config: ServerConfig, embed_main: bool = False, pooling: str
         return FileResponse(WEB / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
-    routers = [module.router for module in (chat, completions, embeddings, tokens, service, lantern)]
+    routers = [module.router for module in (chat, completions, embeddings, tokens, service, lantern, rag)]
     paths = {getattr(route, "path", None) for route in [*app.routes, *(r for rt in routers for r in rt.routes)]}
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        public_metrics=config.public_metrics, routes=paths,

@@ -26,12 +26,29 @@ class APIError(Exception):
         self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
+_PLAIN_TYPES = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _union_tag(part) -> bool:
+    """pydantic names the member of a union a value failed in its error's location ('str', 'list[int]')."""
+    return isinstance(part, str) and (part in _PLAIN_TYPES or "[" in part)
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for the first of pydantic's errors, with the field path as OpenAI's `param`."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or "body"  # no field: the body as a whole is wrong (not an object, missing)
     kind = first.get("type")
+    tags = []  # a value that fits none of a union's members: name them all, not just the first's complaint
+    for error in errors:
+        where = [str(p) for p in error.get("loc", ()) if p != "body"]
+        base = [p for p in where if not _union_tag(p)]
+        tag = next((p for p in where if _union_tag(p)), None)
+        if base[:len(loc)] == loc and tag is not None and tag not in tags:
+            tags.append(tag)
+    if len(tags) > 1:
+        return f"{param}: expected one of {', '.join(tags)}", param
     if kind == "extra_forbidden":
         return f"unsupported field {param!r}: Lantern does not implement it", param
     if kind == "json_invalid":

@@ -175,3 +175,24 @@ class EmbeddingRequest(Strict):
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class RagAskRequest(Strict):
+    """Lantern's retrieval route: a question answered from an index's documents, every step shown."""
+
+    question: str = Field(min_length=1, max_length=10_000)
+    k: int = Field(default=4, ge=1, le=50)
+    index: str = "default"
+    model: str | None = None              # the chat model (the server's main model)
+    max_tokens: int | None = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stream: bool = False
+
+
+class RagDocumentRequest(Strict):
+    """A document uploaded into an index: its file name (text, Markdown or HTML) and its text."""
+
+    index: str = "default"
+    name: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1)
