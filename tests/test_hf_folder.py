@@ -112,8 +112,9 @@ def edit_json(path, edit):
 
 CASES = {
     "missing config": (lambda p: (p / "config.json").unlink(), "no config.json"),
-    "unknown architecture": (lambda p: edit_json(p / "config.json", lambda d: d.update(model_type="bert")),
-                             "unsupported architecture"),
+    # (BERT was the example here until encoders were supported; a state-space model is still unknown.)
+    "unknown architecture": (lambda p: edit_json(p / "config.json", lambda d: d.update(
+        model_type="mamba", architectures=["MambaForCausalLM"])), "unsupported architecture"),
     "invalid json": (lambda p: (p / "config.json").write_text("{ not json"), "invalid JSON"),
     "truncated shard": (lambda p: (p / shard_names(p)[0]).write_bytes((p / shard_names(p)[0]).read_bytes()[:5000]),
                         "invalid safetensors"),
