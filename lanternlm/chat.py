@@ -15,10 +15,12 @@ Facts matched from transformers (see ``transformers/utils/chat_template_utils.py
 
 Chat templates travel inside downloaded model files, so they are treated as untrusted code. Besides the
 jinja sandbox (no access to Python internals, no mutation of the caller's data), every render has a
-budget: loop iterations, calls, total output, wall-clock time, and the size of every value produced by the
-operations that can multiply size (repetition, concatenation, padding, replace, join, ...). A template
-that exceeds the budget raises :class:`~lanternlm.errors.TemplateError` instead of hanging or exhausting
-memory.
+budget that counts work: loop iterations, calls, total output, characters built, characters and items
+scanned, and the size of every value produced by the operations that can multiply size (repetition,
+concatenation, padding, replace, join, ...). A template that exceeds the budget raises
+:class:`RenderLimitError` (a :class:`~lanternlm.errors.TemplateError`) instead of hanging or exhausting
+memory. The budget counts, it does not time: the same template stops at the same point, with the same
+error, on any machine and under any load.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import inspect
 import json
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -49,9 +52,31 @@ MAX_TOTAL_OUTPUT_CHARS = 4 * MAX_TEXT_CHARS  # all text emitted, counting macro 
 # All text and items built by +, * and ~ and returned by calls: stops quadratic accumulation such as
 # appending to a growing string in a long loop (each step copies the whole string).
 MAX_BUILT_CHARS = 20 * MAX_TEXT_CHARS
-MAX_LOOP_ITERATIONS = 2_000_000
-MAX_CALLS = 1_000_000
-MAX_RENDER_SECONDS = 30.0
+# Work: characters and items read by filters, tests, comparisons, slices and calls, plus big-integer arithmetic,
+# in units of about a nanosecond of CPU (a character scanned by C code). Stops loops that each rescan a huge
+# value ({% for i in range(N) %}{% if big == other %}...) without building anything. Filters that spend far
+# more per character or item (sorting, grouping, word wrapping, ...) are weighted by _FILTER_WORK. A real
+# template reads each message a handful of times.
+MAX_WORK = 1_000_000_000  # about a second of CPU
+ITEM_WORK = 16  # a list or dict item costs a Python-level step; charge it like 16 characters of C-speed scan
+CALL_WORK = 1_000  # a filter or test run by name for each item (map, select, ...): a few microseconds
+# Per-unit weight of a filter's input, from measuring jinja's filters on this kind of machine (ns per character,
+# or per item / ITEM_WORK): e.g. wordwrap goes through textwrap in Python, ~2 us per character.
+_FILTER_WORK = {
+    "title": 512, "wordwrap": 2048, "urlize": 2048, "wordcount": 256, "indent": 64, "striptags": 64,
+    "urlencode": 64, "pprint": 256, "capitalize": 16, "trim": 8, "join": 8, "sum": 8, "tojson": 16,
+    "sort": 256, "groupby": 512, "unique": 64, "map": 256, "select": 256, "reject": 256, "selectattr": 512,
+    "rejectattr": 512, "batch": 32, "min": 32, "max": 32, "dictsort": 256, "list": 4, "reverse": 4,
+}
+# Loop iterations and calls. With the real templates of tests/test_chat.py, a 1,000-message conversation with
+# 50 tools renders in at most ~2,000 loop iterations, ~2,000 calls and ~17,000,000 units of work, so these
+# limits leave 50x or more room. They were 2,000,000 and 1,000,000, where a runaway template ran for seconds
+# before being stopped (a macro call costs several microseconds) for no gain: no chat template comes near.
+MAX_LOOP_ITERATIONS = 500_000
+MAX_CALLS = 200_000
+# Not a limit but a backstop: the counted limits above stop every template we know of within a few seconds.
+# The clock only guards against work the counters miss, so it sits far above them; no test relies on it.
+BACKSTOP_RENDER_SECONDS = 300.0
 MAX_INT_BITS = 1 << 16  # integers beyond ~20,000 decimal digits only serve to burn CPU and memory
 _MAX_DATA_DEPTH = 64  # nesting depth of messages/tools/documents data
 
@@ -79,51 +104,105 @@ class _TemplateRaised(Exception):
 
 
 class _LimitExceeded(Exception):
-    """The template went over its render budget; the message says which limit."""
+    """The template went over its render budget; the message says which limit, ``limit`` names it."""
+
+    def __init__(self, message: str, limit: str, requested: int = 0):
+        super().__init__(message)
+        self.limit = limit
+        self.requested = requested
+
+
+class RenderLimitError(TemplateError):
+    """A render stopped by its budget.
+
+    ``limit`` names the limit: a key of :data:`LIMITS`, ``"text_chars"`` / ``"int_bits"`` for a single value
+    that would be too large, or ``"seconds"`` for the backstop clock. ``counted`` holds the budget's counters
+    when it stopped, each at most its limit (the step that would cross a limit is refused, not counted).
+    ``requested`` is the refused step: what it would have added to the counter, or the size of the value it
+    would have built.
+    """
+
+    def __init__(self, message: str, limit: str, counted: dict[str, int], requested: int = 0):
+        super().__init__(message)
+        self.limit = limit
+        self.counted = counted
+        self.requested = requested
+
+
+# Counter name -> its limit, for the budget and for callers of RenderLimitError.
+LIMITS = {
+    "loop_iterations": MAX_LOOP_ITERATIONS,
+    "calls": MAX_CALLS,
+    "output_chars": MAX_TOTAL_OUTPUT_CHARS,
+    "built_chars": MAX_BUILT_CHARS,
+    "work": MAX_WORK,
+}
 
 
 class _RenderBudget:
-    """Counters for one render. Lives in the render's variables so concurrent renders never share it."""
+    """Counters for one render. Lives in the render's variables so concurrent renders never share it.
 
-    __slots__ = ("deadline", "loop_iterations", "calls", "output_chars", "built_chars", "ticks")
+    Each charge is checked before it is added, so a counter never exceeds its limit: the step that would cross
+    it raises instead.
+    """
+
+    __slots__ = ("loop_iterations", "calls", "output_chars", "built_chars", "work", "charges", "backstop")
 
     def __init__(self) -> None:
-        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
         self.loop_iterations = 0
         self.calls = 0
         self.output_chars = 0
         self.built_chars = 0
-        self.ticks = 0
+        self.work = 0
+        self.charges = 0
+        self.backstop = time.monotonic() + BACKSTOP_RENDER_SECONDS
 
-    def _tick(self) -> None:
-        # Reading the clock on every step would dominate tight loops; every 1024th step is plenty.
-        self.ticks += 1
-        if not self.ticks & 1023 and time.monotonic() > self.deadline:
-            raise _LimitExceeded(f"rendering took longer than {MAX_RENDER_SECONDS:g} seconds")
+    def counted(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in LIMITS}
+
+    def _limit(self, counter: str, message: str, requested: int) -> None:
+        raise _LimitExceeded(message, counter, requested)
+
+    def _backstop(self) -> None:
+        # Backstop only (see BACKSTOP_RENDER_SECONDS); reading the clock every 4096th step keeps it cheap.
+        self.charges += 1
+        if not self.charges & 4095 and time.monotonic() > self.backstop:
+            raise _LimitExceeded(f"rendering took longer than {BACKSTOP_RENDER_SECONDS:g} seconds", "seconds")
+
+    # One method per counter (not one generic one): these run on every loop step and call of a render.
 
     def loop_iteration(self) -> None:
+        if self.loop_iterations >= MAX_LOOP_ITERATIONS:
+            self._limit("loop_iterations", f"loops ran more than {MAX_LOOP_ITERATIONS:,} iterations", 1)
         self.loop_iterations += 1
-        if self.loop_iterations > MAX_LOOP_ITERATIONS:
-            raise _LimitExceeded(f"loops ran more than {MAX_LOOP_ITERATIONS:,} iterations")
-        self._tick()
+        self._backstop()
 
     def call(self) -> None:
+        if self.calls >= MAX_CALLS:
+            self._limit("calls", f"more than {MAX_CALLS:,} function, macro or method calls", 1)
         self.calls += 1
-        if self.calls > MAX_CALLS:
-            raise _LimitExceeded(f"more than {MAX_CALLS:,} function, macro or method calls")
-        self._tick()
+        self._backstop()
 
     def output(self, chars: int) -> None:
+        if self.output_chars + chars > MAX_TOTAL_OUTPUT_CHARS:
+            self._limit("output_chars", f"the template emitted more than {MAX_TOTAL_OUTPUT_CHARS:,} characters",
+                        chars)
         self.output_chars += chars
-        if self.output_chars > MAX_TOTAL_OUTPUT_CHARS:
-            raise _LimitExceeded(f"the template emitted more than {MAX_TOTAL_OUTPUT_CHARS:,} characters")
-        self._tick()
+        self._backstop()
 
     def built(self, size: int) -> None:
+        if self.built_chars + size > MAX_BUILT_CHARS:
+            self._limit("built_chars", f"the template built more than {MAX_BUILT_CHARS:,} characters of strings "
+                                       "and lists", size)
         self.built_chars += size
-        if self.built_chars > MAX_BUILT_CHARS:
-            raise _LimitExceeded(f"the template built more than {MAX_BUILT_CHARS:,} characters of strings and lists")
-        self._tick()
+        self._backstop()
+
+    def read(self, units: int) -> None:
+        if self.work + units > MAX_WORK:
+            self._limit("work", f"the template did more than {MAX_WORK:,} units of work (characters and items "
+                                "scanned by filters, tests, comparisons and calls)", units)
+        self.work += units
+        self._backstop()
 
 
 # --- Size checks run *before* an operation that can multiply size, so the huge value is never built.
@@ -131,7 +210,7 @@ class _RenderBudget:
 
 def _check_size(size: int, what: str) -> None:
     if size > MAX_TEXT_CHARS:
-        raise _LimitExceeded(f"{what} would be {size:,} long (limit {MAX_TEXT_CHARS:,})")
+        raise _LimitExceeded(f"{what} would be {size:,} long (limit {MAX_TEXT_CHARS:,})", "text_chars", size)
 
 
 def _sized(value) -> int | None:
@@ -141,13 +220,32 @@ def _sized(value) -> int | None:
     return None
 
 
+def _work_of(value) -> int:
+    """What reading ``value`` once costs in the budget's work units: its characters, or its items weighted."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return len(value) * ITEM_WORK
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() >> 3  # big integers cost in proportion to their bytes
+    return 0
+
+
+def _int_op_work(left, right) -> int:
+    # Multiplying or dividing big integers is quadratic in their size (in CPython's 30-bit digits).
+    if _is_int(left) and _is_int(right):
+        return (left.bit_length() // 30 + 1) * (right.bit_length() // 30 + 1)
+    return 0
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_int_bits(bits: int) -> None:
     if bits > MAX_INT_BITS:
-        raise _LimitExceeded(f"an integer would need about {bits:,} bits (limit {MAX_INT_BITS:,})")
+        raise _LimitExceeded(f"an integer would need about {bits:,} bits (limit {MAX_INT_BITS:,})", "int_bits",
+                             bits)
 
 
 def _check_format_string(fmt: str, values) -> None:
@@ -288,16 +386,21 @@ def _guard_filter(func, precheck):
     materialise a generator it had to inspect). The wrapper keeps ``func``'s ``pass_*`` marker.
     """
     signature = inspect.signature(func)
+    # jinja's async_variant filters (slice, ...) take an eval context first that the signature of the sync filter
+    # they wrap does not show (found while writing the fuzzer: slice()'s check saw the eval context as the value).
+    wrapped = getattr(func, "__wrapped__", None)
+    skip = int(wrapped is not None and getattr(func, "jinja_pass_arg", None) is not None
+               and getattr(wrapped, "jinja_pass_arg", None) is None)
 
     @functools.wraps(func)
     def guarded(*args, **kwargs):
         try:
-            bound = signature.bind(*args, **kwargs)
+            bound = signature.bind(*args[skip:], **kwargs)
         except TypeError:
             return func(*args, **kwargs)  # let the filter report its own bad-arguments error
         bound.apply_defaults()
         precheck(bound.arguments)
-        return func(*bound.args, **bound.kwargs)
+        return func(*args[:skip], *bound.args, **bound.kwargs)
 
     return guarded
 
@@ -343,6 +446,12 @@ def _format_check(a) -> None:
         _check_format_string(a["value"], list(a["args"]) + list(a["kwargs"].values()))
 
 
+def _slice_check(a) -> None:
+    # slice() yields `slices` lists even when the value has fewer items; each list costs like 64 characters.
+    if _is_int(a["slices"]):
+        _check_size(a["slices"] * 64, "slice() output (64 per slice)")
+
+
 def _batch_check(a) -> None:
     # The last batch is padded up to `linecount` items.
     if _is_int(a["linecount"]):
@@ -372,7 +481,9 @@ class _GuardedCodeGenerator(CodeGenerator):
     Jinja has no runtime hook for these, so they are rewritten at compile time:
     * ``{% for x in it %}`` iterates ``environment.guard_loop(context, it)`` (counts iterations);
     * ``a ~ b`` calls ``environment.guarded_concat`` (checks and charges the joined length first);
-    * each block of literal template text first charges its length to the budget.
+    * each block of literal template text first charges its length to the budget;
+    * filter inputs and results, test inputs, comparison operands and slices pass through
+      ``environment.charged(context, value)``, which charges their size as work.
     """
 
     def visit_For(self, node, frame):
@@ -395,6 +506,49 @@ class _GuardedCodeGenerator(CodeGenerator):
             self.visit(part, frame)
             self.write(", ")
         self.write("))")
+
+    # Filters, tests and comparisons read their operands and build their result: both are charged as work.
+    # An operand is marked (by id) before jinja's own visitor runs, and visit() wraps it when it gets there:
+    # jinja allows no custom node types, and a Call node would count as a template call in the sandbox.
+
+    def visit(self, node, *args, **kwargs):
+        weight = self._charge_nodes.pop(id(node), None) if hasattr(self, "_charge_nodes") else None
+        if weight is None:
+            return super().visit(node, *args, **kwargs)
+        self.write("environment.charged(context, ")
+        super().visit(node, *args, **kwargs)
+        self.write(f", {weight})")
+
+    def _charge(self, node, weight: int = 1) -> None:
+        if not hasattr(self, "_charge_nodes"):
+            self._charge_nodes = {}
+        self._charge_nodes[id(node)] = weight
+
+    def visit_Filter(self, node, frame):
+        if node.node is not None:
+            self._charge(node.node, _FILTER_WORK.get(node.name, 1))
+        self.write("environment.charged(context, ")
+        super().visit_Filter(node, frame)
+        self.write(")")
+
+    def visit_Test(self, node, frame):
+        self._charge(node.node)
+        super().visit_Test(node, frame)
+
+    def visit_Compare(self, node, frame):
+        self._charge(node.expr)
+        for op in node.ops:
+            self._charge(op.expr)
+        super().visit_Compare(node, frame)
+
+    def visit_Getitem(self, node, frame):
+        # A slice copies (jinja compiles it to a plain obj[a:b], not through the sandbox): charge the copy.
+        if not isinstance(node.arg, jinja2.nodes.Slice):
+            super().visit_Getitem(node, frame)
+            return
+        self.write("environment.charged(context, ")
+        super().visit_Getitem(node, frame)
+        self.write(")")
 
     def visit_Output(self, node, frame):
         literal = sum(len(child.data) for child in node.nodes if isinstance(child, jinja2.nodes.TemplateData))
@@ -430,7 +584,8 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     code_generator_class = _GuardedCodeGenerator
     # Operators that can build huge strings, lists or integers; routed through call_binop for a size check.
-    intercepted_binops = frozenset({"+", "*", "**", "%"})
+    # "//" only to charge big-integer division, which is quadratic in the integers' size.
+    intercepted_binops = frozenset({"+", "*", "**", "%", "//"})
 
     def __init__(self) -> None:
         super().__init__(
@@ -447,6 +602,7 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
             "replace": _replace_check,
             "format": _format_check,
             "batch": _batch_check,
+            "slice": _slice_check,
             "sum": _sum_check,
         }
         for name, precheck in guards.items():
@@ -478,6 +634,26 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         if budget is not None:
             budget.output(chars)
 
+    def charged(self, context, value, weight: int = 1):
+        budget = _budget_of(context)
+        if budget is not None:
+            budget.read(_work_of(value) * weight)
+        return value
+
+    def _charge_read(self, context, *values, extra: int = 0) -> None:
+        budget = _budget_of(context)
+        if budget is not None:
+            budget.read(extra + sum(_work_of(value) for value in values))
+
+    def call_filter(self, name, value, args=None, kwargs=None, context=None, eval_ctx=None):
+        # Filters and tests run by name from other filters (map, select, ...) are charged like compiled ones.
+        self._charge_read(context, value, *(args or ()), extra=CALL_WORK)
+        return self.charged(context, super().call_filter(name, value, args, kwargs, context, eval_ctx))
+
+    def call_test(self, name, value, args=None, kwargs=None, context=None, eval_ctx=None):
+        self._charge_read(context, value, *(args or ()), extra=CALL_WORK)
+        return super().call_test(name, value, args, kwargs, context, eval_ctx)
+
     def guard_loop(self, context, iterable):
         budget = _budget_of(context)
         if budget is None:
@@ -504,6 +680,11 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
             budget.built(size)
 
     def call_binop(self, context, operator, left, right):
+        # + and * are charged below as built; % formatting reads its format and arguments, and big-integer
+        # *, // and % cost work quadratic in the integers' size.
+        budget = _budget_of(context)
+        if budget is not None and operator in ("*", "//", "%"):
+            budget.read(_int_op_work(left, right) + (_work_of(left) + _work_of(right) if operator == "%" else 0))
         if operator == "*":
             if _is_int(left) and _is_int(right):
                 _check_int_bits(left.bit_length() + right.bit_length())
@@ -515,12 +696,18 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         elif operator == "**":
             if _is_int(left) and _is_int(right) and right > 0 and abs(left) > 1:
                 _check_int_bits(left.bit_length() * right)
+                if budget is not None:  # repeated squaring: about log2(right) big multiplications
+                    budget.read((left.bit_length() * right // 30 + 1) ** 2 // 4)
         elif operator == "+":
             if _sized(left) is not None and _sized(right) is not None:
                 _check_size(len(left) + len(right), "a concatenation")
                 self._charge_built(context, len(left) + len(right))
         elif operator == "%" and isinstance(left, str):
             _check_format_string(left, right if isinstance(right, tuple) else (right,))
+            result = super().call_binop(context, operator, left, right)
+            if budget is not None:
+                budget.read(_work_of(result))
+            return result
         return super().call_binop(context, operator, left, right)
 
     def call(self, context, obj, /, *args, **kwargs):
@@ -532,12 +719,17 @@ class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         owner = getattr(method, "__self__", None)
         if isinstance(owner, str):
             args = _precheck_str_method(getattr(method, "__name__", ""), owner, args, kwargs)
+        # A method reads its object (str.count, list.index, dict.items, ...) and its arguments.
+        if budget is not None:
+            budget.read(_work_of(owner) + sum(_work_of(arg) for arg in args)
+                        + sum(_work_of(arg) for arg in kwargs.values()))
         result = super().call(context, obj, *args, **kwargs)
         size = _sized(result)
         if size is not None:
             _check_size(size, "a call's result")
             if budget is not None:
                 budget.built(size)
+                budget.read(_work_of(result))
         return result
 
 
@@ -688,11 +880,19 @@ class ChatTemplate:
         if not source.strip():
             raise TemplateError(f"{origin}: the template is empty")
         try:
-            self._template = _ChatSandbox().from_string(source)
+            with warnings.catch_warnings():
+                # Python's compiler warns about odd constant expressions ({{ true[0] }}) in jinja's generated code;
+                # they fail (or not) at render time like any template error, so the warnings are only noise.
+                warnings.simplefilter("ignore", SyntaxWarning)
+                self._template = _ChatSandbox().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"{origin}, line {e.lineno}: template syntax error: {e.message}") from None
         except (jinja2.TemplateError, RecursionError, MemoryError) as e:
             raise TemplateError(f"{origin}: cannot compile the template: {e}") from None
+        except SyntaxError as e:
+            # jinja passes some invalid templates on as invalid Python, e.g. {% break %} outside a loop
+            # (found by fuzzing); Python's compiler then rejects its generated code.
+            raise TemplateError(f"{origin}: cannot compile the template: {e.msg}") from None
 
     def render(
         self,
@@ -725,7 +925,7 @@ class ChatTemplate:
             documents=_dict_list(documents, "documents"),
             add_generation_prompt=bool(add_generation_prompt),
         )
-        variables[_BUDGET_KEY] = _RenderBudget()
+        variables[_BUDGET_KEY] = budget = _RenderBudget()
 
         pieces: list[str] = []
         length = 0
@@ -734,12 +934,14 @@ class ChatTemplate:
             for piece in stream:
                 length += len(piece)
                 if length > MAX_TEXT_CHARS:
-                    raise _LimitExceeded(f"the rendered prompt is longer than {MAX_TEXT_CHARS:,} characters")
+                    raise _LimitExceeded(f"the rendered prompt is longer than {MAX_TEXT_CHARS:,} characters",
+                                         "text_chars", length)
                 pieces.append(piece)
         except _TemplateRaised as e:
             raise TemplateError(f"{self._where(e)}: {e}") from None
         except _LimitExceeded as e:
-            raise TemplateError(f"{self._where(e)}: render stopped: {e}") from None
+            raise RenderLimitError(f"{self._where(e)}: render stopped: {e}", e.limit, budget.counted(),
+                                   e.requested) from None
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"{self._where(e)}: blocked by the sandbox: {e}") from None
         except jinja2.TemplateError as e:

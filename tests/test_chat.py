@@ -2,14 +2,14 @@
 untrusted templates must be contained (sandbox, bounded work) with clear errors."""
 
 import copy
-import time
 from datetime import datetime
 
 import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from lanternlm.chat import ChatTemplate, no_template_error, validate_messages
+from lanternlm.chat import (LIMITS, MAX_INT_BITS, MAX_TEXT_CHARS, ChatTemplate, RenderLimitError, no_template_error,
+                            validate_messages)
 from lanternlm.errors import LanternError, TemplateError
 
 # --- Real-world templates (as published with the models; Lantern must render them exactly like transformers).
@@ -492,6 +492,17 @@ def test_syntax_error_names_origin_and_line():
         ChatTemplate("ok\n{{ x | no_such_filter }}")
 
 
+@pytest.mark.parametrize("source, problem", [
+    ("{% break %}", "'break' outside loop"),
+    ("{% for x in [1] %}{% macro f() %}{% continue %}{% endmacro %}{% endfor %}", "'continue' not properly in loop"),
+    ("{% if 1 %}" * 120 + "{% endif %}" * 120, "too many levels of indentation"),
+])
+def test_templates_jinja_compiles_to_invalid_python_are_template_errors(source, problem):
+    # jinja compiles these to Python that Python's compiler rejects (SyntaxError); the first found by fuzz/.
+    with pytest.raises(TemplateError, match=rf"^t: cannot compile the template: {problem}"):
+        ChatTemplate(source, origin="t")
+
+
 @pytest.mark.parametrize("source", [None, 42, "", "   \n"])
 def test_bad_template_source(source):
     with pytest.raises(TemplateError, match="my template"):
@@ -608,7 +619,7 @@ def test_sandbox_blocks_python_internals(source):
         ("{{ 'x' * 10**9 }}", "repeated value"),
         ("{{ [0] * 10**9 }}", "repeated value"),
         ("{{ 2 ** 1000000000 }}", "integer"),  # jinja's ** is left-associative
-        ("{% set n = 7 ** 5000 %}{{ n * n * n * n }}", "integer"),
+        ("{% set n = 7 ** 5000 %}{{ n * n * n * n * n }}", "integer"),  # 5 x 14,037 bits > MAX_INT_BITS
         ("{% set s = 'x' * 1000 %}{% for i in range(20) %}{% set s = s ~ s %}{% endfor %}"
          "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}"
          "{{ d(s, 40) }}", "concatenation"),
@@ -635,13 +646,55 @@ def test_sandbox_blocks_python_internals(source):
         ("{{ ('\\n' * 100000)|indent(1000) }}", "indent"),
         ("{{ lipsum(10**7) }}", "lipsum"),
         ("{{ [[[[1]]]]|tojson(indent=10**8) }}", "tojson"),
+        # Loops that rescan a huge value without building anything: stopped by counting what they read.
+        ("{% set s = 'x' * 5000000 %}{% set t = 'x' * 5000000 %}{% for i in range(100000) %}{% if s == t %}{% endif %}"
+         "{% endfor %}",
+         "units of work"),
+        ("{% set s = 'x' * 5000000 %}{% for i in range(100000) %}{% set t = s|upper %}{% endfor %}",
+         "units of work"),
+        ("{% set s = 'x' * 5000000 %}{% for i in range(100000) %}{% set n = s.count('y') %}{% endfor %}",
+         "units of work"),
+        ("{% set s = 'x' * 5000000 %}{% for i in range(100000) %}{% set t = s[1:] %}{% endfor %}",
+         "units of work"),
+        ("{% set s = ('x' * 1000000)|list %}{% for i in range(100000) %}{% if 'y' in s %}{% endif %}{% endfor %}",
+         "units of work"),
+        ("{% set n = 7 ** 10000 %}{% for i in range(100000) %}{% set m = n // 3 ** 9000 %}{% endfor %}",
+         "units of work"),
+        # Filters that spend microseconds per character or item are weighted accordingly.
+        ("{{ ('a b ' * 1000000)|title|length }}", "units of work"),
+        ("{{ ('a b ' * 1000000)|wordwrap(3)|length }}", "units of work"),
+        ("{{ (('ab' * 1000000)|list)|groupby('x')|length }}", "units of work"),
+        ("{{ (('ab' * 1000000)|list)|map('upper')|list|length }}", "units of work"),
+        ("{{ ([1]|slice(10**7))|list|length }}", "slice"),
     ],
 )
 def test_runaway_templates_are_stopped(source, limit):
-    start = time.monotonic()
-    with pytest.raises(TemplateError, match=limit):
+    # Behaviour, not time: the named limit stops the render, and the work counted when it stopped is within
+    # every limit (the budget refuses the step that would cross one), so the outcome is the same on any machine.
+    with pytest.raises(TemplateError, match=limit) as caught:
         ChatTemplate(source, origin="evil.gguf chat template").render(ONE_TURN)
-    assert time.monotonic() - start < 10
+    if limit in BUDGET_LIMITS:
+        error = caught.value
+        assert isinstance(error, RenderLimitError)
+        assert error.limit == BUDGET_LIMITS[limit]
+        assert set(error.counted) == set(LIMITS)
+        assert all(error.counted[name] <= LIMITS[name] for name in LIMITS), error.counted
+        if error.limit in LIMITS:  # a counter stopped it: the refused step would have taken it over its limit
+            assert error.counted[error.limit] + error.requested > LIMITS[error.limit]
+        else:  # a single value would have been too large: it was refused before being built
+            assert error.requested > {"text_chars": MAX_TEXT_CHARS, "int_bits": MAX_INT_BITS}[error.limit]
+    else:  # stopped before the budget: jinja's own range limit, or Python's recursion limit
+        assert not isinstance(caught.value, RenderLimitError)
+
+
+# The message fragment of each case above -> the limit RenderLimitError names.
+BUDGET_LIMITS = {
+    "iterations": "loop_iterations", "calls": "calls", "emitted more than": "output_chars",
+    "built more than": "built_chars", "rendered prompt is longer": "text_chars", "repeated value": "text_chars",
+    "integer": "int_bits", "concatenation": "text_chars", "formatted field": "text_chars", "center": "text_chars",
+    "ljust": "text_chars", "replaced": "text_chars", "joined": "text_chars", "indent": "text_chars",
+    "lipsum": "text_chars", "tojson": "text_chars", "units of work": "work", "slice": "text_chars",
+}
 
 
 def test_limits_leave_normal_work_alone():

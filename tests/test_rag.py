@@ -260,6 +260,7 @@ def run(args, env, **kw):
     return subprocess.run(LANTERN + args, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_cli_ask_show_prints_every_step(home, corpus, minilm, capsys):
     from lanternlm.cli import main
     Rag(embedding_llm=minilm).add([corpus])  # in process, to spare a model load; `rag add` runs below
@@ -288,6 +289,7 @@ def test_cli_ask_show_prints_every_step(home, corpus, minilm, capsys):
     assert sources[0].startswith(f"[1] {corpus / 'marathon.txt'}, line 1 (chars 0-") and sources[1].startswith("[2] ")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_add_leaves_whole_documents_only(home, tmp_path, minilm):
     """`lantern rag add` is killed (SIGKILL) right after its first document is committed, while it works on
     the others; the store then opens, and every document in it has exactly the chunks a clean add gives."""

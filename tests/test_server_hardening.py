@@ -203,6 +203,7 @@ def test_a_non_streamed_client_that_gives_up_stops_its_work(server):
     assert generated < LONG  # stopped, not run to max_tokens
 
 
+@pytest.mark.slow
 def test_a_flood_of_abandoned_requests_leaves_the_engine_idle(server):
     # 50 long requests, streamed and not, whose clients give up after half a second.
     def abandon(i: int) -> None:
@@ -250,6 +251,7 @@ def test_request_timeout_stops_the_request_with_a_408(folder):
         assert s.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish(folder):
     s = Server(str(folder))
     result = {}

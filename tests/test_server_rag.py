@@ -14,6 +14,7 @@ from serving import KEY, Server
 from test_server_embeddings import minilm_folder
 
 H = {"Authorization": f"Bearer {KEY}"}
+pytestmark = pytest.mark.slow  # the real chat and embedding models behind a server
 DOCS = {
     "bridges.md": "# Bridges\n\nThe Golden Gate Bridge opened in 1937 and spans the strait at San Francisco.",
     "bread.txt": "Sourdough bread rises with a starter of wild yeast and lactic acid bacteria.",
