@@ -68,3 +68,13 @@ class Server:
                 self.proc.kill()
                 return -9
         return self.proc.returncode
+
+
+def tiny_chat_folder(path, context: int = 256):
+    """A tiny random Qwen2 chat model with a small byte-level tokenizer, saved as an HF folder at `path`."""
+    from test_hf_folder import tiny_tokenizer
+    from tiny_models import make_hf_model
+    tok = tiny_tokenizer()
+    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=context).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -12,17 +12,11 @@ import httpx
 import openai
 import pytest
 
-from serving import KEY, MSG, Server
-from tiny_models import make_hf_model
+from serving import KEY, MSG, Server, tiny_chat_folder
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from test_hf_folder import tiny_tokenizer
-    path = tmp_path_factory.mktemp("tiny-server")
-    tok = tiny_tokenizer()
-    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=256).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_chat_folder(tmp_path_factory.mktemp("tiny-server"))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serving import KEY, MSG, Server
-from tiny_models import make_hf_model
+from serving import KEY, MSG, Server, tiny_chat_folder
 
 H = {"Authorization": f"Bearer {KEY}"}
 EMB = "all-minilm-l6-v2"
@@ -28,12 +27,7 @@ def minilm_folder() -> Path:
 
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory):
-    from test_hf_folder import tiny_tokenizer
-    path = tmp_path_factory.mktemp("tiny-chat")
-    tok = tiny_tokenizer()
-    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=256).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_chat_folder(tmp_path_factory.mktemp("tiny-chat"))
 
 
 @pytest.fixture(scope="module")

