@@ -514,6 +514,7 @@ class Soak:
     def do_misc(self, client, rng) -> None:
         which = rng.choice(["metrics", "models", "tokenize", "tokenizer_info", "detokenize"])
         req = {"route": which}
+        start = time.perf_counter()
         try:
             if which == "metrics":
                 r = client.get(self.url("/metrics"), headers=self.server.headers)
@@ -531,7 +532,7 @@ class Soak:
             else:
                 r = client.get(self.url("/tokenizer_info"), headers=self.server.headers)
                 need(r.status_code == 200 and "vocab_size" in r.json(), f"tokenizer_info {r.status_code}")
-            self.record("misc", "ok", 0)
+            self.record("misc", "ok", time.perf_counter() - start)
         except Invalid as e:
             self.bad("misc", str(e), req, {"status": r.status_code, "body": r.text[:2000]})
         except Exception as e:
