@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse
 from .protocol import error_body
 
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects; real requests (tools' JSON schemas included) stay far below
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: half of a UTF-16 pair
+_BIG_EXPONENT = re.compile(r"[eE][+-]?\d{3}")        # 1e308 and beyond may parse as inf
 
 
 class BodyError(Exception):
@@ -43,6 +46,12 @@ def check_json_body(body: bytes) -> None:
         raise BodyError(400, f"the request body's JSON is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except ValueError as e:  # JSONDecodeError, or an integer too long to convert
         raise BodyError(400, f"the request body is not valid JSON: {e}") from None
+    # Walk only when the text could hold what the walk looks for: a surrogate escape, deep nesting, or an exponent
+    # large enough to overflow to inf. A big flat body (a long list of token ids) is not walked item by item on
+    # the event loop.
+    if not (_SURROGATE_ESCAPE.search(text) or text.count("[") + text.count("{") > MAX_JSON_DEPTH
+            or _BIG_EXPONENT.search(text)):
+        return
     # Walk without recursion: (value, path, depth).
     todo = [(value, [], 0)]
     while todo:
