@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import replace
 
 import torch
 from fastapi import APIRouter, Request
 
+from ... import embedding
 from ...errors import LanternError
 from ..errors import APIError
 from ..events import ClientGone, until_disconnect
@@ -34,37 +36,31 @@ def input_list(value) -> list:
 
 
 def token_ids(served: ServedModel, items: list, truncate: int | None) -> tuple[list[list[int]], list[int]]:
-    """Token ids per input (special tokens added to text as the model's tokenizer does), and the indices of
-    the inputs that were cut to fit."""
-    llm, tok = served.llm, served.llm.tokenizer
-    limit = llm.embedding_max_length if truncate is None else min(truncate, llm.embedding_max_length)
-    vocab = tok.vocab_size
+    """Token ids per input, as `LLM.embed` makes them (the model's default prompt, lower-casing, special
+    tokens), and the indices of the inputs that were cut to fit `truncate` tokens (at most the model's
+    maximum; vLLM's truncate_prompt_tokens)."""
+    llm = served.llm
+    spec = llm.embedding_spec
+    if truncate is not None:
+        spec = replace(spec, max_length=min(truncate, spec.max_length))
     out, cut, total = [], [], 0
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            if not item:
-                raise APIError(400, f"input[{i}] is an empty string", param="input")
+        if isinstance(item, str) and not item:  # OpenAI refuses an empty text rather than embed [CLS][SEP]
+            raise APIError(400, f"input[{i}] is an empty string", param="input")
+        try:
             try:
-                ids = tok.encode(item)
-            except LanternError as e:
-                raise APIError(400, f"input[{i}]: {e}", param="input") from None
-        else:
-            if not item:
-                raise APIError(400, f"input[{i}] is an empty list of token ids", param="input")
-            bad = [t for t in item if not 0 <= t < vocab]
-            if bad:
-                raise APIError(400, f"input[{i}] has token id {bad[0]}, outside the vocabulary (0..{vocab - 1}); "
-                                    "token ids must be this model's own (LangChain: set "
-                                    "check_embedding_ctx_length=False so it sends text)", param="input")
-            ids = list(item)
-        if len(ids) > limit:
-            if truncate is None:
-                raise APIError(400, f"input[{i}] has {len(ids)} tokens, more than the {limit} this model embeds; "
-                                    "shorten it, or set truncate_prompt_tokens to cut it", param="input",
-                               code="context_length_exceeded")
-            # Keep the start, and the closing special token if there is one (BERT's [SEP]).
-            ids = ids[:limit - 1] + ids[-1:] if ids[-1] in tok.special_ids else ids[:limit]
-            cut.append(i)
+                [ids] = embedding.token_lists([item], llm.tokenizer, spec)
+            except embedding.InputTooLongError as e:
+                if truncate is None:
+                    raise APIError(400, f"input[{i}] has {e.length} tokens, more than the {e.maximum} this model "
+                                        "embeds; shorten it, or set truncate_prompt_tokens to cut it",
+                                   param="input", code="context_length_exceeded") from None
+                [ids] = embedding.token_lists([item], llm.tokenizer, spec, truncate=True)
+                cut.append(i)
+        except LanternError as e:
+            hint = "" if isinstance(item, str) else (" (token ids must be this model's own; LangChain: set "
+                                                     "check_embedding_ctx_length=False so it sends text)")
+            raise APIError(400, f"input[{i}]: {e}{hint}", param="input") from None
         total += len(ids)
         if total > MAX_TOTAL_TOKENS:
             raise APIError(400, f"the inputs hold more than {MAX_TOTAL_TOKENS:,} tokens; send fewer per request",
