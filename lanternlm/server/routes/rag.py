@@ -10,7 +10,6 @@ import re
 from fastapi import APIRouter, Request
 
 from ...errors import LanternError
-from ...store import cache_dir
 from ..errors import APIError
 from ..events import Events, collect
 from ..protocol import CompletionRequest, RagAskRequest, RagDocumentRequest, new_id, now
@@ -60,11 +59,9 @@ async def rag_add(req: RagDocumentRequest, request: Request):
     if not UPLOAD_NAME.fullmatch(req.name):
         raise APIError(400, "name must be a plain file name ending in .txt, .md, .markdown, .html or .htm "
                             "(letters, digits, spaces, '.', '-', '_')", param="name")
-    rag = open_rag(state, req.index)
-    rag.close()  # the index name is valid; the upload goes beside it
-    folder = cache_dir() / "rag" / req.index / "uploads"
 
     def add(rag):
+        folder = rag.index.path.parent / "uploads"  # beside the index
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / req.name
         tmp = path.with_name(f".{path.name}.part")
