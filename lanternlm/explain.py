@@ -21,9 +21,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import LanternError
-from .generate import OutputStream, Step, plan_lengths
-from .model import CausalLM, KVCache
-from .sampling import SamplingParams, inverse_cdf_draw, make_generator, sample, stages
+from .choose import _positive_int, _rank, _token, _top, trace_step
+from .generate import Step, generate
+from .guide import GuideSpec
+from .model import CausalLM
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 # attention(): the forward materialises every layer's (H, T, T) weights at once, so the prompt is bounded by
@@ -32,12 +34,6 @@ ATTENTION_FORWARD_BUDGET = 128 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------- small shared pieces
-
-
-def _positive_int(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise LanternError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _prompt_ids(ids, vocab_size: int, name: str = "ids") -> list[int]:
@@ -58,133 +54,20 @@ def _prompt_ids(ids, vocab_size: int, name: str = "ids") -> list[int]:
     return out
 
 
-def _token(tokenizer: Tokenizer, token_id: int) -> dict:
-    """How one token id is shown: the id, its text on its own and its vocabulary piece."""
-    try:
-        piece = tokenizer.tokens([token_id])[0]
-    except LanternError:  # an id past the tokenizer's vocabulary (a padded embedding row)
-        piece = ""
-    return {"id": token_id, "text": tokenizer.decode([token_id], skip_special_tokens=False), "piece": piece}
+# ---------------------------------------------------------------------- 1. generation with the trace on (trace_step lives in choose.py)
 
 
-def _rank(values: torch.Tensor, index: int) -> int:
-    """1-based rank of values[index] in a descending order that breaks ties by position, as argmax does.
-    values: (V,)."""
-    v = values[index]
-    ahead = (values > v).sum() + (values[:index] == v).sum()
-    return int(ahead) + 1
-
-
-def _top(tokenizer: Tokenizer, logits: torch.Tensor, probs: torch.Tensor, k: int) -> list[dict]:
-    """The k most probable tokens of one distribution, skipping removed ones (-inf logits).
-    logits, probs: (V,) float32 on the CPU."""
-    k = min(k, int((logits > -torch.inf).sum()))
-    values, order = torch.topk(probs, k)  # sorted, most probable first
-    return [{**_token(tokenizer, int(i)), "logit": float(logits[i]), "prob": float(p)}
-            for p, i in zip(values, order)]
-
-
-# ---------------------------------------------------------------------- 1. one token's trace
-
-
-def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids,
-               generator: torch.Generator | None, tokenizer: Tokenizer, top_k: int = 5) -> tuple[int, dict]:
-    """Choose the next token from the model's raw `logits` (V,) as `sampling` would, and say how.
-
-    Returns (token_id, trace). The trace holds:
-      - `candidates`: the top_k tokens of the raw logits with their logit, probability and log-probability;
-      - `stages`: after each active sampling stage (see `sampling.stages`; the first is the raw `input`), how
-        many tokens it keeps, the probability mass those kept tokens had just before the stage, and the top_k
-        of its distribution (softmax over the kept tokens);
-      - `chosen`: the token with its raw logit, raw probability and rank, and its probability and rank under
-        the final distribution (ranks are 1-based; ties go to the lower id, as argmax does);
-      - `draw`: None when greedy; else the uniform number u drawn from `generator` and the cumulative
-        probabilities [low, high) of the chosen token, which contain u * total (inverse-CDF over token ids).
-
-    Greedy picks exactly what `sampling.sample` picks, and sampling uses the same inverse-CDF draw as
-    `sampling.sample` (one `torch.rand` from `generator`), so a seeded run picks the same tokens traced or not.
-    """
-    top_k = _positive_int(top_k, "top_k")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise LanternError(f"logits must be one row of shape (vocab_size,), got {shape}")
-    raw = logits.detach().float().cpu()  # (V,); the trace is a few V-sized operations, cheapest on the CPU
-    if torch.isnan(raw).any():
-        raise LanternError("the logits contain NaN; the model produced invalid numbers")
-
-    all_stages = stages(raw, params, prompt_ids, output_ids)
-    raw_probs = raw.softmax(-1)
-    raw_logprobs = raw.log_softmax(-1)
-    candidates = [{**entry, "logprob": float(raw_logprobs[entry["id"]])}
-                  for entry in _top(tokenizer, raw, raw_probs, top_k)]
-
-    stage_list = []
-    previous = None  # the distribution before the current stage, (V,)
-    for name, stage_logits in all_stages:
-        probs = stage_logits.softmax(-1)
-        kept = stage_logits > -torch.inf
-        stage_list.append({
-            "name": name,
-            "kept": int(kept.sum()),
-            # Of the mass the previous distribution held, how much the survivors had (1.0 for the input).
-            "kept_mass": 1.0 if previous is None else float(previous[kept].sum()),
-            "top": _top(tokenizer, stage_logits, probs, top_k),
-        })
-        previous = probs
-    final_logits = all_stages[-1][1]
-    final_probs = previous
-
-    if params.greedy:
-        token = sample(final_logits, params, generator)  # the very code generate() runs
-        draw = None
-    else:
-        if not torch.isfinite(final_probs).all() or float(final_probs.sum()) <= 0:
-            raise LanternError("no token is left to sample: every logit is -inf after processing")
-        token, draw = inverse_cdf_draw(final_probs, generator)
-
-    chosen = {
-        **_token(tokenizer, token),
-        "logit": float(raw[token]),
-        "raw_prob": float(raw_probs[token]),
-        "raw_rank": _rank(raw, token),
-        "prob": float(final_probs[token]),
-        "rank": _rank(final_probs, token),
-    }
-    return token, {"greedy": params.greedy, "candidates": candidates, "stages": stage_list,
-                   "chosen": chosen, "draw": draw}
-
-
-# ---------------------------------------------------------------------- 2. generation with the trace on
-
-
-@torch.inference_mode()
 def explain_generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids, params: SamplingParams, context: int,
-                     top_k: int = 5) -> Iterator[tuple[Step, dict]]:
+                     top_k: int = 5, guide: GuideSpec | None = None) -> Iterator[tuple[Step, dict]]:
     """`generate.generate` with a trace per token: yields (Step, trace) where trace is `trace_step`'s dict plus
     the token's `index` among the new tokens, its `position` in the sequence, and the Step's `text` and
-    `finish_reason`. Greedy output is token for token what `generate.generate` produces."""
+    `finish_reason`. It is the same generation (same path, same tokens), with the trace switched on."""
     top_k = _positive_int(top_k, "top_k")
     prompt_ids = _prompt_ids(prompt_ids, model.config.vocab_size, "prompt_ids")
-    max_new = plan_lengths(len(prompt_ids), params, context)
-    if max_new == 0:
-        return
-    stream = OutputStream(tokenizer, params, prompt_ids, max_new)
-    device, dtype = model.device, model.dtype
-    cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
-    generator = make_generator(params.seed)
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T) then (1, 1)
-    positions = torch.arange(len(prompt_ids), device=device)[None]
-    while True:
-        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1].float()  # (V,)
-        token, trace = trace_step(logits, params, stream.prompt_ids, stream.output_ids, generator, tokenizer, top_k)
-        step = stream.append(token)
-        pos = len(prompt_ids) + len(stream.output_ids) - 1  # where this token sits in the sequence
-        yield step, {"index": len(stream.output_ids) - 1, "position": pos, "text": step.text,
-                     "finish_reason": step.finish_reason, **trace}
-        if step.finish_reason is not None:
-            return
-        ids = torch.tensor([[token]], device=device)
-        positions = torch.tensor([[pos]], device=device)
+    for index, step in enumerate(generate(model, tokenizer, prompt_ids, params, context, model.device, guide,
+                                          trace_top_k=top_k)):
+        yield step, {"index": index, "position": len(prompt_ids) + index, "text": step.text,
+                     "finish_reason": step.finish_reason, **step.trace}
 
 
 # ---------------------------------------------------------------------- 3. logit lens

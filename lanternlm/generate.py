@@ -1,20 +1,23 @@
 """Generation as a generator of steps: token id, the new text it completes, and a finish reason on the last.
 
-`OutputStream` turns sampled token ids into safe text for one sequence (UTF-8 whole characters only, stop
+`OutputStream` turns chosen token ids into safe text for one sequence (UTF-8 whole characters only, stop
 strings never emitted, not even in part) and decides when the sequence ends; `generate` runs the model
-for one sequence with a KV cache and feeds it. The server's batched engine reuses OutputStream.
+for one sequence with a KV cache, chooses each token through `choose.Chooser` (the path the serving engine
+uses too) and feeds it. The server's batched engine reuses OutputStream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .choose import Chooser
 from .errors import LanternError
+from .guide import GuideSpec
 from .model import CausalLM, KVCache
-from .sampling import SamplingParams, make_generator, process_logits, sample
+from .sampling import SamplingParams, make_generator
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -27,6 +30,8 @@ class Step:
     token_id: int
     text: str                          # text completed by this token ("" while a character or a stop is pending)
     finish_reason: str | None = None   # None while generating; "stop" or "length" on the last step
+    # How the token was chosen (choose.trace_step), when asked for; not part of a Step's identity.
+    trace: dict | None = field(default=None, compare=False, repr=False)
 
 
 class StopMatcher:
@@ -78,26 +83,27 @@ class OutputStream:
                                           prompt_ids=self.prompt_ids)
         self.stops = StopMatcher(params.stop)
 
-    def append(self, token_id: int) -> Step:
+    def append(self, token_id: int, trace: dict | None = None) -> Step:
         if self.finish_reason is not None:
             raise RuntimeError("sequence already finished")
         self.output_ids.append(token_id)
         if token_id in self.end_ids:  # end-of-turn token: its own text is never shown
-            return self._finish(token_id, self.stops.push(self.decoder.flush())[0] + self.stops.flush(), "stop")
+            return self._finish(token_id, self.stops.push(self.decoder.flush())[0] + self.stops.flush(), "stop",
+                                trace)
         text, stopped = self.stops.push(self.decoder.push(token_id))
         if stopped:
-            return self._finish(token_id, text, "stop")
+            return self._finish(token_id, text, "stop", trace)
         if len(self.output_ids) >= self.max_new_tokens:
             text2, stopped = self.stops.push(self.decoder.flush())
             return self._finish(token_id, text + text2 + ("" if stopped else self.stops.flush()),
-                                "stop" if stopped else "length")
+                                "stop" if stopped else "length", trace)
         self.text += text
-        return Step(token_id, text)
+        return Step(token_id, text, None, trace)
 
-    def _finish(self, token_id: int, text: str, reason: str) -> Step:
+    def _finish(self, token_id: int, text: str, reason: str, trace: dict | None) -> Step:
         self.text += text
         self.finish_reason = reason
-        return Step(token_id, text, reason)
+        return Step(token_id, text, reason, trace)
 
 
 def plan_lengths(prompt_len: int, params: SamplingParams, context: int) -> int:
@@ -115,22 +121,24 @@ def plan_lengths(prompt_len: int, params: SamplingParams, context: int) -> int:
 
 @torch.inference_mode()
 def generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-             context: int, device: torch.device | str = "cpu") -> Iterator[Step]:
-    """Yield one Step per generated token until an end token, a stop string or the length limit."""
+             context: int, device: torch.device | str = "cpu", guide: GuideSpec | None = None,
+             trace_top_k: int | None = None) -> Iterator[Step]:
+    """Yield one Step per generated token until an end token, a stop string or the length limit.
+    `guide` constrains the tokens (grammar, thinking budget); `trace_top_k` puts a trace on every Step."""
     max_new = plan_lengths(len(prompt_ids), params, context)
     if max_new == 0:
         return
     stream = OutputStream(tokenizer, params, prompt_ids, max_new)
     dtype = model.dtype
     cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
-    generator = make_generator(params.seed)
+    chooser = Chooser(params, make_generator(params.seed),
+                      guide.start(tokenizer, model.config.vocab_size) if guide is not None else None, trace_top_k)
     ids = torch.tensor([prompt_ids], device=device)
     positions = torch.arange(len(prompt_ids), device=device)[None]
     while True:
-        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1].float()  # (V,)
-        logits = process_logits(logits, params, stream.prompt_ids, stream.output_ids)
-        token = sample(logits, params, generator)
-        step = stream.append(token)
+        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1]  # (V,)
+        token, trace = chooser.choose(logits, stream.prompt_ids, stream.output_ids, tokenizer)
+        step = stream.append(token, trace)
         yield step
         if step.finish_reason is not None:
             return

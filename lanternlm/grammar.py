@@ -127,13 +127,19 @@ def json_schema_grammar(schema: dict) -> str:
 class Grammar:
     """A compiled grammar: a matcher in its start state, copied for each sequence."""
 
-    def __init__(self, spec: GrammarSpec, pristine: llguidance.LLMatcher, vocab_size: int):
+    def __init__(self, spec: GrammarSpec, pristine: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer,
+                 vocab_size: int):
         self.spec = spec
         self._pristine = pristine
+        self._tokenizer = tokenizer
         self.vocab_size = vocab_size
 
     def matcher(self) -> Matcher:
         return Matcher(self._pristine.deep_copy(), self.vocab_size)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids for `text` as the grammar engine splits it (to feed text that arrived inside a token)."""
+        return self._tokenizer.tokenize_str(text)
 
 
 class Matcher:
@@ -208,7 +214,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, source, log_level=0, limits=limits)
         if matcher.is_error():
             raise _error(spec, matcher.get_error())
-        grammar = Grammar(spec, matcher, self.vocab_size)
+        grammar = Grammar(spec, matcher, tokenizer, self.vocab_size)
         with self._lock:
             self.compiled += 1
             self._cache[spec] = grammar
@@ -216,9 +222,6 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids for `text` as the grammar engine splits it (to feed text that arrived inside a token)."""
-        return self.ll_tokenizer.tokenize_str(text)
 
 
 def _what(spec: GrammarSpec) -> str:

@@ -3,6 +3,10 @@ and the processing stages as pure functions on a float32 logits row of shape (V,
 
 Order of the stages (each is skipped when its parameter is neutral):
 
+0. a constraint, when the sequence has one (``grammar`` from a JSON schema, regex or tool-call grammar, or
+   ``thinking_budget`` forcing the end of a thought): tokens it does not allow are removed before anything
+   else, so every later stage (and greedy's arg-max) only sees tokens the constraint allows. vLLM applies its
+   structured-output bitmask to the logits before its sampler in the same way.
 1. ``logit_bias``  -- add the caller's per-token bias. Both references apply it first: vLLM runs its
    logit-bias processor before the penalties, and transformers' ``SequenceBiasLogitsProcessor`` precedes its
    ``RepetitionPenaltyLogitsProcessor``.
@@ -20,7 +24,7 @@ Order of the stages (each is skipped when its parameter is neutral):
 7. ``min_p`` -- drop tokens whose probability is below ``min_p`` times the top token's. transformers runs it
    after top-p; since it compares ratios to the top token, the kept set does not depend on that order.
 
-Removed tokens get ``-inf``. The most likely token always survives every stage.
+Removed tokens get ``-inf``. The most likely token (of those the constraint allows) survives every stage.
 """
 
 from __future__ import annotations
@@ -283,11 +287,23 @@ def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def stages(logits, params: SamplingParams, prompt_ids, output_ids) -> list[tuple[str, torch.Tensor]]:
+def apply_constraint(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Remove the tokens a constraint does not allow. allowed: (V,) bool."""
+    if allowed.shape != logits.shape or allowed.dtype != torch.bool:
+        raise LanternError(f"a constraint's mask must be a bool tensor of shape {tuple(logits.shape)}, got "
+                           f"{allowed.dtype} {tuple(allowed.shape)}")
+    if not bool(allowed.any()):
+        raise LanternError("the constraint allows no token at all")
+    return logits.masked_fill(~allowed.to(logits.device), -math.inf)
+
+
+def stages(logits, params: SamplingParams, prompt_ids, output_ids,
+           constraint: tuple[str, torch.Tensor] | None = None) -> list[tuple[str, torch.Tensor]]:
     """The logits row after each active stage, starting with ``("input", logits)`` as float32.
 
     ``logits`` is the model's (V,) row for the next token; ``prompt_ids`` and ``output_ids`` are the
-    token ids so far (sequences of ints or integer tensors). Parameters still ``None`` count as neutral
+    token ids so far (sequences of ints or integer tensors). ``constraint`` is a (stage name, allowed (V,)
+    bool) pair from the sequence's guide, applied first. Parameters still ``None`` count as neutral
     (call :meth:`SamplingParams.with_defaults` first to apply the model's defaults).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
@@ -301,6 +317,8 @@ def stages(logits, params: SamplingParams, prompt_ids, output_ids) -> list[tuple
         result.append((name, value))
         return value
 
+    if constraint is not None:
+        x = add(constraint[0], apply_constraint(x, constraint[1]))
     if params.logit_bias:
         x = add("logit_bias", apply_logit_bias(x, params.logit_bias))
     if params.repetition_penalty is not None and params.repetition_penalty != 1:
@@ -325,9 +343,10 @@ def stages(logits, params: SamplingParams, prompt_ids, output_ids) -> list[tuple
     return result
 
 
-def process_logits(logits, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+def process_logits(logits, params: SamplingParams, prompt_ids, output_ids,
+                   constraint: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The final float32 (V,) logits to sample from; removed tokens are ``-inf``."""
-    return stages(logits, params, prompt_ids, output_ids)[-1][1]
+    return stages(logits, params, prompt_ids, output_ids, constraint)[-1][1]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -397,7 +416,8 @@ __all__ = [
     "SamplingParams", "SamplingParamsError", "make_generator", "stages", "process_logits", "sample",
     "inverse_cdf_draw",
     "sample_batch", "apply_logit_bias", "apply_repetition_penalty", "apply_frequency_presence_penalty",
-    "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "keep_argmax",
+    "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "keep_argmax", "apply_constraint",
+    "token_logprobs",
 ]
 
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..choose import Chooser
 from ..errors import LanternError
-from ..explain import trace_step
 from ..generate import OutputStream, plan_lengths
+from ..guide import GuideSpec
 from ..model import CausalLM, KVCache
-from ..sampling import SamplingParams, make_generator, process_logits, sample, token_logprobs
+from ..sampling import SamplingParams, make_generator, token_logprobs
 from ..tokenizer import Tokenizer
 from .sequence import Event, Sequence
 
@@ -82,16 +83,19 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                request_id: str | None = None, logprobs: int | None = None, trace_top_k: int | None = None,
-               prompt_logprobs: int | None = None) -> str:
+               prompt_logprobs: int | None = None, guide: GuideSpec | None = None) -> str:
         """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once.
         `logprobs` / `prompt_logprobs`: report the generated / prompt tokens' logprobs with this many
-        alternatives each."""
+        alternatives each. `guide`: what the tokens are constrained to (grammar, thinking budget)."""
         max_new = plan_lengths(len(prompt_ids), params, self.context)
         if self.dead:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
+        chooser = Chooser(params, make_generator(params.seed),
+                          guide.start(self.tokenizer, self.model.config.vocab_size) if guide is not None else None,
+                          trace_top_k)
         seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
-                       OutputStream(self.tokenizer, params, prompt_ids, max_new), make_generator(params.seed),
-                       on_event, logprobs=logprobs, trace_top_k=trace_top_k, prompt_logprobs=prompt_logprobs)
+                       OutputStream(self.tokenizer, params, prompt_ids, max_new), chooser,
+                       on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
@@ -205,15 +209,8 @@ class Engine:
             self._sample_and_emit(seq, row)
 
     def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor) -> None:
-        params = seq.stream.params
-        trace = None
-        if seq.trace_top_k:  # the same choice, made by the traced path (same stages, same draw)
-            token, trace = trace_step(logits, params, seq.prompt_ids, seq.stream.output_ids, seq.generator,
-                                      self.tokenizer, top_k=seq.trace_top_k)
-        else:
-            processed = process_logits(logits.float(), params, seq.prompt_ids, seq.stream.output_ids)
-            token = sample(processed, params, seq.generator)
-        step = seq.stream.append(token)
+        token, trace = seq.chooser.choose(logits, seq.prompt_ids, seq.stream.output_ids, self.tokenizer)
+        step = seq.stream.append(token, trace)
         now = time.monotonic()
         if self.observer:
             if seq.first_token_at is None:

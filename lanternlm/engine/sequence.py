@@ -7,8 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
+from ..choose import Chooser
 from ..generate import OutputStream, Step
 
 _ids = itertools.count()
@@ -23,7 +22,7 @@ class Event:
     error: str | None = None           # set when the engine aborted the request (shutdown, failure)
     logprob: float | None = None       # log-probability of step.token_id under the model, when asked for
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
-    trace: dict | None = None          # explain.trace_step's record of how the token was chosen, when asked for
+    trace: dict | None = None          # choose.trace_step's record of how the token was chosen, when asked for
     # On a request's first event, when asked for: per prompt token, None for the first (nothing predicts it),
     # then (logprob, rank, [(id, logprob), ...]) of that token given the ones before it.
     prompt_logprobs: list | None = None
@@ -34,7 +33,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     stream: OutputStream
-    generator: torch.Generator | None
+    chooser: Chooser                     # how its tokens are chosen (parameters, generator, guide, trace)
     on_event: Callable[[Event], None]
     slot: int = -1                       # KV cache row while running
     computed: int = 0                    # prompt tokens already in the cache
@@ -43,7 +42,6 @@ class Sequence:
     last_token_at: float | None = None
     aborted: bool = False
     logprobs: int | None = None          # report the chosen token's logprob and this many alternatives
-    trace_top_k: int | None = None       # report a sampling trace with this many candidates per stage
     prompt_logprobs: int | None = None   # report each prompt token's logprob and this many alternatives
     prompt_lp: list = field(default_factory=list)  # what has been computed of them so far
 
