@@ -4,12 +4,18 @@
     llm = LLM("smollm2-135m-instruct")
     print(llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
 
+    reply = llm.chat(messages, response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+    reply.message            # {"role": "assistant", "content": '{"city": "Paris"}'}: always valid when it stops
+    reply = llm.chat(messages, tools=[...], tool_choice="required")
+    reply.message["tool_calls"]                  # OpenAI-shaped calls, parsed from the model's own format
+
     embedder = LLM("all-minilm-l6-v2")           # an encoder: llm.kind == "embed"
     vectors = embedder.embed(["first text", "second text"])   # list[list[float]], L2-normalised
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,10 +23,14 @@ import torch
 
 from . import embedding
 from .chat import ChatTemplate, no_template_error
+from .chat_plan import ChatOptions, ChatPlan, plan_chat
 from .errors import LanternError
 from .explain import attention, explain_generate, logit_lens
 from .generate import Step, generate
+from .grammar import GrammarCompiler, GrammarSpec
+from .guide import GuideSpec
 from .loader.load import load
+from .reasoning import ThinkFormat, detect_thinking, starts_inside
 from .sampling import SamplingParams
 from .store import catalogue_entry, recommended_generation_config, resolve
 
@@ -32,6 +42,9 @@ class Completion:
     finish_reason: str | None
     prompt_token_ids: list[int]
     trace: list[dict] | None = None  # per token, when generate(..., trace=True): see LLM.explain
+    # chat(): the assistant message as OpenAI shapes it (content, reasoning_content, tool_calls); finish_reason
+    # is then "tool_calls" when the model called a tool.
+    message: dict | None = None
 
 
 class LLM:
@@ -64,6 +77,10 @@ class LLM:
         if loaded.chat_template:
             self._template = ChatTemplate(loaded.chat_template, bos_token=self.tokenizer.bos_token,
                                           eos_token=self.tokenizer.eos_token, origin=f"{self.path} chat template")
+        # How the model thinks, if its template has it think in tags (Qwen3, DeepSeek-R1 distills, ...).
+        self.thinking: ThinkFormat | None = detect_thinking(loaded.chat_template) if self.kind == "generate" else None
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     # ------------------------------------------------------------------ prompts
 
@@ -78,6 +95,26 @@ class LLM:
         if self._template is None:
             raise no_template_error(str(self.path))
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles (and caches) grammars for this model's vocabulary; made on first use."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
+            return self._grammars
+
+    def plan_chat(self, messages: list[dict], options: ChatOptions | None = None) -> ChatPlan:
+        """The prompt and output constraint for a chat request (tools, response_format, thinking)."""
+        self._need_decoder("chat")
+        if self._template is None:
+            raise no_template_error(str(self.path))
+        return plan_chat(self._template, self.tokenizer, self.grammars, messages, options or ChatOptions())
+
+    def thinking_starts_inside(self, prompt_ids: list[int]) -> bool:
+        """Whether this prompt leaves the model inside an open thought (its template opened one)."""
+        return self.thinking is not None and starts_inside(
+            self.thinking, self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the BOS itself when the model wants one, so no special tokens are added here,
@@ -100,38 +137,66 @@ class LLM:
     def _params(self, params: SamplingParams | None) -> SamplingParams:
         return (params or SamplingParams()).with_defaults(self.generation_config)
 
-    def _run(self, ids: list[int], params: SamplingParams | None) -> Iterator[Step]:
+    def _run(self, ids: list[int], params: SamplingParams | None, guide: GuideSpec | None = None,
+             trace_top_k: int | None = None) -> Iterator[Step]:
         self._need_decoder("generate text")
-        return generate(self.model, self.tokenizer, ids, self._params(params), self.context, self.device)
+        return generate(self.model, self.tokenizer, ids, self._params(params), self.context, self.device, guide,
+                        trace_top_k)
 
-    def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Step]:
-        return self._run(self.encode(prompt), params)
+    def guide_for(self, grammar: GrammarSpec | None) -> GuideSpec | None:
+        """The guide that holds a plain generation to `grammar` (compiled once, cached)."""
+        return None if grammar is None else GuideSpec(self.grammars.compile(grammar))
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                 trace: bool = False) -> Completion:
-        """Generate from a text or token ids. trace=True records how each token was chosen (same tokens)."""
+    def stream_ids(self, ids: list[int], params: SamplingParams | None = None,
+                   guide: GuideSpec | None = None) -> Iterator[Step]:
+        """Steps generated after the token ids `ids`, under `guide` (see plan_chat / guide_for)."""
+        return self._run(self.encode(ids), params, guide)
+
+    def generate_stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                        grammar: GrammarSpec | None = None) -> Iterator[Step]:
+        return self._run(self.encode(prompt), params, self.guide_for(grammar))
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, trace: bool = False,
+                 grammar: GrammarSpec | None = None) -> Completion:
+        """Generate from a text or token ids. trace=True records how each token was chosen (same tokens);
+        `grammar` (GrammarSpec.json_schema / regex / lark) constrains the output."""
         self._need_decoder("generate text")
         ids = self.encode(prompt)
-        if trace:
-            found = self.explain(ids, params)
-            return Completion(found["text"], found["token_ids"], found["finish_reason"], ids, found["steps"])
-        return self._collect(ids, self._run(ids, params))
+        return self._collect(ids, self._run(ids, params, self.guide_for(grammar), 5 if trace else None), trace)
 
-    def chat_stream(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[Step]:
-        return self._run(self.encode_chat(messages), params)
+    def chat_stream(self, messages: list[dict], params: SamplingParams | None = None,
+                    options: ChatOptions | None = None) -> Iterator[Step]:
+        """Raw steps of a chat reply (thinking and tool-call text included; `plan_chat(...).reader()` splits
+        them)."""
+        plan = self.plan_chat(messages, options)
+        return self._run(plan.prompt_ids, plan.sampling(params or SamplingParams()), plan.guide)
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        ids = self.encode_chat(messages)
-        return self._collect(ids, self._run(ids, params))
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, *, tools: list[dict] | None = None,
+             tool_choice=None, parallel_tool_calls: bool = True, response_format: dict | None = None,
+             grammar: GrammarSpec | None = None, chat_template_kwargs: dict | None = None,
+             thinking_token_budget: int | None = None, trace: bool = False) -> Completion:
+        """One chat reply. The arguments after `params` are OpenAI's (and Lantern's `grammar` and
+        `thinking_token_budget`); `Completion.message` holds the reply as OpenAI shapes it."""
+        plan = self.plan_chat(messages, ChatOptions(
+            tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format, grammar=grammar, chat_template_kwargs=chat_template_kwargs,
+            thinking_token_budget=thinking_token_budget))
+        done = self._collect(plan.prompt_ids, self._run(plan.prompt_ids, plan.sampling(params or SamplingParams()),
+                                                        plan.guide, 5 if trace else None), trace)
+        message, reason = plan.message(done.text, done.finish_reason)
+        return Completion(done.text, done.token_ids, reason, done.prompt_token_ids, done.trace, message)
 
     @staticmethod
-    def _collect(prompt_ids: list[int], steps: Iterator[Step]) -> Completion:
-        text, ids, reason = [], [], None
-        for step in steps:
+    def _collect(prompt_ids: list[int], steps: Iterator[Step], trace: bool = False) -> Completion:
+        text, ids, reason, traces = [], [], None, []
+        for i, step in enumerate(steps):
             text.append(step.text)
             ids.append(step.token_id)
             reason = step.finish_reason
-        return Completion("".join(text), ids, reason, prompt_ids)
+            if trace:
+                traces.append({"index": i, "position": len(prompt_ids) + i, "text": step.text,
+                               "finish_reason": step.finish_reason, **step.trace})
+        return Completion("".join(text), ids, reason, prompt_ids, traces if trace else None)
 
     # ------------------------------------------------------------------ embeddings
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,10 @@ EXAMPLES = {
   echo "Tell me a joke" | lantern run -m smollm2-135m-instruct
   lantern run --raw --max-tokens 20 "Once upon a time"
   lantern run -m ./my-hf-folder --temperature 0.7 --seed 1 --stop "\\n\\n" "Write a haiku"
+  lantern run --json-schema '{"type": "object", "properties": {"city": {"type": "string"}}}' "Where is the Louvre?"
+  lantern run --json-schema schema.json --explain "Extract the person: Ada, 36"   # the grammar is a traced stage
+  lantern run --regex '\\d{3}-\\d{4}' "Make up a phone number"
+  lantern run -m ./qwen3-folder --thinking-budget 64 "Is 97 prime?"                # thinking shown dimmed
 """,
     "chat": """examples:
   lantern chat
@@ -104,6 +109,52 @@ def add_sampling(p):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_constraints(p):
+    g = p.add_argument_group("output constraints (one of them) and thinking")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="the answer is JSON matching this schema (JSON text, or a file holding it)")
+    g.add_argument("--regex", default=None, help="the answer matches this regular expression")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the answer matches this Lark grammar (llguidance's dialect)")
+    g.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="a thinking model writes at most N tokens of thought before </think> is forced")
+    g.add_argument("--no-think", action="store_true",
+                   help="ask the template not to think (chat_template_kwargs enable_thinking=false)")
+
+
+def constraint_options(args):
+    """The ChatOptions of --json-schema / --regex / --grammar / --thinking-budget / --no-think."""
+    from .chat_plan import ChatOptions
+    from .grammar import GrammarSpec
+    given = [name for name in ("json_schema", "regex", "grammar") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise LanternError("give one of --json-schema, --regex and --grammar")
+    grammar = None
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "[", "true", "false")):
+            text = _read_file(text, "--json-schema")
+        grammar = GrammarSpec.json_schema(text)
+    elif args.regex is not None:
+        grammar = GrammarSpec.regex(args.regex)
+    elif args.grammar is not None:
+        grammar = GrammarSpec.lark(_read_file(args.grammar, "--grammar"))
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        raise LanternError(f"--thinking-budget must be >= 0, got {args.thinking_budget}")
+    return ChatOptions(grammar=grammar, thinking_token_budget=args.thinking_budget,
+                       chat_template_kwargs={"enable_thinking": False} if args.no_think else None)
+
+
+def _read_file(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(1 << 20)
+    except OSError as e:
+        raise LanternError(f"{flag}: cannot read {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LanternError(f"{flag}: {path!r} is not UTF-8 text") from None
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lantern", description="Run, serve and look inside LLMs (HF folders and GGUF).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -124,6 +175,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--explain", nargs="?", type=int, const=3, default=None, metavar="K",
                    help="print a table per token: the chosen token, its probability and K alternatives (default 3)")
     add_sampling(p)
+    add_constraints(p)
 
     p = command("lens", "logit lens: what each layer would predict next, for a prompt")
     add_model(p)
@@ -138,6 +190,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="timing and token counts on stderr")
     add_sampling(p)
+    add_constraints(p)
 
     p = command("pull", "fetch a model into the cache (verified by sha256)")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -264,25 +317,97 @@ def read_text(words: list[str], what: str) -> str:
     return sys.stdin.read()
 
 
-def stream_out(steps, verbose: bool, prompt_len: int, started: float) -> tuple[str, str | None]:
-    """Print the steps' text as it comes; return the whole text and the finish reason."""
-    pieces, reason, first, count = [], None, None, 0
-    for step in steps:
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        if step.text:
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
-            pieces.append(step.text)
-        reason = step.finish_reason
+class ReplyPrinter:
+    """Prints a streamed reply as it comes, a reasoning model's thinking apart from its answer, and keeps the answer.
+
+    Without a splitter every piece is answer. With one, the thinking is dimmed on a terminal (`styled`) and written
+    as "> "-quoted lines otherwise, so that a pipe or a file still tells it from the answer, which follows after a
+    blank line. Call `finish` once the reply ends, even when it is interrupted: it writes what the splitter held
+    back and resets the terminal's style.
+    """
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out, splitter=None, styled: bool = False):
+        self.out = out
+        self.splitter = splitter
+        self.styled = styled
+        self.thinking = False  # inside the printed thought (which can only come before the answer)
+        self.pieces: list[str] = []  # the answer, without the thinking
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.pieces)
+
+    def write(self, text: str) -> None:
+        if self.splitter is None:
+            self._show("", text)
+        else:
+            self._show(*self.splitter.push(text))
+
+    def finish(self) -> None:
+        if self.splitter is not None:
+            self._show(*self.splitter.flush())
+        self._end_thought()
+
+    def _show(self, reasoning: str, content: str) -> None:
+        if reasoning:
+            if not self.thinking:
+                self.out.write(self.DIM if self.styled else "> ")
+                self.thinking = True
+            # The splitter never ends a delta with whitespace, so a newline here always has more thought after it.
+            self.out.write(reasoning if self.styled else reasoning.replace("\n", "\n> "))
+        if content:
+            if self._end_thought():
+                self.out.write("\n\n")
+            self.out.write(content)
+            self.pieces.append(content)
+        if reasoning or content:
+            self.out.flush()
+
+    def _end_thought(self) -> bool:
+        """Close the printed thought, if one is open; whether one was."""
+        if not self.thinking:
+            return False
+        self.thinking = False
+        if self.styled:
+            self.out.write(self.RESET)
+        self.out.flush()
+        return True
+
+
+def reply_printer(llm, prompt_ids) -> ReplyPrinter:
+    """A printer for the reply to `prompt_ids` on stdout, splitting out the thinking if the model thinks in tags."""
+    fmt = getattr(llm, "thinking", None)  # set from the chat template by LLM; None for a model that does not think
+    if fmt is None:
+        return ReplyPrinter(sys.stdout)
+    from .reasoning import ReasoningSplitter
+    styled = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
+    return ReplyPrinter(sys.stdout, ReasoningSplitter(fmt, llm.thinking_starts_inside(prompt_ids)), styled)
+
+
+def stream_out(steps, verbose: bool, prompt_len: int, started: float,
+               printer: ReplyPrinter | None = None) -> tuple[str, str | None]:
+    """Print the steps' text as it comes; return the answer's text (without any thinking) and the finish reason."""
+    printer = printer or ReplyPrinter(sys.stdout)
+    reason, first, count = None, None, 0
+    try:
+        for step in steps:
+            if first is None:
+                first = time.perf_counter()
+            count += 1
+            if step.text:
+                printer.write(step.text)
+            reason = step.finish_reason
+    finally:
+        printer.finish()
     end = time.perf_counter()
     if verbose:
         decode = (count - 1) / (end - first) if first and count > 1 and end > first else 0.0
         ttft = (first - started) if first else 0.0
         print(f"\n[prompt {prompt_len} tokens, generated {count} tokens, finish {reason}, "
               f"time to first token {ttft:.3f} s, decode {decode:.1f} tokens/s]", file=sys.stderr)
-    return "".join(pieces), reason
+    return printer.answer, reason
 
 
 # ---------------------------------------------------------------------- commands
@@ -295,22 +420,26 @@ def cmd_run(args) -> int:
     if args.verbose:
         print(f"[loaded {llm.path} in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
     params = sampling_from(args)
+    options = constraint_options(args)
     if args.raw:
         ids = llm.encode(prompt)
+        guide = llm.guide_for(options.grammar)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt.strip()}]
-        ids = llm.encode_chat(messages)
+        plan = llm.plan_chat(messages, options)
+        ids, guide = plan.prompt_ids, plan.guide
     if args.explain is not None:
-        return print_explained(llm, ids, params, args.explain)
+        return print_explained(llm, ids, params, args.explain, guide)
     started = time.perf_counter()
-    text, _ = stream_out(llm.generate_stream(ids, params), args.verbose, len(ids), started)
+    printer = ReplyPrinter(sys.stdout) if args.raw else reply_printer(llm, ids)
+    text, _ = stream_out(llm.stream_ids(ids, params, guide), args.verbose, len(ids), started, printer)
     if not text.endswith("\n"):
         sys.stdout.write("\n")
     return 0
 
 
-def print_explained(llm, ids, params, k: int) -> int:
+def print_explained(llm, ids, params, k: int, guide=None) -> int:
     """One row per generated token as it is chosen, then the answer."""
     from .explain import explain_generate
     if k < 0:
@@ -318,7 +447,10 @@ def print_explained(llm, ids, params, k: int) -> int:
     print(f"{'#':>4}  {'token':18} {'prob':>7}  {'rank':>4}  alternatives (prob)")
     pieces = []
     for step, trace in explain_generate(llm.model, llm.tokenizer, ids, llm._params(params), llm.context,
-                                        top_k=k + 1):
+                                        top_k=k + 1, guide=guide):
+        constraint = next((st for st in trace["stages"][1:2] if st["name"] in ("grammar", "thinking_budget")), None)
+        if constraint is not None:  # the constraint is the first stage after the raw logits
+            print(f"      {constraint['name']}: kept {constraint['kept']:,} of {trace['stages'][0]['kept']:,}")
         chosen = trace["chosen"]
         alts = [c for c in trace["candidates"] if c["id"] != chosen["id"]][:k]
         alt_text = "  ".join(f"{c['text']!r} {c['prob']:.3f}" for c in alts)
@@ -349,6 +481,7 @@ def cmd_lens(args) -> int:
 def cmd_chat(args) -> int:
     llm = open_model(args)
     params = sampling_from(args)
+    options = constraint_options(args)
     interactive = sys.stdin.isatty()
     system = args.system
     history: list[dict] = []
@@ -383,19 +516,22 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = llm.encode_chat(messages)
-        pieces = []
+        plan = llm.plan_chat(messages, options)
+        printer, stopped = reply_printer(llm, plan.prompt_ids), False
         try:
-            for step in llm.generate_stream(ids, params):
+            for step in llm.stream_ids(plan.prompt_ids, params, plan.guide):
                 if step.text:
-                    sys.stdout.write(step.text)
-                    sys.stdout.flush()
-                    pieces.append(step.text)
+                    printer.write(step.text)
         except KeyboardInterrupt:
+            stopped = True
+        finally:
+            printer.finish()  # also resets a dimmed terminal before anything else is printed
+        if stopped:
             print("\n[stopped]", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(pieces)})
+        # Only the answer: chat templates expect past turns without their thinking (most drop it anyway).
+        history.append({"role": "assistant", "content": printer.answer})
     return 0
 
 

@@ -66,11 +66,19 @@ class GrammarSpec:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
-        if isinstance(schema, bool):
-            schema = {} if schema else {"not": {}}
+        if schema is False:
+            raise GrammarError("the JSON schema is false, which no output can match")
+        if schema is True:
+            schema = {}
         if not isinstance(schema, dict):
             raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+        try:
+            # Key order kept: llguidance generates properties in the order the schema lists them.
+            text = json.dumps(schema, ensure_ascii=False)
+        except RecursionError:
+            raise GrammarError("the JSON schema is nested too deeply") from None
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"the JSON schema is not JSON: {e}") from None
         _check_size(text, "the JSON schema")
         try:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
@@ -236,7 +244,9 @@ def _error(spec: GrammarSpec, message: str) -> GrammarError:
         return GrammarError(f"the {_what(spec)} uses {', '.join(repr(k) for k in keys)}, which Lantern cannot "
                             f"enforce while generating; remove {'it' if len(keys) == 1 else 'them'} or validate "
                             f"after generation", keyword=keys[0] if keys else None)
-    return GrammarError(f"cannot compile the {_what(spec)}: {message}")
+    keyword = "oneOf" if "oneOf constraints are not supported" in message else (
+        "format" if message.startswith("Unknown format") else None)
+    return GrammarError(f"cannot compile the {_what(spec)}: {message}", keyword=keyword)
 
 
 __all__ = ["GrammarError", "GrammarSpec", "Grammar", "Matcher", "GrammarCompiler", "json_schema_grammar",

@@ -64,6 +64,7 @@ class Guide:
         self.matcher: Matcher | None = None
         self.watched = ""                   # answer text since the last call, searched for the trigger
         self.thought = ""                   # thinking text, searched for the close tag
+        self.opening = ""                   # the first tokens' text, while they may still open a thought
         if self.phase == "thinking":
             self._enter_thinking()
         else:
@@ -99,11 +100,16 @@ class Guide:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)
         if self.phase == "maybe_thinking":
             thinking = self.spec.thinking
-            if token_id == thinking.open_id or text.lstrip().startswith(thinking.open_text):
+            self.opening += text
+            lead = self.opening.lstrip()
+            if token_id == thinking.open_id or lead.startswith(thinking.open_text):
                 self.phase, self.matcher = "thinking", None
                 self._enter_thinking()
                 return
+            if self.matcher is None and thinking.open_text.startswith(lead):
+                return  # whitespace, or the first pieces of an open tag spelled in several tokens
             self.phase = "answer"  # the grammar (if any) was applied to this token already
+            text = self.opening
         if self.phase == "thinking":
             self._think(text)
             return

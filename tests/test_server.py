@@ -128,8 +128,11 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, 400,
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "response_format": {"type": "xml"}}, 400,
      "response_format.type"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+     400, "response_format"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),

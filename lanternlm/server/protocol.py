@@ -30,21 +30,45 @@ class ContentPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str | dict          # OpenAI sends a JSON text; a dict (as some clients send) is accepted too
+
+
+class ToolCall(Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None       # present when a client echoes streamed calls back
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None   # an assistant's earlier thinking (templates decide whether to show it)
+    reasoning: str | None = None
+    refusal: str | None = None             # the openai client echoes it back (always null here)
 
 
 class ResponseFormat(Strict):
-    type: Literal["text"]
+    """OpenAI's response_format; `json_schema` is {"name", "description"?, "schema", "strict"?}, checked when the
+    request is planned (an invalid or unenforceable schema is a 400 naming response_format)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class LanternOptions(Strict):
-    """Lantern's extension to the OpenAI requests (`"lantern": {...}`): a per-token sampling trace."""
+    """Lantern's extension to the OpenAI requests (`"lantern": {...}`): a per-token sampling trace, and a
+    regex or a Lark grammar (llguidance's dialect) the output must match."""
 
     trace: bool = False
     top_k: int = Field(default=5, ge=1, le=20)
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class SamplingFields(Strict):
@@ -99,6 +123,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    # Tools are checked when the request is planned (toolcalls.validate_tools), for errors that name the field.
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Most tokens a thinking model may spend in <think> before "</think>" is forced (vLLM's name).
+    thinking_token_budget: int | None = Field(default=None, ge=0)
 
 
 class CompletionRequest(SamplingFields):
@@ -107,6 +138,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
+    response_format: ResponseFormat | None = None   # vLLM accepts it on completions too
 
 
 class InputFields(Strict):
@@ -155,13 +187,17 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 def message_dict(message: ChatMessage) -> dict:
-    """A request's chat message as the dict chat templates read."""
-    d = message.model_dump(exclude_none=True)
+    """A request's chat message as the dict chat templates read (tool calls as OpenAI sends them; an assistant
+    message that only calls tools keeps no content)."""
+    d = message.model_dump(exclude_none=True, exclude={"refusal"})
     if isinstance(d.get("content"), list):  # text parts -> one string, as templates expect text
         d["content"] = "".join(part["text"] for part in d["content"])
     if d["role"] == "developer":  # OpenAI's newer name for the system role
         d["role"] = "system"
-    d.setdefault("content", "")
+    for call in d.get("tool_calls", []):
+        call.pop("index", None)
+    if "tool_calls" not in d:
+        d.setdefault("content", "")
     return d
 
 

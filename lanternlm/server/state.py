@@ -5,7 +5,7 @@ The routes reach it through `current(request)`; nothing here is global."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..engine import Engine, EngineDeadError, Event, QueueFullError
 from ..errors import LanternError
 from ..generate import ContextLengthError
+from ..guide import GuideSpec
 from ..sampling import SamplingParams
 from .errors import APIError
 
@@ -134,9 +135,11 @@ class ServerState:
         return params.with_defaults(self.llm.generation_config)
 
     def submit(self, prompts: list[list[int]], req, max_tokens: int | None, logprobs: int | None,
-               prompt_logprobs: int | None, param: str) -> tuple[asyncio.Queue, list[str]]:
+               prompt_logprobs: int | None, param: str, guide: GuideSpec | None = None,
+               keep_special_tokens: bool = False) -> tuple[asyncio.Queue, list[str]]:
         """Submit n choices for each prompt; events arrive on one queue as (choice index, Event), choice
-        index = prompt index * n + j, as OpenAI numbers a batch's choices. Call on the event loop."""
+        index = prompt index * n + j, as OpenAI numbers a batch's choices. Call on the event loop.
+        `guide` constrains every choice (each walks its own copy)."""
         eng = self.running_engine()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -145,6 +148,8 @@ class ServerState:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} is more than this server queues at once "
                                 f"({self.config.max_queue})", param=param)
         all_params = [self.params_for(req, max_tokens, j) for j in range(req.n)]
+        if keep_special_tokens:  # a tool call's trigger is a special token (see ChatPlan.keep_special_tokens)
+            all_params = [replace(p, skip_special_tokens=False) for p in all_params]
         trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
         try:
             for p, ids in enumerate(prompts):
@@ -154,7 +159,7 @@ class ServerState:
                         loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
                     request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace,
-                                                  prompt_logprobs=prompt_logprobs))
+                                                  prompt_logprobs=prompt_logprobs, guide=guide))
         except ContextLengthError as e:
             self.abort(request_ids, count=False)
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None

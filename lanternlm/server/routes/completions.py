@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from ...engine import Event
 from ...errors import LanternError
+from ...grammar import GrammarError, GrammarSpec
+from ...guide import GuideSpec
 from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import completion_logprobs, prompt_entries, vllm_prompt_logprobs
@@ -31,6 +35,36 @@ def prompt_list(prompt) -> list:
     raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
 
 
+async def output_guide(state, req: CompletionRequest) -> GuideSpec | None:
+    """Lantern's regex / Lark grammar for the completion, or the response_format's JSON (as vLLM accepts it on
+    completions too); compiled off the event loop."""
+    lantern = req.lantern
+    given = {"lantern.regex": lantern.regex if lantern else None, "lantern.grammar": lantern.grammar if lantern else None,
+             "response_format": req.response_format}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give only one of {', '.join(given)}", param=next(iter(given)).split(".")[0])
+    name, value = next(iter(given.items()))
+    try:
+        if name == "lantern.regex":
+            spec = GrammarSpec.regex(value)
+        elif name == "lantern.grammar":
+            spec = GrammarSpec.lark(value)
+        elif value.type == "text":
+            return None
+        elif value.type == "json_object":
+            spec = GrammarSpec.json_object()
+        else:
+            if not value.json_schema or "schema" not in value.json_schema:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            spec = GrammarSpec.json_schema(value.json_schema["schema"])
+        return GuideSpec(await asyncio.to_thread(state.llm.grammars.compile, spec))
+    except GrammarError as e:
+        raise APIError(400, str(e), param=name.split(".")[0]) from None
+
+
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     state = current(request)
@@ -41,10 +75,11 @@ async def completions(req: CompletionRequest, request: Request):
         encoded = [state.llm.encode(p) for p in prompts]
     except LanternError as e:
         raise APIError(400, str(e), param="prompt") from None
+    guide = await output_guide(state, req)
     # echo + logprobs: the prompt's own tokens get logprobs too (how evaluation harnesses score text).
     scoring = req.echo and req.logprobs is not None
     queue, rids = state.submit(encoded, req, req.max_tokens, req.logprobs,
-                               req.logprobs if scoring else req.prompt_logprobs, "prompt")
+                               req.logprobs if scoring else req.prompt_logprobs, "prompt", guide)
     total = len(prompts) * req.n
     events = Events(state, request, queue, total, rids)
     text = state.token_text

@@ -1,6 +1,7 @@
 // The chat: keeps the conversation, streams each answer from /v1/chat/completions with per-token logprobs and
 // Lantern's sampling trace, renders every generated token as its own focusable span (coloured by probability
-// when the view is on), and hands a chosen token to the inspector.
+// when the view is on), and hands a chosen token to the inspector. A reasoning model's thinking (the stream's
+// `reasoning_content`) shows in a folded "Thinking" box above the answer and stays out of the conversation.
 
 import { ApiError, postJSON, streamSSE } from "./api.js";
 import { h, fill, pct, probHue } from "./dom.js";
@@ -13,7 +14,7 @@ const TOP_K = 5; // alternatives (top_logprobs) and trace width per token
  * settings: {systemPrompt()} ; inspector: {show(turn, index, el), close(), reset()}
  */
 export function createChat({ els, server, settings, inspector }) {
-  const turns = []; // {role, content, failed?, el} and for answers {tokens, promptIds, finish}
+  const turns = []; // {role, content, failed?, el} and for answers {tokens, promptIds, finish, thought}
   let running = null; // {controller, turn} while a reply streams
 
   // ------------------------------------------------------------------ conversation
@@ -49,14 +50,46 @@ export function createChat({ els, server, settings, inspector }) {
     const el = h("article", { class: "msg assistant", "aria-label": "Assistant", "aria-busy": "true" },
       h("div", { class: "who", text: server.name || "Assistant" }), body, status);
     els.messages.append(el);
-    const turn = { role: "assistant", content: "", tokens: [], promptIds: null, finish: null, el, body, status };
+    // thought: the "Thinking" box, made when the first reasoning arrives; the answer's content never includes it.
+    const turn = { role: "assistant", content: "", tokens: [], promptIds: null, finish: null, el, body, status,
+      thought: null };
     turns.push(turn);
-    body.addEventListener("click", (e) => {
+    // On the whole message: the thinking's tokens are focusable spans too.
+    el.addEventListener("click", (e) => {
       const tok = e.target.closest(".tok");
       if (tok) select(turn, Number(tok.dataset.i));
     });
-    body.addEventListener("keydown", (e) => onTokenKey(turn, e));
+    el.addEventListener("keydown", (e) => onTokenKey(turn, e));
     return turn;
+  }
+
+  // ------------------------------------------------------------------ thinking
+
+  /** The box for the thinking, above the answer; tokens already shown (all without text) move into it. */
+  function thoughtOf(turn) {
+    if (!turn.thought) {
+      const text = h("div", { class: "thought-text", role: "group",
+        "aria-label": "Thinking tokens: use the arrow keys to move between tokens and Enter to inspect one" });
+      const box = h("details", { class: "thought", open: true }, h("summary", { text: "Thinking" }), text);
+      text.append(...turn.body.childNodes); // e.g. the opening tag's token: it came before any answer
+      turn.body.before(box);
+      turn.thought = { box, text, folded: false };
+    }
+    return turn.thought;
+  }
+
+  /** Fold the thinking once the answer starts (the reader can open it again); the tab stop moves to the answer. */
+  function foldThought(turn) {
+    const thought = turn.thought;
+    if (!thought || thought.folded) return;
+    thought.folded = true;
+    thought.box.open = false;
+    const stop = thought.text.querySelector(".tok[tabindex='0']");
+    const first = turn.body.querySelector(".tok");
+    if (stop && first) {
+      stop.tabIndex = -1;
+      first.tabIndex = 0;
+    }
   }
 
   // ------------------------------------------------------------------ tokens
@@ -64,9 +97,13 @@ export function createChat({ els, server, settings, inspector }) {
   function addToken(turn, choice) {
     const lp = choice.logprobs && choice.logprobs.content && choice.logprobs.content[0];
     const trace = choice.lantern && choice.lantern.trace && choice.lantern.trace[0];
-    const text = (choice.delta && choice.delta.content) || "";
+    const delta = choice.delta || {};
+    const reasoning = delta.reasoning_content || delta.reasoning || ""; // the same text under two names
+    const content = delta.content || "";
+    const text = reasoning + content;
     const token = {
       text,
+      reasoning: Boolean(reasoning),
       logprob: lp ? lp.logprob : null,
       top: lp ? lp.top_logprobs || [] : [],
       tokenString: lp ? lp.token : null,
@@ -75,7 +112,7 @@ export function createChat({ els, server, settings, inspector }) {
     };
     const i = turn.tokens.length;
     turn.tokens.push(token);
-    turn.content += text;
+    turn.content += content;
 
     const p = token.logprob === null ? null : Math.exp(token.logprob);
     const span = h("span", {
@@ -86,7 +123,11 @@ export function createChat({ els, server, settings, inspector }) {
       text,
     });
     if (p !== null) span.style.setProperty("--h", probHue(p));
-    turn.body.append(span);
+    // A token without text (a tag, the whitespace after the thinking) stays with the thinking until the answer
+    // starts, so that the spans keep the tokens' order.
+    const inThought = reasoning || (!text && turn.thought && !turn.thought.folded);
+    (inThought ? thoughtOf(turn).text : turn.body).append(span);
+    if (content) foldThought(turn);
   }
 
   /** An answer that stopped on an end-of-turn token shows that token (which adds no text) as a marker. */
@@ -101,7 +142,13 @@ export function createChat({ els, server, settings, inspector }) {
   }
 
   function tokenSpans(turn) {
-    return turn.body.querySelectorAll(".tok");
+    return turn.el.querySelectorAll(".tok"); // the thinking's, then the answer's: the order they came in
+  }
+
+  /** Open the folded thinking if `span` is in it, so that it can take the focus. */
+  function reveal(span) {
+    const box = span.closest("details");
+    if (box && !box.open) box.open = true;
   }
 
   function focusToken(turn, i) {
@@ -110,6 +157,7 @@ export function createChat({ els, server, settings, inspector }) {
     const target = spans[Math.max(0, Math.min(spans.length - 1, i))];
     for (const s of spans) s.tabIndex = -1; // roving tabindex: one tab stop per answer
     target.tabIndex = 0;
+    reveal(target);
     target.focus();
   }
 
@@ -136,6 +184,7 @@ export function createChat({ els, server, settings, inspector }) {
     span.setAttribute("aria-pressed", "true");
     for (const s of tokenSpans(turn)) s.tabIndex = -1;
     span.tabIndex = 0;
+    reveal(span);
     inspector.show(turn, i, span);
   }
 
@@ -219,7 +268,8 @@ export function createChat({ els, server, settings, inspector }) {
       await streamSSE("/v1/chat/completions", body, (chunk) => {
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) return;
-        if (choice.logprobs || choice.lantern || (choice.delta && choice.delta.content)) {
+        const delta = choice.delta || {};
+        if (choice.logprobs || choice.lantern || delta.content || delta.reasoning_content || delta.reasoning) {
           lastAt = performance.now();
           if (!firstAt) firstAt = lastAt;
           addToken(turn, choice);

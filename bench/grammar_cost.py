@@ -1,0 +1,147 @@
+"""What a grammar costs per decoded token: the mask (llguidance's bitmask, unpacked to a (V,) bool tensor),
+removing the tokens it forbids from the logits row, and advancing the matcher, against the time one decode
+step of the default model takes.
+
+`python -m bench.grammar_cost [--tokens 128] [--repeats 3]`
+
+1. Decodes `--tokens` tokens of the default model (SmolLM2-135M Q4_1, 49,152 tokens) without a constraint and
+   with a JSON schema, greedy, and reports seconds per token of each.
+2. Replays the constrained output's tokens through a fresh matcher, timing only the grammar's work per token.
+3. Does the same replay at 151,936 tokens (Qwen2's vocabulary, from llama.cpp's vocab-only GGUF test file)
+   with the same JSON text, and compares it with the default model's decode step too (a model with that
+   vocabulary decodes more slowly, so that ratio is an upper bound).
+
+Goal (issue 13): the grammar's work at most 5% of the decode time. Writes bench/results/grammar-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .serverproc import RESULTS, machine
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string", "format": "email"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 5},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                      "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city"]},
+        "status": {"enum": ["active", "inactive", "banned"]},
+    },
+    "required": ["name", "age", "tags", "status"],
+}
+PROMPT = [{"role": "user", "content": "Describe a fictional customer, Ada from Paris, 36, as JSON with name, age, "
+                                      "email, tags, address and status."}]
+
+
+def decode_seconds(llm, guide, ids: list[int], tokens: int, repeats: int) -> tuple[float, list[int]]:
+    """Best seconds per generated token over `repeats` greedy runs (prefill excluded), and the tokens."""
+    from lanternlm.generate import generate
+    from lanternlm.sampling import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=guide is None).with_defaults(None)
+    best, out = float("inf"), []
+    for _ in range(repeats):
+        steps = generate(llm.model, llm.tokenizer, ids, params, llm.context, llm.device, guide)
+        first = next(steps)
+        start = time.perf_counter()
+        out = [first.token_id] + [s.token_id for s in steps]
+        if len(out) > 1:
+            best = min(best, (time.perf_counter() - start) / (len(out) - 1))
+    return best, out
+
+
+def replay_seconds(grammar, token_ids: list[int], vocab: int, repeats: int) -> float:
+    """Median over repeats of the grammar's work per token: mask, masked logits row, accept."""
+    from lanternlm.sampling import apply_constraint
+    logits = torch.randn(vocab)
+    runs = []
+    for _ in range(repeats):
+        matcher = grammar.matcher()
+        start = time.perf_counter()
+        for token in token_ids:
+            allowed = matcher.allowed()
+            apply_constraint(logits, allowed)
+            if not matcher.accept(token):
+                raise SystemExit(f"replay rejected token {token}: {matcher.error}")
+        runs.append((time.perf_counter() - start) / len(token_ids))
+    return statistics.median(runs)
+
+
+def qwen_tokenizer():
+    """Qwen2's 151,936-token vocabulary from llama.cpp's test data (downloaded by the tests' helper)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from llama_cpp_data import read_case
+
+    from lanternlm.loader.gguf import read_gguf
+    from lanternlm.tokenizer import Tokenizer
+    with read_gguf(read_case("qwen2").gguf) as f:
+        return Tokenizer.from_gguf_metadata(f.metadata)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from lanternlm.api import LLM
+    from lanternlm.grammar import GrammarCompiler, GrammarSpec
+    from lanternlm.guide import GuideSpec
+
+    llm = LLM("smollm2-135m-instruct")
+    ids = llm.encode_chat(PROMPT)
+    spec = GrammarSpec.json_schema(SCHEMA)
+    start = time.perf_counter()
+    grammar = llm.grammars.compile(spec)
+    compile_s = time.perf_counter() - start
+    free_s, _ = decode_seconds(llm, None, ids, args.tokens, args.repeats)
+    guided_s, guided_ids = decode_seconds(llm, GuideSpec(grammar), ids, args.tokens, args.repeats)
+    text = llm.tokenizer.decode(guided_ids, skip_special_tokens=True)
+    mask_49k = replay_seconds(grammar, guided_ids, llm.config.vocab_size, args.repeats)
+
+    qwen = qwen_tokenizer()
+    qwen_vocab = qwen.backend.get_vocab_size(with_added_tokens=True)
+    compiler = GrammarCompiler(qwen, qwen_vocab)
+    start = time.perf_counter()
+    qwen_grammar = compiler.compile(spec)
+    qwen_compile_s = time.perf_counter() - start
+    qwen_ids = qwen.encode(text, add_special_tokens=False)
+    end = sorted(qwen.end_token_ids)[:1]
+    mask_151k = replay_seconds(qwen_grammar, qwen_ids + end, qwen_vocab, args.repeats)
+
+    rows = [
+        ("decode step, free (default model)", free_s, None),
+        ("decode step, with the JSON schema", guided_s, guided_s / free_s - 1),
+        ("grammar work per token, 49,152 vocab", mask_49k, mask_49k / free_s),
+        ("grammar work per token, 151,936 vocab", mask_151k, mask_151k / free_s),
+    ]
+    print(f"{machine()}\nJSON output ({len(guided_ids)} tokens): {text[:120]}...")
+    print(f"compile: {compile_s * 1e3:.1f} ms at 49k, {qwen_compile_s * 1e3:.1f} ms at 151k (first compile "
+          f"includes llguidance's view of the vocabulary)")
+    print(f"{'':42} {'ms/token':>9} {'share of a free decode step':>28}")
+    for name, seconds, share in rows:
+        print(f"{name:42} {seconds * 1e3:9.3f} {'' if share is None else f'{share * 100:27.1f}%'}")
+    print("goal: grammar work <= 5% of the decode step")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"grammar-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": machine(), "tokens": len(guided_ids), "compile_s_49k": compile_s,
+                               "compile_s_151k": qwen_compile_s, "free_decode_s": free_s,
+                               "guided_decode_s": guided_s, "mask_s_49k": mask_49k, "mask_s_151k": mask_151k},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
