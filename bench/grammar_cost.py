@@ -8,8 +8,9 @@ step of the default model takes.
    with a JSON schema, greedy, and reports seconds per token of each.
 2. Replays the constrained output's tokens through a fresh matcher, timing only the grammar's work per token.
 3. Does the same replay at 151,936 tokens (Qwen2's vocabulary, from llama.cpp's vocab-only GGUF test file)
-   with the same JSON text, and compares it with the default model's decode step too (a model with that
-   vocabulary decodes more slowly, so that ratio is an upper bound).
+   with the same JSON text, and compares it with the default model's decode step (an upper bound: a model
+   with that vocabulary decodes more slowly) and with the output layer alone of the smallest model that has
+   it (Qwen2.5-0.5B: 896 x 151,936, timed here in bf16), a lower bound on such a model's decode step.
 
 Goal (issue 13): the grammar's work at most 5% of the decode time. Writes bench/results/grammar-<time>.json.
 """
@@ -78,6 +79,18 @@ def replay_seconds(grammar, token_ids: list[int], vocab: int, repeats: int) -> f
     return statistics.median(runs)
 
 
+def lm_head_seconds(hidden: int, vocab: int, repeats: int) -> float:
+    """Best seconds of one (1, hidden) x (hidden, vocab) bf16 product: the output layer of one decode step."""
+    weight = torch.randn(vocab, hidden).to(torch.bfloat16)
+    x = torch.randn(1, hidden).to(torch.bfloat16)
+    best = float("inf")
+    for _ in range(max(repeats, 3) * 5):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def qwen_tokenizer():
     """Qwen2's 151,936-token vocabulary from llama.cpp's test data (downloaded by the tests' helper)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -120,6 +133,7 @@ def main() -> None:
     qwen_ids = qwen.encode(text, add_special_tokens=False)
     end = sorted(qwen.end_token_ids)[:1]
     mask_151k = replay_seconds(qwen_grammar, qwen_ids + end, qwen_vocab, args.repeats)
+    head_151k = lm_head_seconds(896, qwen_vocab, args.repeats)
 
     rows = [
         ("decode step, free (default model)", free_s, None),
@@ -127,18 +141,21 @@ def main() -> None:
         ("grammar work per token, 49,152 vocab", mask_49k, mask_49k / free_s),
         ("grammar work per token, 151,936 vocab", mask_151k, mask_151k / free_s),
     ]
+    head_row = ("output layer alone, 896 x 151,936 bf16", head_151k, None)
     print(f"{machine()}\nJSON output ({len(guided_ids)} tokens): {text[:120]}...")
     print(f"compile: {compile_s * 1e3:.1f} ms at 49k, {qwen_compile_s * 1e3:.1f} ms at 151k (first compile "
           f"includes llguidance's view of the vocabulary)")
     print(f"{'':42} {'ms/token':>9} {'share of a free decode step':>28}")
-    for name, seconds, share in rows:
+    for name, seconds, share in rows + [head_row]:
         print(f"{name:42} {seconds * 1e3:9.3f} {'' if share is None else f'{share * 100:27.1f}%'}")
+    print(f"grammar work at 151,936 vs that output layer alone: {mask_151k / head_151k * 100:.1f}%")
     print("goal: grammar work <= 5% of the decode step")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"grammar-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": machine(), "tokens": len(guided_ids), "compile_s_49k": compile_s,
                                "compile_s_151k": qwen_compile_s, "free_decode_s": free_s,
-                               "guided_decode_s": guided_s, "mask_s_49k": mask_49k, "mask_s_151k": mask_151k},
+                               "guided_decode_s": guided_s, "mask_s_49k": mask_49k, "mask_s_151k": mask_151k,
+                               "lm_head_s_151k_bf16": head_151k},
                               indent=2))
     print(f"wrote {out}")
 

@@ -159,8 +159,8 @@ class Matcher:
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the token ids that may come next (end tokens only, once the grammar is complete)."""
-        bits = np.frombuffer(self._inner.compute_bitmask(), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool))
+        bits = np.frombuffer(self._inner.compute_bitmask(), dtype=np.uint8)  # bit i of the mask = token i
+        return torch.from_numpy(np.unpackbits(bits, count=self.vocab_size, bitorder="little").view(bool))
 
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False (and the matcher stays in error) if the grammar does not allow it."""

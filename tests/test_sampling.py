@@ -21,7 +21,6 @@ from lanternlm.sampling import (
     make_generator,
     process_logits,
     sample,
-    sample_batch,
     stages,
 )
 
@@ -225,19 +224,6 @@ def test_sampled_frequencies_follow_processed_distribution():
     # 99.9th percentile of chi-square (Wilson-Hilferty approximation, z = 3.09).
     critical = degrees * (1 - 2 / (9 * degrees) + 3.09 * math.sqrt(2 / (9 * degrees))) ** 3
     assert chi2 < critical
-
-
-def test_sample_batch_matches_rows():
-    logits = torch.stack([random_logits(i) for i in range(3)])
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=20, seed=1),
-              SamplingParams(temperature=1.2, top_p=0.5, repetition_penalty=1.5, seed=2)]
-    prompts, outputs = [[1], [2, 3], [4]], [[], [5], [6, 6]]
-    got = sample_batch(logits, params, prompts, outputs, [make_generator(p.seed) for p in params])
-    expected = [sample(process_logits(logits[i], params[i], prompts[i], outputs[i]), params[i],
-                       make_generator(params[i].seed)) for i in range(3)]
-    assert got == expected and got[0] == int(logits[0].argmax())
-    with pytest.raises(LanternError, match="params_list has 2 entries"):
-        sample_batch(logits, params[:2], prompts, outputs, [None] * 3)
 
 
 def test_input_errors():

@@ -26,7 +26,8 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, parallel: bool
     if not chosen:
         raise ToolError(f"tool_choice names function {choice!r}, which is not in tools", "tool_choice")
     trigger = f"<[{trigger_id}]>" if trigger_id is not None else _lit(fmt.trigger)
-    arguments = [f"args_{k}: " + json_schema_grammar(_with_options(f["parameters"])) for k, f in enumerate(chosen)]
+    arguments = [f"args_{k}: " + json_schema_grammar(_with_options(_closed(f["parameters"])))
+                 for k, f in enumerate(chosen)]
     # `rest`: one call after its trigger; `calls`: what may follow the first trigger when calls are parallel.
     if fmt.name in ("hermes", "generic"):
         body = json_schema_grammar(_with_options({"anyOf": [_call_schema(f, "arguments") for f in chosen]}))
@@ -53,10 +54,18 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, parallel: bool
 
 
 def _call_schema(function: dict, key: str, mistral_id: bool = False) -> dict:
-    properties = {"name": {"const": function["name"]}, key: function["parameters"]}
+    properties = {"name": {"const": function["name"]}, key: _closed(function["parameters"])}
     if mistral_id:
         properties["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def _closed(schema: dict) -> dict:
+    """A function's parameters with no undeclared arguments, unless the schema says otherwise: a call that
+    adds arguments the function does not take helps no one (OpenAI's strict mode demands the same)."""
+    if schema.get("type") == "object" and "additionalProperties" not in schema and "properties" in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
 
 
 def _with_options(schema: dict) -> dict:
