@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grammar import Grammar, Matcher
+from .grammar import Grammar, GrammarError, Matcher
 from .tokenizer import Tokenizer
 
 
@@ -78,6 +78,8 @@ class Guide:
         if self.phase == "thinking":
             return None
         if self.matcher is not None:
+            if self.matcher.error:  # e.g. a step ran out of llguidance's fuel: never fall back to free text
+                raise GrammarError(f"the output's grammar stopped: {self.matcher.error}")
             allowed = self.matcher.allowed()
             if self.phase == "maybe_thinking" and self.spec.thinking.open_id is not None:
                 allowed[self.spec.thinking.open_id] = True  # the model may still open a thought first

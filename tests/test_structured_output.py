@@ -494,3 +494,57 @@ def test_lazy_trigger_starts_the_grammar_inside_a_token(tokenizer, compiler):
     letters = tokenizer.encode("abc", add_special_tokens=False)[0]
     assert allowed[letters] and not allowed[tokenizer.token_to_id('"')]
     assert not torch.equal(allowed, grammar.matcher().allowed())  # not the start state: '"' was consumed
+
+
+class _FailingGuide:
+    """A guide whose grammar gives up at its third token, as an llguidance matcher does when a step runs out of
+    fuel (the real one raises the same GrammarError from Guide.mask)."""
+
+    def __init__(self):
+        self.accepted = 0
+
+    def start(self, tokenizer, vocab_size):
+        return self
+
+    def mask(self):
+        if self.accepted >= 2:
+            raise GrammarError("the output's grammar stopped: out of fuel")
+        return None
+
+    def accept(self, token_id):
+        self.accepted += 1
+
+
+def test_a_grammar_that_gives_up_ends_only_its_own_request(tmp_path):
+    """A request whose grammar fails mid-generation gets an error event marked as its own (the server answers
+    400, not 500) and nothing else: the engine stays alive and a request decoded beside it finishes."""
+    import threading
+
+    from serving import tiny_chat_folder
+
+    from lanternlm.api import LLM
+    from lanternlm.engine import Engine
+
+    llm = LLM(str(tiny_chat_folder(tmp_path / "tiny")))
+    engine = Engine(llm.model, llm.tokenizer, context=256, max_batch=4).start()
+    events: dict[str, list] = {"bad": [], "good": []}
+    done = {name: threading.Event() for name in events}
+
+    def collector(name):
+        def on_event(event):
+            events[name].append(event)
+            if event.error or (event.step and event.step.finish_reason):
+                done[name].set()
+        return on_event
+
+    try:
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        engine.submit([1, 2, 3], params, collector("bad"), guide=_FailingGuide())
+        engine.submit([1, 2, 3], params, collector("good"), guide=None)
+        assert done["bad"].wait(60) and done["good"].wait(60)
+        assert events["bad"][-1].error and events["bad"][-1].request_error
+        assert len([e for e in events["bad"] if e.step]) == 2
+        assert events["good"][-1].step.finish_reason == "length" and not any(e.error for e in events["good"])
+        assert engine.dead is None
+    finally:
+        engine.shutdown()

@@ -209,7 +209,13 @@ class Engine:
             self._sample_and_emit(seq, row)
 
     def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token, trace = seq.chooser.choose(logits, seq.prompt_ids, seq.stream.output_ids, self.tokenizer)
+        try:
+            token, trace = seq.chooser.choose(logits, seq.prompt_ids, seq.stream.output_ids, self.tokenizer)
+        except LanternError as e:  # this request's own failure (its grammar gave up): it ends, the rest go on
+            log.warning("request %s stopped: %s", seq.request_id, e)
+            seq.aborted = True
+            self._emit(seq, Event(seq.request_id, error=str(e), request_error=True))
+            return
         step = seq.stream.append(token, trace)
         now = time.monotonic()
         if self.observer:

@@ -20,6 +20,7 @@ class Event:
     request_id: str
     step: Step | None = None
     error: str | None = None           # set when the engine aborted the request (shutdown, failure)
+    request_error: bool = False        # the error is the request's own (its grammar gave up), not the engine's
     logprob: float | None = None       # log-probability of step.token_id under the model, when asked for
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
     trace: dict | None = None          # choose.trace_step's record of how the token was chosen, when asked for

@@ -95,6 +95,8 @@ async def collect(events: Events) -> list[Choice]:
     try:
         while not events.done:
             i, event = await events.next()
+            if event.error and event.request_error:
+                raise APIError(400, f"generation stopped: {event.error}", code="generation_stopped")
             if event.error:
                 raise APIError(500, f"generation failed: {event.error}", "server_error")
             absorb(choices[i], event)

@@ -41,7 +41,8 @@ async def stream(chunk: dict, req, prompt_tokens: int, events: Events, opening: 
                 yield sse(e.body)
                 return
             if event.error:
-                yield sse(error_body(f"generation failed: {event.error}", "server_error"))
+                yield sse(error_body(f"generation stopped: {event.error}", code="generation_stopped")
+                          if event.request_error else error_body(f"generation failed: {event.error}", "server_error"))
                 return
             completion_tokens += 1
             events.state.metrics.generation_tokens.inc()
