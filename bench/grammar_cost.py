@@ -12,6 +12,12 @@ step of the default model takes.
    with that vocabulary decodes more slowly) and with the output layer alone of the smallest model that has
    it (Qwen2.5-0.5B: 896 x 151,936, timed here in bf16), a lower bound on such a model's decode step.
 
+`--xgrammar` also replays the same tokens through xgrammar (the other grammar engine vLLM and SGLang use), at
+both vocabulary sizes: compile time and work per token (fill the bitmask, apply it to the logits row, accept
+the token). It is installed on first use with `pip install --no-deps --target bench/.xgrammar xgrammar
+apache-tvm-ffi` (its own dependencies torch, transformers, numpy and pydantic are already in the test
+environment; triton, which it lists for Linux, is only used on GPUs).
+
 Goal (issue 13): the grammar's work at most 5% of the decode time. Writes bench/results/grammar-<time>.json.
 """
 
@@ -91,6 +97,46 @@ def lm_head_seconds(hidden: int, vocab: int, repeats: int) -> float:
     return best
 
 
+XGRAMMAR_DIR = Path(__file__).resolve().parent / ".xgrammar"
+
+
+def load_xgrammar():
+    if not (XGRAMMAR_DIR / "xgrammar").is_dir():
+        import subprocess
+        print(f"installing xgrammar into {XGRAMMAR_DIR} (first use)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(XGRAMMAR_DIR),
+                        "xgrammar", "apache-tvm-ffi"], check=True)
+        (XGRAMMAR_DIR / ".gitignore").write_text("*\n")
+    sys.path.insert(0, str(XGRAMMAR_DIR))
+    import xgrammar
+    return xgrammar
+
+
+def xgrammar_replay(xgr, tokenizer, vocab: int, token_ids: list[int], repeats: int) -> tuple[float, float]:
+    """(compile seconds, median seconds of xgrammar's work per token) for SCHEMA and these tokens."""
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
+    start = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=sorted(tokenizer.end_token_ids))
+    # strict_mode=False: undeclared properties allowed, as JSON schema (and llguidance) allow them.
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), strict_mode=False)
+    compile_s = time.perf_counter() - start
+    logits = torch.randn(1, vocab)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    runs = []
+    for _ in range(repeats):
+        matcher = xgr.GrammarMatcher(compiled)
+        start = time.perf_counter()
+        for token in token_ids:
+            matcher.fill_next_token_bitmask(bitmask)
+            row = logits.clone()
+            xgr.apply_token_bitmask_inplace(row, bitmask)
+            if not matcher.accept_token(token):
+                raise SystemExit(f"xgrammar rejected token {token}")
+        runs.append((time.perf_counter() - start) / len(token_ids))
+    return compile_s, statistics.median(runs)
+
+
 def qwen_tokenizer():
     """Qwen2's 151,936-token vocabulary from llama.cpp's test data (downloaded by the tests' helper)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -106,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--xgrammar", action="store_true", help="also measure xgrammar on the same tokens")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -150,12 +197,22 @@ def main() -> None:
         print(f"{name:42} {seconds * 1e3:9.3f} {'' if share is None else f'{share * 100:27.1f}%'}")
     print(f"grammar work at 151,936 vs that output layer alone: {mask_151k / head_151k * 100:.1f}%")
     print("goal: grammar work <= 5% of the decode step")
+    peers = {}
+    if args.xgrammar:
+        xgr = load_xgrammar()
+        for label, tok, vocab, token_ids, ours in (("49,152", llm.tokenizer, llm.config.vocab_size, guided_ids,
+                                                     mask_49k),
+                                                    ("151,936", qwen, qwen_vocab, qwen_ids + end, mask_151k)):
+            compile_x, work_x = xgrammar_replay(xgr, tok, vocab, token_ids, args.repeats)
+            peers[label] = {"compile_s": compile_x, "work_s": work_x}
+            print(f"xgrammar at {label}: compile {compile_x * 1e3:.1f} ms, {work_x * 1e3:.3f} ms/token "
+                  f"(llguidance {ours * 1e3:.3f}: ratio xgrammar/llguidance {work_x / ours:.2f})")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"grammar-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": machine(), "tokens": len(guided_ids), "compile_s_49k": compile_s,
                                "compile_s_151k": qwen_compile_s, "free_decode_s": free_s,
                                "guided_decode_s": guided_s, "mask_s_49k": mask_49k, "mask_s_151k": mask_151k,
-                               "lm_head_s_151k_bf16": head_151k},
+                               "lm_head_s_151k_bf16": head_151k, "xgrammar": peers},
                               indent=2))
     print(f"wrote {out}")
 
