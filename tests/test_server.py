@@ -303,3 +303,17 @@ def test_lantern_lens_attention_and_inspect_routes(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert "/v1/lantern/lens" in schema["paths"] and "lantern" in json.dumps(schema["components"])
+
+
+def test_tokenize_renders_messages_as_a_chat_request_would(server):
+    """/tokenize with messages takes `tools` and `chat_template_kwargs` (vLLM's fields), so the prompt a
+    client sees is the one its chat request gets: here the tools appear in it."""
+    h = {"Authorization": f"Bearer {KEY}"}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    plain = httpx.post(f"{server.url}/tokenize", json={"messages": MSG}, headers=h).json()
+    with_tools = httpx.post(f"{server.url}/tokenize", json={"messages": MSG, "tools": tools}, headers=h).json()
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": with_tools["tokens"]}, headers=h).json()["prompt"]
+    assert with_tools["count"] > plain["count"] and "get_weather" in text
+    bad = httpx.post(f"{server.url}/tokenize", json={"messages": MSG, "tools": [{"type": "function"}]}, headers=h)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"

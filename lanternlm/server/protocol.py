@@ -166,6 +166,8 @@ class TokenizeRequest(Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)   # with messages (vLLM's)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ...chat import validate_messages
+from ...chat_plan import ChatOptions, ChatRequestError
 from ...errors import LanternError
 from ..errors import APIError
 from ..protocol import DetokenizeRequest, TokenizeRequest, message_dict, now
@@ -36,11 +37,15 @@ async def tokenize(req: TokenizeRequest, request: Request):
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     try:
-        if req.messages is not None:
+        if req.messages is not None:  # rendered as a chat request would be: tools and template kwargs included
             messages = validate_messages([message_dict(m) for m in req.messages])
-            ids = llm.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+            ids = llm.plan_chat(messages, ChatOptions(
+                tools=req.tools, chat_template_kwargs=req.chat_template_kwargs,
+                add_generation_prompt=req.add_generation_prompt)).prompt_ids
         else:
             ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    except ChatRequestError as e:
+        raise APIError(400, str(e), param=e.param) from None
     except LanternError as e:
         raise APIError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
     return {"tokens": ids, "count": len(ids), "max_model_len": state.config.context,
