@@ -151,7 +151,9 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
     think_format = detect_thinking(template.source)
     inside = think_format is not None and starts_inside(think_format, text)
     thinking = None
-    if think_format is not None:
+    # A prompt that ends with a closed thought (Qwen3 with enable_thinking false) wants no thinking: the guide
+    # then gives no room to open one, so a required call or a schema starts at the first token.
+    if think_format is not None and not text.rstrip().endswith(think_format.close):
         thinking = Thinking(think_format.open, think_format.close, _single_token(tokenizer, think_format.open),
                             tuple(tokenizer.encode("\n" + think_format.close + "\n\n", add_special_tokens=False)),
                             inside, options.thinking_token_budget)
@@ -162,16 +164,18 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
             guide = GuideSpec(grammars.compile(output_grammar), thinking=thinking)
         elif tools and choice != "none":
             trigger_id = _single_token(tokenizer, fmt.trigger)
+            markers = {m: i for m in ("</tool_call>", "[ARGS]", "[CALL_ID]")
+                       if (i := _single_token(tokenizer, m)) is not None}
             keep_special = trigger_id is not None and tokenizer.decode([trigger_id], skip_special_tokens=True) == ""
             if choice == "auto":
                 source = call_grammar(fmt, tools, choice, options.parallel_tool_calls, after_trigger=True,
-                                      trigger_id=trigger_id)
+                                      trigger_id=trigger_id, marker_ids=markers)
                 guide = GuideSpec(grammars.compile(GrammarSpec.lark(source)),
                                   trigger=None if trigger_id is not None else fmt.trigger, trigger_id=trigger_id,
                                   rearm=options.parallel_tool_calls, thinking=thinking)
             else:
                 source = call_grammar(fmt, tools, choice, options.parallel_tool_calls, after_trigger=False,
-                                      trigger_id=trigger_id)
+                                      trigger_id=trigger_id, marker_ids=markers)
                 guide = GuideSpec(grammars.compile(GrammarSpec.lark(source)), thinking=thinking)
         elif thinking is not None and options.thinking_token_budget is not None:
             guide = GuideSpec(thinking=thinking)

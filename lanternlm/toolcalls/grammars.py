@@ -16,12 +16,15 @@ _MORE = f"{{0,{MAX_PARALLEL_CALLS - 1}}}"
 
 
 def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, parallel: bool, *, after_trigger: bool,
-                 trigger_id: int | None) -> str:
+                 trigger_id: int | None, marker_ids: dict[str, int] | None = None) -> str:
     """The Lark source (llguidance) that a call region must match: from the start of the answer, trigger
     included (one call, or up to MAX_PARALLEL_CALLS when `parallel`), or, `after_trigger`, the rest of ONE call (the engine
     re-arms after each call). `choice` "auto" or "required" allows every tool (the two differ only in when the
     grammar starts), a function name only that one. `trigger_id`: the trigger is that single token, written
-    `<[id]>` so that the model emits the token itself rather than its spelling."""
+    `<[id]>` so that the model emits the token itself rather than its spelling. `marker_ids`: the same for the
+    markers inside a call (Qwen's "</tool_call>", Mistral's "[ARGS]" and "[CALL_ID]"): llguidance takes such added
+    tokens for special ones, which a text literal never matches, so spelled as text the grammar would refuse the
+    model's own token for them."""
     chosen = [t["function"] for t in tools if choice in ("auto", "required") or t["function"]["name"] == choice]
     if not chosen:
         raise ToolError(f"tool_choice names function {choice!r}, which is not in tools", "tool_choice")
@@ -31,7 +34,7 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, parallel: bool
     # `rest`: one call after its trigger; `calls`: what may follow the first trigger when calls are parallel.
     if fmt.name in ("hermes", "generic"):
         body = json_schema_grammar(_with_options({"anyOf": [_call_schema(f, "arguments") for f in chosen]}))
-        rules = [f"body: {body}", r'rest: "\n" body "\n" "</tool_call>"']
+        rules = [f"body: {body}", r'rest: "\n" body "\n" ' + _mark("</tool_call>", marker_ids)]
         calls = f'rest ("\\n" {trigger} rest){_MORE}'
     elif fmt.name == "llama3":  # {"name": "NAME", "parameters": {...}}, as its template writes a call
         rules = arguments + ["rest: " + " | ".join(f'{_lit(f["name"] + _LLAMA3_AFTER_NAME)} args_{k} "}}"'
@@ -44,8 +47,9 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, parallel: bool
         rules = [f"body: {body}", f'rest: "[" body{more} "]"']
         calls = "rest"
     elif fmt.name == "mistral_args":  # [TOOL_CALLS]NAME[ARGS]{...} per call; Small 3.2 writes [CALL_ID]ID too
-        rules = arguments + ['id: ("[CALL_ID]" /[a-zA-Z0-9]{9}/)?', "rest: " + " | ".join(
-            f'{_lit(f["name"])} id "[ARGS]" args_{k}' for k, f in enumerate(chosen))]
+        args_mark, id_mark = (_mark(m, marker_ids) for m in ("[ARGS]", "[CALL_ID]"))
+        rules = arguments + [f'id: ({id_mark} /[a-zA-Z0-9]{{9}}/)?', "rest: " + " | ".join(
+            f'{_lit(f["name"])} id {args_mark} args_{k}' for k, f in enumerate(chosen))]
         calls = f"rest ({trigger} rest){_MORE}"
     else:
         raise ToolError(f"no tool-call grammar for format {fmt.name!r}", "tools")
@@ -72,6 +76,12 @@ def _with_options(schema: dict) -> dict:
     # JSON inside a call: bounded free whitespace, as for response_format, so the template's `", "` and `": "`
     # (and a model's compact JSON) both match but a model cannot pad without end.
     return {**schema, "x-guidance": JSON_OPTIONS}
+
+
+def _mark(text: str, token_ids: dict[str, int] | None) -> str:
+    """A fixed marker: its single token when the vocabulary has one, else its text."""
+    token_id = (token_ids or {}).get(text)
+    return f"<[{token_id}]>" if token_id is not None else _lit(text)
 
 
 def _lit(text: str) -> str:
