@@ -54,8 +54,8 @@ PROMPT = [{"role": "user", "content": "Describe a fictional customer, Ada from P
 
 def decode_seconds(llm, guide, ids: list[int], tokens: int, repeats: int) -> tuple[float, list[int]]:
     """Best seconds per generated token over `repeats` greedy runs (prefill excluded), and the tokens."""
-    from lanternlm.generate import generate
-    from lanternlm.sampling import SamplingParams
+    from lanternlm.generation.generate import generate
+    from lanternlm.generation.sampling import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=guide is None).with_defaults(None)
     best, out = float("inf"), []
     for _ in range(repeats):
@@ -70,7 +70,7 @@ def decode_seconds(llm, guide, ids: list[int], tokens: int, repeats: int) -> tup
 
 def replay_seconds(grammar, token_ids: list[int], vocab: int, repeats: int) -> float:
     """Median over repeats of the grammar's work per token: mask, masked logits row, accept."""
-    from lanternlm.sampling import apply_constraint
+    from lanternlm.generation.sampling import apply_constraint
     logits = torch.randn(vocab)
     runs = []
     for _ in range(repeats):
@@ -140,10 +140,10 @@ def xgrammar_replay(xgr, tokenizer, vocab: int, token_ids: list[int], repeats: i
 def qwen_tokenizer():
     """Qwen2's 151,936-token vocabulary from llama.cpp's test data (downloaded by the tests' helper)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from llama_cpp_data import read_case
-
     from lanternlm.loader.gguf import read_gguf
-    from lanternlm.tokenizer import Tokenizer
+    from lanternlm.text.tokenizer import Tokenizer
+
+    from llama_cpp_data import read_case
     with read_gguf(read_case("qwen2").gguf) as f:
         return Tokenizer.from_gguf_metadata(f.metadata)
 
@@ -157,8 +157,9 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from lanternlm.api import LLM
-    from lanternlm.grammar import GrammarCompiler, GrammarSpec
-    from lanternlm.guide import GuideSpec
+    from lanternlm.generation.grammar import GrammarCompiler
+    from lanternlm.generation.guide import GuideSpec
+    from lanternlm.text.constraint import GrammarSpec
 
     llm = LLM("smollm2-135m-instruct")
     ids = llm.encode_chat(PROMPT)

@@ -12,7 +12,7 @@ import time
 def main() -> int:
     from lanternlm import LLM, SamplingParams
     from lanternlm.explain import explain_generate
-    from lanternlm.generate import generate
+    from lanternlm.generation.generate import generate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")

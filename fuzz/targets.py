@@ -420,7 +420,7 @@ def templates(draw) -> dict:
 
 
 def check_template(case: dict) -> None:
-    from lanternlm.chat import MAX_TEXT_CHARS, ChatTemplate
+    from lanternlm.text.chat import MAX_TEXT_CHARS, ChatTemplate
 
     try:
         prompt = ChatTemplate(case["source"], bos_token="<s>", eos_token="</s>").render(

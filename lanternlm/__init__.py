@@ -2,8 +2,8 @@
 
 from .api import LLM, Completion
 from .errors import LanternError, ModelFileError
-from .generate import Step
-from .sampling import SamplingParams
+from .generation.generate import Step
+from .generation.sampling import SamplingParams
 
 __all__ = ["LLM", "Completion", "LanternError", "ModelFileError", "SamplingParams", "Step"]
 __version__ = "0.1.0"

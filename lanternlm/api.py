@@ -22,17 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from . import embedding
-from .chat import ChatTemplate, no_template_error
-from .chat_plan import ChatOptions, ChatPlan, plan_chat
 from .errors import LanternError
 from .explain import attention, explain_generate, logit_lens
-from .generate import Step, generate
-from .grammar import GrammarCompiler, GrammarSpec
-from .guide import GuideSpec
+from .generation.chat_plan import ChatOptions, ChatPlan, plan_chat
+from .generation.generate import Step, generate
+from .generation.grammar import GrammarCompiler
+from .generation.guide import GuideSpec
+from .generation.sampling import SamplingParams
 from .loader.load import load
-from .reasoning import ThinkFormat, detect_thinking, starts_inside
-from .sampling import SamplingParams
 from .store import catalogue_entry, recommended_generation_config, resolve
+from .text.chat import ChatTemplate, no_template_error
+from .text.constraint import GrammarSpec
+from .text.reasoning import ThinkFormat, detect_thinking, starts_inside
 
 
 @dataclass(frozen=True)

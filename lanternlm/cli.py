@@ -124,8 +124,8 @@ def add_constraints(p):
 
 def constraint_options(args):
     """The ChatOptions of --json-schema / --regex / --grammar / --thinking-budget / --no-think."""
-    from .chat_plan import ChatOptions
-    from .grammar import GrammarSpec
+    from .generation.chat_plan import ChatOptions
+    from .text.constraint import GrammarSpec
     given = [name for name in ("json_schema", "regex", "grammar") if getattr(args, name) is not None]
     if len(given) > 1:
         raise LanternError("give one of --json-schema, --regex and --grammar")
@@ -297,7 +297,7 @@ def open_model(args):
 
 
 def sampling_from(args):
-    from .sampling import SamplingParams
+    from .generation.sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, seed=args.seed,
@@ -381,7 +381,7 @@ def reply_printer(llm, prompt_ids) -> ReplyPrinter:
     fmt = getattr(llm, "thinking", None)  # set from the chat template by LLM; None for a model that does not think
     if fmt is None:
         return ReplyPrinter(sys.stdout)
-    from .reasoning import ReasoningSplitter
+    from .text.reasoning import ReasoningSplitter
     styled = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
     return ReplyPrinter(sys.stdout, ReasoningSplitter(fmt, llm.thinking_starts_inside(prompt_ids)), styled)
 

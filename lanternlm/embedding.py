@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import LanternError
-from .models.pooling import POOLINGS, normalize as l2_normalize, pool
-from .tokenizer import Tokenizer
+from .models.pooling import POOLINGS, pool
+from .models.pooling import normalize as l2_normalize
+from .text.tokenizer import Tokenizer
 
 SUB_BATCH = 32  # sequences per forward; inputs are sorted by length first so a sub-batch pads little
 

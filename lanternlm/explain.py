@@ -21,12 +21,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import LanternError
-from .choose import _positive_int, _rank, _token, _top, trace_step
-from .generate import Step, generate
-from .guide import GuideSpec
+from .generation.choose import _positive_int, _rank, _token, _top, trace_step
+from .generation.generate import Step, generate
+from .generation.guide import GuideSpec
+from .generation.sampling import SamplingParams
 from .model import CausalLM
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 # attention(): the forward materialises every layer's (H, T, T) weights at once, so the prompt is bounded by
 # this many float32 values in total (512 MB); the Python lists returned are bounded by `max_weights`.

@@ -8,9 +8,16 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from lanternlm.chat import (LIMITS, MAX_INT_BITS, MAX_TEXT_CHARS, ChatTemplate, RenderLimitError, no_template_error,
-                            validate_messages)
 from lanternlm.errors import LanternError, TemplateError
+from lanternlm.text.chat import (
+    LIMITS,
+    MAX_INT_BITS,
+    MAX_TEXT_CHARS,
+    ChatTemplate,
+    RenderLimitError,
+    no_template_error,
+    validate_messages,
+)
 
 # --- Real-world templates (as published with the models; Lantern must render them exactly like transformers).
 

@@ -59,7 +59,7 @@ def test_chat_through_a_pipe_with_reset(model_arg):
 
 def test_tokenize_ids_equal_the_tokenizer(model_arg, default_gguf):
     from lanternlm.loader.gguf import read_gguf
-    from lanternlm.tokenizer import Tokenizer
+    from lanternlm.text.tokenizer import Tokenizer
     text = "Hello world 12345 日本語"
     r = lantern("tokenize", *model_arg, "--json", text)
     assert r.returncode == 0, r.stderr
@@ -102,10 +102,11 @@ def test_inspect_totals_equal_transformers_for_each_architecture(tmp_path, arch)
 def test_seeds_qwen2_arithmetic():
     # Qwen2-0.5B's config, built on the meta device (no weights), as in the seeds' arithmetic.
     import torch
+    import transformers
+
     from lanternlm.config import ModelConfig
     from lanternlm.inspect import parameter_counts
     from lanternlm.model import CausalLM
-    import transformers
     raw = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
            "tie_word_embeddings": True}

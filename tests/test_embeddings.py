@@ -14,10 +14,10 @@ import zipfile
 import pytest
 import torch
 
-from lanternlm import LLM, LanternError, SamplingParams
-from lanternlm import store
+from lanternlm import LLM, LanternError, SamplingParams, store
 from lanternlm.embedding import EmbeddingInputError, InputTooLongError
 from lanternlm.loader.load import GGUF_GENERATION_DEFAULTS
+
 from test_hf_folder import save_folder
 
 MINILM = "all-minilm-l6-v2"

@@ -10,16 +10,22 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lanternlm.config import ModelConfig
 from lanternlm.errors import LanternError
 from lanternlm.explain import attention, explain_generate, logit_lens, trace_step
-from lanternlm.generate import generate
+from lanternlm.generation.generate import generate
+from lanternlm.generation.sampling import SamplingParams, make_generator, process_logits, sample
 from lanternlm.loader.build import build_model
-from lanternlm.sampling import SamplingParams, make_generator, process_logits, sample
-from lanternlm.tokenizer import Tokenizer
+from lanternlm.text.tokenizer import Tokenizer
+
 from test_hf_folder import tiny_tokenizer
 from tiny_models import make_hf_model
 
@@ -382,7 +388,9 @@ def test_bad_input_gives_one_clear_error(tiny_cache, tok, prompt):
 
 
 def test_llm_explain_and_generate_trace_flag(real):
-    from lanternlm import LLM, SamplingParams as SP
+    from lanternlm import LLM
+    from lanternlm import SamplingParams as SP
+
     from model_files import default_gguf_path
     llm = LLM(str(default_gguf_path()))
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from lanternlm.generate import ContextLengthError, OutputStream, StopMatcher, plan_lengths
-from lanternlm.sampling import SamplingParams
-from lanternlm.tokenizer import Tokenizer
+from lanternlm.generation.generate import ContextLengthError, OutputStream, StopMatcher, plan_lengths
+from lanternlm.generation.sampling import SamplingParams
+from lanternlm.text.tokenizer import Tokenizer
 
 
 def run_matcher(chunks, stops):

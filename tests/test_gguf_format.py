@@ -9,7 +9,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from model_files import default_gguf_path
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
@@ -17,6 +16,7 @@ from gguf import GGUFValueType as V
 from lanternlm.errors import ModelFileError
 from lanternlm.loader.gguf import GGUFFile, GGUFTensorInfo, read_gguf
 
+from model_files import default_gguf_path
 
 RNG = np.random.default_rng(42)
 # Tensors of the sample file, PyTorch shapes. Names of equal length let tests swap one name for another.

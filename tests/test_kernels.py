@@ -25,10 +25,11 @@ from gguf.quants import quantize as gguf_quantize
 from lanternlm.config import ModelConfig
 from lanternlm.fused import FusedAttention, fuse_for_cpu
 from lanternlm.kernels import kernels, why_unavailable
-from lanternlm.loader.quants import q4_k_parts
 from lanternlm.kernels.blocks import KIND_Q4, KIND_Q4_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8
+from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
+
 from gguf_writer import random_k_blocks
 from tiny_models import make_hf_model
 
@@ -265,8 +266,9 @@ def fuse_qkv(model) -> None:
 def test_decode_stack_equals_the_module_path(arch, tmp_path):
     # The one-call C++ decoder stack against the same quantized model run module by module. "llama-k-quants"
     # is laid out like a Q4_K_M file: Q4_K q/k next to a Q6_K v, so q, k and v stay separate products.
-    from gguf_writer import write_gguf
     from lanternlm.loader.load import load
+
+    from gguf_writer import write_gguf
     if arch == "llama-k-quants":
         mix = {"q_proj": T.Q4_K, "k_proj": T.Q4_K, "v_proj": T.Q6_K, "down_proj": T.Q6_K}
         write_gguf(make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64), tmp_path / "m.gguf",

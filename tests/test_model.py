@@ -8,6 +8,7 @@ import torch
 from lanternlm.config import ModelConfig
 from lanternlm.loader.build import build_model
 from lanternlm.model import KVCache
+
 from tiny_models import ARCHS, make_hf_model
 
 

@@ -8,13 +8,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from lanternlm import LLM, SamplingParams
-from lanternlm.loader.load import load
-from lanternlm.kernels import kernels
-from lanternlm.loader import load as load_module
 from lanternlm import quantize as quantize_module
-from lanternlm.model import KVCache
+from lanternlm.kernels import kernels
 from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q8, dequantize_blocks
+from lanternlm.loader import load as load_module
+from lanternlm.loader.load import load
+from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, Int8Linear, QuantLinear
+
 from gguf_writer import write_gguf
 from tiny_models import make_hf_model
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from model_files import default_gguf_path
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as reference_dequantize
@@ -17,6 +16,7 @@ from lanternlm.errors import LanternError
 from lanternlm.loader.gguf import read_gguf
 from lanternlm.loader.quants import SUPPORTED_TYPES, dequantize, tensor_nbytes, type_layout, type_name
 
+from model_files import default_gguf_path
 
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 

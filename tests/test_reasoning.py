@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_web import browser, server, tiny_folder  # noqa: F401  (fixtures of the page test below)
 
 from lanternlm import cli
-from lanternlm.chat import ChatTemplate
-from lanternlm.generate import Step
-from lanternlm.reasoning import ReasoningSplitter, ThinkFormat, detect_thinking, split_reasoning, starts_inside
-from test_web import browser, server, tiny_folder  # noqa: F401  (fixtures of the page test below)
+from lanternlm.generation.generate import Step
+from lanternlm.text.chat import ChatTemplate
+from lanternlm.text.reasoning import ReasoningSplitter, ThinkFormat, detect_thinking, split_reasoning, starts_inside
 
 THINK = ThinkFormat()
 SHORT = ThinkFormat("<t>", "</t>")  # the same logic on tags short enough to try every split of a text

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from lanternlm.errors import LanternError
-from lanternlm.sampling import (
+from lanternlm.generation.sampling import (
     SamplingParams,
     SamplingParamsError,
     make_generator,

@@ -14,6 +14,7 @@ import pytest
 
 from serving import KEY, MSG, Server, tiny_chat_folder
 
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     return tiny_chat_folder(tmp_path_factory.mktemp("tiny-server"))

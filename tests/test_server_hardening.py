@@ -115,10 +115,12 @@ def test_lone_surrogates_everywhere_text_goes_in(server):
                                  b'"stop": ["\\ud800"]}', "stop.0"),
     ]:
         envelope(httpx.post(f"{server.url}{route}", content=body, headers=H), 400, param)
-    from lanternlm.errors import LanternError
-    from lanternlm.tokenizer import Tokenizer
-    from test_hf_folder import tiny_tokenizer
     import tempfile
+
+    from lanternlm.errors import LanternError
+    from lanternlm.text.tokenizer import Tokenizer
+
+    from test_hf_folder import tiny_tokenizer
     with tempfile.TemporaryDirectory() as d:
         tiny_tokenizer().save_pretrained(d)
         with pytest.raises(LanternError, match="surrogate"):

@@ -9,9 +9,9 @@ import os
 
 import httpx
 import pytest
+from test_server_embeddings import minilm_folder
 
 from serving import KEY, Server, tiny_chat_folder
-from test_server_embeddings import minilm_folder
 
 H = {"Authorization": f"Bearer {KEY}"}
 pytestmark = pytest.mark.slow  # the real chat and embedding models behind a server

@@ -346,7 +346,7 @@ def tiny_llms(tiny_folders):
 
 
 def options(**kw):
-    from lanternlm.chat_plan import ChatOptions
+    from lanternlm.generation.chat_plan import ChatOptions
     return ChatOptions(**kw)
 
 
@@ -422,7 +422,7 @@ def test_a_forced_call_comes_back_as_exactly_that_call(tiny_llms, name):
 
 @pytest.mark.parametrize("name", TOOL_TEMPLATES)
 def test_required_parallel_calls_are_each_valid(tiny_llms, name):
-    from lanternlm.toolcalls.grammars import MAX_PARALLEL_CALLS
+    from lanternlm.text.toolcalls.grammars import MAX_PARALLEL_CALLS
 
     llm = tiny_llms[name]
     plan = llm.plan_chat(ASK, options(tools=TOOLS, tool_choice="required",

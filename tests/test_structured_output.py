@@ -19,11 +19,12 @@ import jsonschema
 import pytest
 import torch
 
-from lanternlm.grammar import MAX_SOURCE_BYTES, GrammarCompiler, GrammarError, GrammarSpec
-from lanternlm.guide import GuideSpec, Thinking
+from lanternlm.generation.grammar import GrammarCompiler
+from lanternlm.generation.guide import GuideSpec, Thinking
+from lanternlm.generation.sampling import SamplingParams
 from lanternlm.loader.gguf import read_gguf
-from lanternlm.sampling import SamplingParams
-from lanternlm.tokenizer import Tokenizer
+from lanternlm.text.constraint import MAX_SOURCE_BYTES, GrammarError, GrammarSpec
+from lanternlm.text.tokenizer import Tokenizer
 
 VOCAB = 49_152  # SmolLM2's vocabulary
 MAX_TOKENS = 200  # generous: the grammar bounds whitespace, maxLength bounds free strings
@@ -189,8 +190,8 @@ def _sampled() -> SamplingParams:
 def batch(llm) -> list[Run]:
     """Every schema twice (greedy and sampled at temperature 0.8 with a seed), all submitted to one engine
     with a GuideSpec each and run as one continuous batch."""
-    from lanternlm.chat_plan import ChatOptions
     from lanternlm.engine.engine import Engine
+    from lanternlm.generation.chat_plan import ChatOptions
 
     jobs = []
     for name, prompt, schema in CASES:
@@ -520,10 +521,10 @@ def test_a_grammar_that_gives_up_ends_only_its_own_request(tmp_path):
     400, not 500) and nothing else: the engine stays alive and a request decoded beside it finishes."""
     import threading
 
-    from serving import tiny_chat_folder
-
     from lanternlm.api import LLM
     from lanternlm.engine import Engine
+
+    from serving import tiny_chat_folder
 
     llm = LLM(str(tiny_chat_folder(tmp_path / "tiny")))
     engine = Engine(llm.model, llm.tokenizer, context=256, max_batch=4).start()

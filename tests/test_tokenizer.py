@@ -1,4 +1,4 @@
-"""Tests for lanternlm.tokenizer: Hugging Face folders against transformers, GGUF metadata against transformers,
+"""Tests for lanternlm.text.tokenizer: Hugging Face folders against transformers, GGUF metadata against transformers,
 SentencePiece and the real SmolLM2 file, the incremental decoder against full decoding, and error reporting."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-import tokenizer_fixtures as F
-from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer
 
 from lanternlm.errors import LanternError, ModelFileError
-from lanternlm.tokenizer import IncrementalDecoder, Tokenizer
+from lanternlm.text.tokenizer import IncrementalDecoder, Tokenizer
+
+import tokenizer_fixtures as F
 
 FFFD = "\ufffd"
 

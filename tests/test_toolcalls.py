@@ -12,13 +12,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lanternlm.chat import ChatTemplate
-from lanternlm.grammar import GrammarCompiler, GrammarError, GrammarSpec
+from lanternlm.generation.grammar import GrammarCompiler
 from lanternlm.loader.gguf import read_gguf
-from lanternlm.tokenizer import Tokenizer
-from lanternlm.toolcalls import (GENERIC, MAX_TOOLS, ToolCallStream, ToolError, ToolFormat, call_grammar,
-                                 detect_format, parse_tool_calls, prepare_messages, validate_tool_choice,
-                                 validate_tools)
+from lanternlm.text.chat import ChatTemplate
+from lanternlm.text.constraint import GrammarError, GrammarSpec
+from lanternlm.text.tokenizer import Tokenizer
+from lanternlm.text.toolcalls import (
+    GENERIC,
+    MAX_TOOLS,
+    ToolCallStream,
+    ToolError,
+    ToolFormat,
+    call_grammar,
+    detect_format,
+    parse_tool_calls,
+    prepare_messages,
+    validate_tool_choice,
+    validate_tools,
+)
 
 HERMES = ToolFormat("hermes", True, "<tool_call>")
 LLAMA3 = ToolFormat("llama3", True, '{"name": "')

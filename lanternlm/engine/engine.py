@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..choose import Chooser
 from ..errors import LanternError
-from ..generate import OutputStream, plan_lengths
-from ..guide import GuideSpec
+from ..generation.choose import Chooser
+from ..generation.generate import OutputStream, plan_lengths
+from ..generation.guide import GuideSpec
+from ..generation.sampling import SamplingParams, make_generator, token_logprobs
 from ..model import CausalLM, KVCache
-from ..sampling import SamplingParams, make_generator, token_logprobs
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")

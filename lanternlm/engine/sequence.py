@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..choose import Chooser
-from ..generate import OutputStream, Step
+from ..generation.choose import Chooser
+from ..generation.generate import OutputStream, Step
 
 _ids = itertools.count()
 

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ModelFileError
 from ..models.encoder import SUPPORTED_ENCODERS, EncoderConfig, EncoderConfigError, EncoderModel
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from . import hf
 from .build import _skip_random_init
 

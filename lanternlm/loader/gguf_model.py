@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+
 import torch
 
 from ..config import ConfigError, ModelConfig

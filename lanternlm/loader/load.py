@@ -13,17 +13,17 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..errors import ModelFileError
+from ..fused import fuse_for_cpu
 from ..model import CausalLM
 from ..models.encoder import EncoderConfig, EncoderModel
-from ..tokenizer import Tokenizer
+from ..quantize import quantization_available, quantize_from_gguf, uses_kernels
+from ..text.tokenizer import Tokenizer
 from . import hf
-from .encoder import SentenceConfig, is_encoder_config, load_encoder
 from .build import build_model, meta_model
+from .encoder import SentenceConfig, is_encoder_config, load_encoder
 from .gguf import read_gguf
 from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .quants import type_name
-from ..fused import fuse_for_cpu
-from ..quantize import quantization_available, quantize_from_gguf, uses_kernels
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
 # own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_STOP_STRINGS = 4          # OpenAI: "up to 4 sequences"
 MAX_COMPLETION_LOGPROBS = 5   # OpenAI's legacy completions: "the maximum value for logprobs is 5"

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..engine import Engine, EngineDeadError, Event, QueueFullError
 from ..errors import LanternError
-from ..generate import ContextLengthError
-from ..guide import GuideSpec
-from ..sampling import SamplingParams
+from ..generation.generate import ContextLengthError
+from ..generation.guide import GuideSpec
+from ..generation.sampling import SamplingParams
 from .errors import APIError
 
 

@@ -7,11 +7,11 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from ...chat import validate_messages
-from ...chat_plan import ChatOptions, ChatPlan, ChatRequestError
 from ...engine import Event
 from ...errors import LanternError
-from ...grammar import GrammarError, GrammarSpec
+from ...generation.chat_plan import ChatOptions, ChatPlan, ChatRequestError
+from ...text.chat import validate_messages
+from ...text.constraint import GrammarError, GrammarSpec
 from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import chat_logprobs, vllm_prompt_logprobs

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 
 from ...engine import Event
 from ...errors import LanternError
-from ...grammar import GrammarError, GrammarSpec
-from ...guide import GuideSpec
+from ...generation.guide import GuideSpec
+from ...text.constraint import GrammarError, GrammarSpec
 from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import completion_logprobs, prompt_entries, vllm_prompt_logprobs

@@ -7,8 +7,8 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from ...chat import validate_messages
 from ...errors import LanternError
+from ...text.chat import validate_messages
 from ..errors import APIError
 from ..protocol import AttentionRequest, LensRequest, message_dict
 from ..state import ServerState, current

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ...chat import validate_messages
-from ...chat_plan import ChatOptions, ChatRequestError
 from ...errors import LanternError
+from ...generation.chat_plan import ChatOptions, ChatRequestError
+from ...text.chat import validate_messages
 from ..errors import APIError
 from ..protocol import DetokenizeRequest, TokenizeRequest, message_dict, now
 from ..state import current

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from ..grammar import GrammarError, GrammarSpec
+from ..constraint import GrammarError, GrammarSpec
 from .formats import FUNCTION_NAME, ToolError
 
 MAX_TOOLS = 128

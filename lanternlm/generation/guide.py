@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .grammar import Grammar, GrammarError, Matcher
-from .tokenizer import Tokenizer
+from ..text.constraint import GrammarError
+from ..text.tokenizer import Tokenizer
+from .grammar import Grammar, Matcher
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ..grammar import JSON_OPTIONS, json_schema_grammar
+from ..constraint import JSON_OPTIONS, json_schema_grammar
 from .formats import ToolError, ToolFormat
 
 _LLAMA3_AFTER_NAME = '", "parameters": '

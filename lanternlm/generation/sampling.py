@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import LanternError
+from ..errors import LanternError
 
 # Neutral values used when neither the request nor the model's generation_config sets a parameter.
 _NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import os
 
+from ...errors import LanternError
 from ..chat import ChatTemplate
-from ..errors import LanternError
 from .formats import GENERIC, NATIVE_FORMATS, ToolFormat
 from .reading import parse_tool_calls
 

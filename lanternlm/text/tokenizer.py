@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from .errors import LanternError, ModelFileError
+from ..errors import LanternError, ModelFileError
 
 # Refuse absurd files before reading them: the largest real tokenizer.json files are a few tens of MiB.
 MAX_TOKENIZER_JSON_BYTES = 256 * 1024 * 1024

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LanternError
+from ..model import CausalLM, KVCache
+from ..text.tokenizer import IncrementalDecoder, Tokenizer
 from .choose import Chooser
-from .errors import LanternError
 from .guide import GuideSpec
-from .model import CausalLM, KVCache
 from .sampling import SamplingParams, make_generator
-from .tokenizer import IncrementalDecoder, Tokenizer
 
 
 class ContextLengthError(LanternError):

@@ -43,7 +43,7 @@ import jinja2.sandbox
 import jinja2.utils
 from jinja2.compiler import CodeGenerator
 
-from .errors import LanternError, TemplateError
+from ..errors import LanternError, TemplateError
 
 # --- Render budget. Far above anything a real chat template needs (a long conversation renders with a few
 # thousand loop iterations and calls), far below what would hang the process or exhaust memory.

@@ -7,7 +7,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from ..errors import LanternError
+from ...errors import LanternError
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule for a function's name
 ALNUM = string.ascii_letters + string.digits

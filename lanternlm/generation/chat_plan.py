@@ -21,15 +21,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .chat import ChatTemplate
-from .errors import LanternError
-from .grammar import GrammarCompiler, GrammarError, GrammarSpec
+from ..errors import LanternError
+from ..text.chat import ChatTemplate
+from ..text.constraint import GrammarError, GrammarSpec
+from ..text.reasoning import ReasoningSplitter, ThinkFormat, detect_thinking, starts_inside
+from ..text.tokenizer import Tokenizer
+from ..text.toolcalls import (
+    ToolCallStream,
+    ToolError,
+    ToolFormat,
+    call_grammar,
+    detect_format,
+    prepare_messages,
+    validate_tool_choice,
+    validate_tools,
+)
+from .grammar import GrammarCompiler
 from .guide import GuideSpec, Thinking
 from .sampling import SamplingParams
-from .reasoning import ReasoningSplitter, ThinkFormat, detect_thinking, starts_inside
-from .tokenizer import Tokenizer
-from .toolcalls import (ToolCallStream, ToolError, ToolFormat, call_grammar, detect_format, prepare_messages,
-                        validate_tool_choice, validate_tools)
 
 
 class ChatRequestError(LanternError, ValueError):

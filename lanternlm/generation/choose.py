@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LanternError
+from ..errors import LanternError
+from ..text.tokenizer import Tokenizer
 from .guide import Guide
 from .sampling import SamplingParams, inverse_cdf_draw, process_logits, sample, stages
-from .tokenizer import Tokenizer
 
 
 @dataclass
