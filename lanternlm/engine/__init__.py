@@ -1,6 +1,8 @@
-"""Serving many requests at once: continuous batching over a slotted KV cache."""
+"""Serving many requests at once: continuous batching over a slotted KV cache (engine.py: the thread and its
+steps; scheduler.py: who runs; runner.py: one forward per batch; sequence.py: one request)."""
 
-from .engine import Engine, EngineDeadError, EngineStats, QueueFullError
+from .engine import Engine, EngineDeadError, EngineStats
+from .scheduler import QueueFullError
 from .sequence import Event
 
 __all__ = ["Engine", "EngineDeadError", "EngineStats", "Event", "QueueFullError"]

@@ -1,10 +1,12 @@
-"""The serving engine: continuous batching over a slotted KV cache, in one background thread.
+"""The serving engine: continuous batching in one background thread.
 
 Each step admits waiting requests into free cache slots, runs one prefill chunk (so a long prompt cannot
 stall running streams for long), then decodes every running sequence together in one batched forward:
-weights are read once per step for all of them. Sequences join and leave between steps. Running
-sequences are kept packed in slots 0..n-1 (a finished one's slot is refilled by moving the last one into
-it), so the batched decode reads the cache as views, never a gathered copy.
+weights are read once per step for all of them. Sequences join and leave between steps.
+
+The seams, as in nano-vllm: `scheduler.Scheduler` decides who runs, `runner.ModelRunner` turns a batch into
+one forward over the KV cache it owns, `sequence.Sequence` holds one request's state, and `Chooser` (in
+generation/) picks each token. This file is the thread, the public calls, and the events.
 
 Front ends call `submit` (thread-safe) with a callback that receives Events; the callback runs on the
 engine thread and must only hand the event over (e.g. to an asyncio queue), never block.
@@ -12,7 +14,6 @@ engine thread and must only hand the event over (e.g. to an asyncio queue), neve
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -26,17 +27,15 @@ from ..generation.choose import Chooser
 from ..generation.generate import OutputStream, plan_lengths
 from ..generation.guide import GuideSpec
 from ..generation.sampling import SamplingParams, make_generator, token_logprobs
-from ..model import CausalLM, KVCache
+from ..model import CausalLM
 from ..text.tokenizer import Tokenizer
+from .runner import SCORING_CHUNK, ModelRunner
+from .scheduler import QueueFullError, Scheduler
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")
 
-SCORING_CHUNK = 128  # prefill chunk for requests that want every prompt position's logprobs
-
-
-class QueueFullError(LanternError):
-    """Too many requests are waiting; retry later."""
+__all__ = ["Engine", "EngineDeadError", "EngineStats", "QueueFullError", "SCORING_CHUNK"]
 
 
 class EngineDeadError(LanternError):
@@ -62,11 +61,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context, self.max_batch, self.max_queue, self.prefill_chunk = context, max_batch, max_queue, prefill_chunk
         self.device = torch.device(device)
-        self.cache = KVCache(model.config, slots=max_batch, max_len=context, dtype=model.dtype,
-                             device=self.device)
+        self.runner = ModelRunner(model, max_batch, context, prefill_chunk, self.device)
+        self.scheduler = Scheduler(max_batch, max_queue)
         self.observer = observer            # (metric name, value): time_to_first_token, inter_token_latency
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []   # running[i] lives in cache slot i
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -74,6 +71,10 @@ class Engine:
         self._stop = False
         self.dead: str | None = None
         self._thread = threading.Thread(target=self._loop, name="lantern-engine", daemon=True)
+
+    @property
+    def cache(self):
+        return self.runner.cache
 
     # ------------------------------------------------------------------ public, thread-safe
 
@@ -97,9 +98,7 @@ class Engine:
                        OutputStream(self.tokenizer, params, prompt_ids, max_new), chooser,
                        on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
-            self.waiting.append(seq)
+            self.scheduler.add(seq)
             self.stats.requests_total += 1
             self._wake.notify()
         return seq.request_id
@@ -120,7 +119,8 @@ class Engine:
 
     def snapshot(self) -> EngineStats:
         with self._lock:
-            self.stats.running, self.stats.waiting = len(self.running), len(self.waiting)
+            self.stats.running = len(self.scheduler.running)
+            self.stats.waiting = len(self.scheduler.waiting)
             return EngineStats(**vars(self.stats))
 
     # ------------------------------------------------------------------ engine thread
@@ -130,7 +130,7 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._lock:
-                        while not self._stop and not self.waiting and not self.running and not self._aborts:
+                        while not self._stop and self.scheduler.idle and not self._aborts:
                             self._wake.wait()
                         if self._stop:
                             break
@@ -139,74 +139,43 @@ class Engine:
             log.exception("engine failure")
             self.dead = f"{type(e).__name__}: {e}"
         with self._lock:
-            leftovers = list(self.running) + list(self.waiting)
-            self.running, self.waiting = [], collections.deque()
+            leftovers = self.scheduler.drain()
         for seq in leftovers:
             self._emit(seq, Event(seq.request_id, error=self.dead or "the server is shutting down"))
 
     def step(self) -> None:
-        """One engine step: aborts, admission, one prefill chunk, one batched decode."""
-        self._apply_aborts()
-        self._admit()
-        if not self.running:  # everything was aborted: no forward at all
+        """One engine step: aborts, admission, one prefill chunk, one batched decode, releases."""
+        with self._lock:  # the waiting queue is shared with submit(); the running batch is this thread's
+            aborts, self._aborts = self._aborts, set()
+            self.stats.requests_aborted += self.scheduler.abort(aborts)
+        self._release()
+        with self._lock:
+            self.scheduler.admit()
+        if not self.scheduler.running:  # everything was aborted: no forward at all
             return
         self.stats.steps_total += 1
-        prefill = next((s for s in self.running if s.prefilling), None)
-        if prefill is not None:
-            self._prefill_chunk(prefill)
-        decoding = [s for s in self.running if not s.prefilling and not s.finished]
+        seq = self.scheduler.next_prefill()
+        if seq is not None:
+            logits, count = self.runner.prefill(seq)
+            self._prefilled(seq, logits, count)
+        decoding = self.scheduler.decoding()
         if decoding:
-            self._decode(decoding)
-        self._release_finished()
+            for seq, row in zip(decoding, self.runner.decode(decoding)):
+                self._sample_and_emit(seq, row)
+        self._release()
 
-    def _apply_aborts(self) -> None:
-        with self._lock:
-            aborts, self._aborts = self._aborts, set()
-            for seq in [s for s in self.waiting if s.request_id in aborts]:
-                self.waiting.remove(seq)
-                self.stats.requests_aborted += 1
-        for seq in self.running:
-            if seq.request_id in aborts:
-                seq.aborted = True
-        self._release_finished()
-
-    def _admit(self) -> None:
-        with self._lock:
-            while self.waiting and len(self.running) < self.max_batch:
-                seq = self.waiting.popleft()
-                seq.slot = len(self.running)
-                self.running.append(seq)
-
-    def _prefill_chunk(self, seq: Sequence) -> None:
+    def _prefilled(self, seq: Sequence, logits: torch.Tensor, count: int) -> None:
         start = seq.computed
-        scoring = seq.prompt_logprobs is not None  # every position's logits are needed, not only the last
-        # Scoring keeps (chunk, vocab) float32 logits: a smaller chunk bounds that (128 x 262k x 4 B = 134 MB).
-        chunk = seq.prompt_ids[start:start + (min(self.prefill_chunk, SCORING_CHUNK) if scoring else
-                                              self.prefill_chunk)]
-        ids = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(ids, positions, self.cache, slots=seq.slot, logits_to_keep=0 if scoring else 1).logits[0]
-        if scoring:
+        if seq.prompt_logprobs is not None:
             if start == 0:
                 seq.prompt_lp.append(None)  # nothing predicts the first token
             # Row j predicts prompt token start + j + 1; the chunk's last row predicts the next chunk's first.
-            targets = seq.prompt_ids[start + 1:start + 1 + len(chunk)]
+            targets = seq.prompt_ids[start + 1:start + 1 + count]
             seq.prompt_lp.extend(token_logprobs(logits[:len(targets)], targets, seq.prompt_logprobs))
-        seq.computed += len(chunk)
-        self.stats.prompt_tokens_total += len(chunk)
+        seq.computed += count
+        self.stats.prompt_tokens_total += count
         if not seq.prefilling:  # the prompt is in: its last logits give the first token
             self._sample_and_emit(seq, logits[-1])
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        # Running sequences are packed, so a contiguous run of slots is a view of the cache.
-        first = seqs[0].slot
-        contiguous = all(s.slot == first + i for i, s in enumerate(seqs))
-        slots = first if contiguous else torch.tensor([s.slot for s in seqs], device=self.device)
-        ids = torch.tensor([[s.stream.output_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
-        logits = self.model(ids, positions, self.cache, slots=slots, logits_to_keep=1).logits[:, -1]
-        for seq, row in zip(seqs, logits):
-            self._sample_and_emit(seq, row)
 
     def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         try:
@@ -240,20 +209,9 @@ class Engine:
             log.exception("event callback failed for %s", seq.request_id)
             seq.aborted = True
 
-    def _release_finished(self) -> None:
-        """Free the slots of finished or aborted sequences, keeping the rest packed in slots 0..n-1."""
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
-            if not (seq.finished or seq.aborted):
-                i += 1
-                continue
+    def _release(self) -> None:
+        for seq in self.scheduler.release_finished(self.runner.move):
             if seq.aborted and not seq.finished:
                 self.stats.requests_aborted += 1
             else:
                 self.stats.requests_finished += 1
-            last = self.running.pop()
-            if last is not seq:  # move the last sequence into the freed slot
-                self.cache.move(last.slot, seq.slot, min(last.length, self.context))
-                last.slot = seq.slot
-                self.running[i] = last
