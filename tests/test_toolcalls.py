@@ -30,6 +30,7 @@ from lanternlm.text.toolcalls import (
     validate_tool_choice,
     validate_tools,
 )
+from lanternlm.text.toolcalls.messages import RESULTS_PROMPT
 
 HERMES = ToolFormat("hermes", True, "<tool_call>")
 LLAMA3 = ToolFormat("llama3", True, '{"name": "')
@@ -262,7 +263,8 @@ def test_a_json_tool_result_is_shown_as_json():
                                                    "content": [{"type": "text", "text": '{"t": "09:30"}'}]}],
                                    None, GENERIC)
     assert messages[-1] == {"role": "user", "content":
-                            '<tool_response>\n{"name": "get_time", "content": {"t": "09:30"}}\n</tool_response>'}
+                            '<tool_response>\n{"name": "get_time", "content": {"t": "09:30"}}\n</tool_response>'
+                            "\n\n" + RESULTS_PROMPT}
 
 
 def test_native_messages_get_object_arguments_and_text_content():

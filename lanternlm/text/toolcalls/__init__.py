@@ -18,7 +18,8 @@ Instead Lantern adds the tool list and its one call format (the hermes one: ``<t
 to the start of the first user message). Earlier assistant calls are written into their message's text in that
 format, and each run of `tool` results becomes one user message of ``<tool_response>{"name": ..., "content": ...}
 </tool_response>`` blocks (merged with a user message that directly follows, so that templates demanding
-alternating roles still render).
+alternating roles still render); when the conversation ends with results, that message closes with
+`messages.RESULTS_PROMPT`, asking for an answer from them.
 
 Reading output back is one incremental scanner (`ToolCallStream`); `parse_tool_calls` is that scanner fed the
 whole text, so streamed and whole answers cannot differ. A call becomes a call only once it is complete and its

@@ -105,6 +105,9 @@ def _mistral_id(original: str) -> str:
     return "".join(ALNUM[(number // 62 ** k) % 62] for k in range(9))
 
 
+RESULTS_PROMPT = "Answer the question with these results, in plain words."
+
+
 def _fallback(messages: list, tools: list[dict] | None, fmt: ToolFormat) -> list:
     out: list = []
     names: dict[str, str] = {}  # call id -> function name, to name each tool result
@@ -136,6 +139,11 @@ def _fallback(messages: list, tools: list[dict] | None, fmt: ToolFormat) -> list
         else:
             out.append(message)
         results = None
+    if results is not None and results == len(out) - 1:
+        # The conversation ends with results: say what to do with them. Without this line the default model
+        # (SmolLM2-135M) echoed the <tool_response> block as its answer (3 of 3 runs); with it, it answered
+        # from the result (3 of 3: "The weather in Paris is sunny.").
+        out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + RESULTS_PROMPT}
     if tools:
         out = _with_instructions(out, _instructions(tools), fmt.system_role)
     return out
