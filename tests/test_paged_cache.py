@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_model import lantern_from_hf
-from tiny_models import ARCHS, make_hf_model
 
 from lanternlm.engine.kv_cache import PagedKVCache
 from lanternlm.model import KVCache
+
+from tiny_models import ARCHS, make_hf_model
 
 BLOCK = 4
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -169,6 +170,214 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     return out;
 }
 
+// ---- single-token attention over a paged cache ----
+//
+// The cache of one layer is a pool of fixed-size blocks, K and V each (num_blocks, KV, bs, D), float32 or
+// bfloat16; a sequence's block table maps its logical block i (positions i*bs .. i*bs+bs-1) to a physical
+// block. Block tables are (B, max_blocks) int32 or int64; entries for blocks wholly before the attention
+// window may be -1 (released) and are never read.
+
+namespace {
+
+// bfloat16 is the top half of a float32: widening is a shift, narrowing rounds to nearest even (as torch's
+// .to(torch.bfloat16), including its one quiet NaN).
+inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+    if (std::isnan(f)) return 0x7FC0;
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+LANTERN_CLONES float dot_bf16(const float* a, const uint16_t* b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+
+LANTERN_CLONES void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * bf16_to_f32(x[i]);
+}
+
+// One element type per pool: float32 rows go through the same dot/axpy as decode_attention (so a paged fp32
+// cache gives decode_attention's numbers exactly), bfloat16 rows through the widening ones.
+inline float row_dot(const float* q, const float* k, int64_t n) { return dot(q, k, n); }
+inline float row_dot(const float* q, const uint16_t* k, int64_t n) { return dot_bf16(q, k, n); }
+inline void row_axpy(float a, const float* v, float* o, int64_t n) { axpy(a, v, o, n); }
+inline void row_axpy(float a, const uint16_t* v, float* o, int64_t n) { axpy_bf16(a, v, o, n); }
+inline void row_store(const float* x, float* dst, int64_t n) { std::copy(x, x + n, dst); }
+inline void row_store(const float* x, uint16_t* dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(x[i]);
+}
+
+// Rotate-half RoPE on the first `rot` dims of one head, the rest copied (decode_attention's, op for op).
+void rope_head(const float* x, const float* c, const float* s, float* o, int64_t rot, int64_t d) {
+    const int64_t half = rot / 2;
+    for (int64_t i = 0; i < half; i++) {
+        o[i] = x[i] * c[i] - x[i + half] * s[i];
+        o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+    for (int64_t i = rot; i < d; i++) o[i] = x[i];
+}
+
+// A (B, max_blocks) block table of int32 or int64 entries, read as int64.
+struct BlockTable {
+    const int32_t* i32 = nullptr;
+    const int64_t* i64 = nullptr;
+    int64_t width = 0;
+    int64_t at(int64_t b, int64_t i) const { return i32 ? i32[b * width + i] : i64[b * width + i]; }
+};
+
+template <typename T>
+void paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const float* cp,
+                     const float* sp, int64_t rot, T* kp, T* vp, const BlockTable& table, const int64_t* pos,
+                     int64_t bs, float scale, int64_t window, float* op) {
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), group = H / KV;
+    // (physical block, kv head, offset) -> first element of that row in a pool
+    auto row = [&](int64_t block, int64_t h, int64_t off) { return ((block * KV + h) * bs + off) * D; };
+    // Write the new keys (rotated) and values first; attention below reads them back from the pool.
+    std::vector<float> kr(D);
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t at_block = table.at(b, pos[b] / bs), off = pos[b] % bs;
+        for (int64_t h = 0; h < KV; h++) {
+            rope_head(k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1), cp + b * rot, sp + b * rot, kr.data(),
+                      rot, D);
+            row_store(kr.data(), kp + row(at_block, h, off), D);
+            row_store(v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1), vp + row(at_block, h, off), D);
+        }
+    }
+    // One task per (row, kv head): the group of query heads sharing that kv head is scored in one pass over
+    // the keys, so each key and value row is read from memory once, not once per query head. Each head's
+    // numbers are computed as in decode_attention (the same dot and axpy, positions in the same order).
+    const int64_t longest = *std::max_element(pos, pos + B) + 1;
+    parallel_rows(B * KV, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D * group)), [&](int64_t t0, int64_t t1) {
+        std::vector<float> qr(group * D), scores, mx(group), inv(group);
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t b = t / KV, g = t % KV;
+            for (int64_t i = 0; i < group; i++)
+                rope_head(q.data_ptr<float>() + b * q.stride(0) + (g * group + i) * q.stride(1), cp + b * rot,
+                          sp + b * rot, qr.data() + i * D, rot, D);
+            const int64_t last = pos[b];
+            const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+            const int64_t len = last - first + 1;
+            scores.resize(group * len);  // (group, len)
+            std::fill(mx.begin(), mx.end(), -INFINITY);
+            // positions first..last, a run of consecutive rows per block
+            for (int64_t j = first; j <= last;) {
+                const int64_t off = j % bs, n = std::min(bs - off, last - j + 1);
+                const T* k0 = kp + row(table.at(b, j / bs), g, off);
+                for (int64_t r = 0; r < n; r++) {
+                    for (int64_t i = 0; i < group; i++) {
+                        const float sc = row_dot(qr.data() + i * D, k0 + r * D, D) * scale;
+                        scores[i * len + j - first + r] = sc;
+                        mx[i] = std::max(mx[i], sc);
+                    }
+                }
+                j += n;
+            }
+            for (int64_t i = 0; i < group; i++) {
+                float total = 0.0f;
+                for (int64_t j = 0; j < len; j++) total += (scores[i * len + j] = std::exp(scores[i * len + j] - mx[i]));
+                inv[i] = 1.0f / total;
+            }
+            float* o = op + b * H * D + g * group * D;  // the group's heads are consecutive
+            std::fill(o, o + group * D, 0.0f);
+            for (int64_t j = first; j <= last;) {
+                const int64_t off = j % bs, n = std::min(bs - off, last - j + 1);
+                const T* v0 = vp + row(table.at(b, j / bs), g, off);
+                for (int64_t r = 0; r < n; r++)
+                    for (int64_t i = 0; i < group; i++)
+                        row_axpy(scores[i * len + j - first + r] * inv[i], v0 + r * D, o + i * D, D);
+                j += n;
+            }
+        }
+    });
+}
+
+}  // namespace
+
+// decode_attention over a paged cache: rotate q (B, H, D) and k (B, KV, D) by cos/sin (B, rot), write k and
+// v (B, KV, D) into the pools (num_blocks, KV, bs, D) at block block_tables[b][p / bs], offset p % bs, with
+// p = positions[b] (rounded to nearest even when the pools are bfloat16), then attend over positions
+// max(0, p - window + 1)..p (window <= 0: all), each read through the table. Returns (B, H * D) float32;
+// with float32 pools the numbers are decode_attention's exactly.
+torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_pool,
+                                     torch::Tensor v_pool, const torch::Tensor& block_tables,
+                                     const torch::Tensor& positions, double scale, int64_t window) {
+    for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin}) check_f32(*t, "decode_attention_paged: q, k, v, cos, sin");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention_paged: q, k, v must be (B, heads, D)");
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+                "decode_attention_paged: q, k, v need unit stride in D");
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1);
+    TORCH_CHECK(KV > 0 && H % KV == 0 && k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == D &&
+                v.size(2) == D, "decode_attention_paged: q (B, H, D), k and v (B, KV, D) with H a multiple of KV; got q ",
+                q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+    const int64_t rot = cos.size(-1);
+    TORCH_CHECK(rot <= D && rot % 2 == 0 && cos.numel() == B * rot && sin.numel() == B * rot,
+                "decode_attention_paged: cos and sin must be (B, rot) with rot even and <= D; got ", cos.sizes(),
+                " and ", sin.sizes());
+    const auto dtype = k_pool.scalar_type();
+    TORCH_CHECK(k_pool.device().is_cpu() && v_pool.device().is_cpu() &&
+                (dtype == torch::kFloat32 || dtype == torch::kBFloat16),
+                "decode_attention_paged: the pools must be float32 or bfloat16 on the CPU; k_pool is ", dtype);
+    TORCH_CHECK(v_pool.scalar_type() == dtype, "decode_attention_paged: k_pool and v_pool must have the same dtype; got ",
+                dtype, " and ", v_pool.scalar_type());
+    TORCH_CHECK(k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes() && k_pool.size(1) == KV && k_pool.size(3) == D,
+                "decode_attention_paged: k_pool and v_pool must both be (num_blocks, KV=", KV, ", block_size, D=", D,
+                "); got ", k_pool.sizes(), " and ", v_pool.sizes());
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "decode_attention_paged: the pools must be contiguous");
+    const int64_t num_blocks = k_pool.size(0), bs = k_pool.size(2);
+    TORCH_CHECK(bs > 0, "decode_attention_paged: block_size must be positive");
+    TORCH_CHECK(block_tables.device().is_cpu() && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                (block_tables.scalar_type() == torch::kInt32 || block_tables.scalar_type() == torch::kInt64),
+                "decode_attention_paged: block_tables must be (B=", B, ", max_blocks) int32 or int64 on the CPU; got ",
+                block_tables.sizes(), " ", block_tables.scalar_type());
+    TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.numel() == B,
+                "decode_attention_paged: positions must be (B=", B, ",) int64");
+    auto table_c = block_tables.contiguous(), pos_c = positions.contiguous();
+    BlockTable table;
+    table.width = table_c.size(1);
+    if (table_c.scalar_type() == torch::kInt32) table.i32 = table_c.data_ptr<int32_t>();
+    else table.i64 = table_c.data_ptr<int64_t>();
+    const int64_t* pos = pos_c.data_ptr<int64_t>();
+    // Every block that is written or read must be a real block; the ones before the window are never touched.
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t p = pos[b];
+        TORCH_CHECK(p >= 0 && p < table.width * bs, "decode_attention_paged: positions[", b, "] = ", p,
+                    " is outside the block table's 0..", table.width * bs - 1, " (", table.width, " blocks of ", bs, ")");
+        const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        for (int64_t i = first / bs; i <= p / bs; i++) {
+            const int64_t e = table.at(b, i);
+            TORCH_CHECK(e >= 0 && e < num_blocks, "decode_attention_paged: block_tables[", b, "][", i, "] = ", e,
+                        " is not a block of the pool (0..", num_blocks - 1, ") but row ", b, " reads or writes positions ",
+                        std::max(first, i * bs), "..", std::min(p, i * bs + bs - 1), " there",
+                        e == -1 ? " (a released block inside the attention window)" : "");
+        }
+    }
+    auto cos_c = cos.reshape({B, rot}).contiguous(), sin_c = sin.reshape({B, rot}).contiguous();
+    auto out = torch::empty({B, H * D}, q.options());
+    if (B == 0) return out;
+    const float* cp = cos_c.data_ptr<float>();
+    const float* sp = sin_c.data_ptr<float>();
+    if (dtype == torch::kFloat32) {
+        paged_attention<float>(q, k, v, cp, sp, rot, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), table, pos, bs,
+                               static_cast<float>(scale), window, out.data_ptr<float>());
+    } else {
+        paged_attention<uint16_t>(q, k, v, cp, sp, rot, reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::BFloat16>()),
+                                  reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::BFloat16>()), table, pos, bs,
+                                  static_cast<float>(scale), window, out.data_ptr<float>());
+    }
+    return out;
+}
+
 // ---- the whole decoder stack for one decode step, in one call ----
 
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
@@ -265,6 +474,33 @@ public:
                           const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
                           const torch::Tensor& slots, const torch::Tensor& positions) const {
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
+        return run(std::move(h), cos, sin, [&](size_t i, const Layer& l, const torch::Tensor& q, const torch::Tensor& k,
+                                                const torch::Tensor& v) {
+            return decode_attention(q, k, v, cos[l.rope], sin[l.rope], k_caches[i], v_caches[i], slots, positions,
+                                    scale_, l.window);
+        });
+    }
+
+    // forward over a paged cache: pools per layer (num_blocks, KV, bs, D), float32 or bfloat16; one block
+    // table (B, max_blocks) int32 or int64 shared by all layers; positions (B,) int64.
+    torch::Tensor forward_paged(torch::Tensor h, const std::vector<torch::Tensor>& cos,
+                                const std::vector<torch::Tensor>& sin, const std::vector<torch::Tensor>& k_pools,
+                                const std::vector<torch::Tensor>& v_pools, const torch::Tensor& block_tables,
+                                const torch::Tensor& positions) const {
+        TORCH_CHECK(k_pools.size() == layers_.size() && v_pools.size() == layers_.size(), "one pool pair per layer");
+        return run(std::move(h), cos, sin, [&](size_t i, const Layer& l, const torch::Tensor& q, const torch::Tensor& k,
+                                                const torch::Tensor& v) {
+            return decode_attention_paged(q, k, v, cos[l.rope], sin[l.rope], k_pools[i], v_pools[i], block_tables,
+                                          positions, scale_, l.window);
+        });
+    }
+
+private:
+    // The layers, with attend(layer index, layer, q, k, v) -> (B, H * D) as the attention over the cache.
+    template <typename Attend>
+    torch::Tensor run(torch::Tensor h, const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                      const Attend& attend) const {
+        TORCH_CHECK(cos.size() == sin.size(), "one sin per cos");
         h = h.contiguous().clone();
         const int64_t B = h.size(0);
         for (size_t i = 0; i < layers_.size(); i++) {
@@ -277,8 +513,7 @@ public:
                 q = rms_norm(q, *l.q_norm, eps_, offset_);
                 k = rms_norm(k, *l.k_norm, eps_, offset_);
             }
-            auto attn = decode_attention(q, k, v, cos[l.rope], sin[l.rope], k_caches[i], v_caches[i], slots, positions,
-                                         scale_, l.window);
+            auto attn = attend(i, l, q, k, v);
             auto o = l.o.apply(attn);
             if (l.pre_ff_norm) {  // Gemma 3: norms after attention and around the MLP
                 h.add_(rms_norm(o, l.post_attn_norm, eps_, offset_));
@@ -292,7 +527,6 @@ public:
         return h;
     }
 
-private:
     torch::Tensor mlp(const Layer& l, const torch::Tensor& x) const {
         return l.down.apply(gated_act(l.gate_up.apply(x), act_));
     }
@@ -308,6 +542,13 @@ void register_decode_stack(pybind11::module& mod) {
     pybind11::class_<DecodeStack>(mod, "DecodeStack")
         .def(pybind11::init<const pybind11::list&, int64_t, int64_t, int64_t, double, double, int64_t, double>())
         .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+        .def("forward_paged", &DecodeStack::forward_paged, pybind11::call_guard<pybind11::gil_scoped_release>())
         // A deep-copied model gets no stack and builds its own over its own tensors on first use.
         .def("__deepcopy__", [](const DecodeStack&, const pybind11::dict&) { return pybind11::none(); });
+    // Registered here because quant_cpu.cpp's module definition calls this function for decode_cpu.cpp.
+    // It touches no Python object, so other Python threads run meanwhile.
+    mod.def("decode_attention_paged", &decode_attention_paged,
+            "decode_attention over a paged cache: pools (num_blocks, KV, block_size, D) float32 or bfloat16, "
+            "block_tables (B, max_blocks) int32/int64, positions (B,) int64 -> (B, H*D)",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
