@@ -227,6 +227,14 @@ void rope_head(const float* x, const float* c, const float* s, float* o, int64_t
     for (int64_t i = rot; i < d; i++) o[i] = x[i];
 }
 
+// The hardware prefetcher follows a run of rows but not the jump to the next block; ask for that block's
+// rows while reading this one's.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+    for (int64_t at = 0; at < n * static_cast<int64_t>(sizeof(T)); at += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(p) + at);
+}
+
 // A (B, max_blocks) block table of int32 or int64 entries, read as int64.
 struct BlockTable {
     const int32_t* i32 = nullptr;
@@ -253,49 +261,43 @@ void paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch
             row_store(v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1), vp + row(at_block, h, off), D);
         }
     }
-    // One task per (row, kv head): the group of query heads sharing that kv head is scored in one pass over
-    // the keys, so each key and value row is read from memory once, not once per query head. Each head's
-    // numbers are computed as in decode_attention (the same dot and axpy, positions in the same order).
     const int64_t longest = *std::max_element(pos, pos + B) + 1;
-    parallel_rows(B * KV, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D * group)), [&](int64_t t0, int64_t t1) {
-        std::vector<float> qr(group * D), scores, mx(group), inv(group);
+    parallel_rows(B * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D)), [&](int64_t t0, int64_t t1) {
+        std::vector<float> qr(D), scores;
         for (int64_t t = t0; t < t1; t++) {
-            const int64_t b = t / KV, g = t % KV;
-            for (int64_t i = 0; i < group; i++)
-                rope_head(q.data_ptr<float>() + b * q.stride(0) + (g * group + i) * q.stride(1), cp + b * rot,
-                          sp + b * rot, qr.data() + i * D, rot, D);
+            const int64_t b = t / H, h = t % H, g = h / group;
+            rope_head(q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1), cp + b * rot, sp + b * rot, qr.data(),
+                      rot, D);
             const int64_t last = pos[b];
             const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-            const int64_t len = last - first + 1;
-            scores.resize(group * len);  // (group, len)
-            std::fill(mx.begin(), mx.end(), -INFINITY);
-            // positions first..last, a run of consecutive rows per block
-            for (int64_t j = first; j <= last;) {
-                const int64_t off = j % bs, n = std::min(bs - off, last - j + 1);
-                const T* k0 = kp + row(table.at(b, j / bs), g, off);
-                for (int64_t r = 0; r < n; r++) {
-                    for (int64_t i = 0; i < group; i++) {
-                        const float sc = row_dot(qr.data() + i * D, k0 + r * D, D) * scale;
-                        scores[i * len + j - first + r] = sc;
-                        mx[i] = std::max(mx[i], sc);
-                    }
+            scores.resize(last - first + 1);
+            float mx = -INFINITY;
+            // positions first..last: in each block they touch, a run of consecutive rows j0..j1
+            const int64_t first_block = first / bs, last_block = last / bs;
+            for (int64_t lb = first_block; lb <= last_block; lb++) {
+                const int64_t j0 = std::max(first, lb * bs), j1 = std::min(last, lb * bs + bs - 1);
+                const T* k0 = kp + row(table.at(b, lb), g, j0 - lb * bs);
+                const T* next = lb < last_block ? kp + row(table.at(b, lb + 1), g, 0) : nullptr;
+                for (int64_t j = j0; j <= j1; j++) {
+                    if (next) prefetch_row(next + (j - j0) * D, D);
+                    const float sc = row_dot(qr.data(), k0 + (j - j0) * D, D) * scale;
+                    scores[j - first] = sc;
+                    mx = std::max(mx, sc);
                 }
-                j += n;
             }
-            for (int64_t i = 0; i < group; i++) {
-                float total = 0.0f;
-                for (int64_t j = 0; j < len; j++) total += (scores[i * len + j] = std::exp(scores[i * len + j] - mx[i]));
-                inv[i] = 1.0f / total;
-            }
-            float* o = op + b * H * D + g * group * D;  // the group's heads are consecutive
-            std::fill(o, o + group * D, 0.0f);
-            for (int64_t j = first; j <= last;) {
-                const int64_t off = j % bs, n = std::min(bs - off, last - j + 1);
-                const T* v0 = vp + row(table.at(b, j / bs), g, off);
-                for (int64_t r = 0; r < n; r++)
-                    for (int64_t i = 0; i < group; i++)
-                        row_axpy(scores[i * len + j - first + r] * inv[i], v0 + r * D, o + i * D, D);
-                j += n;
+            float total = 0.0f;
+            for (auto& sc : scores) total += (sc = std::exp(sc - mx));
+            float* o = op + b * H * D + h * D;
+            std::fill(o, o + D, 0.0f);
+            const float inv = 1.0f / total;
+            for (int64_t lb = first_block; lb <= last_block; lb++) {
+                const int64_t j0 = std::max(first, lb * bs), j1 = std::min(last, lb * bs + bs - 1);
+                const T* v0 = vp + row(table.at(b, lb), g, j0 - lb * bs);
+                const T* next = lb < last_block ? vp + row(table.at(b, lb + 1), g, 0) : nullptr;
+                for (int64_t j = j0; j <= j1; j++) {
+                    if (next) prefetch_row(next + (j - j0) * D, D);
+                    row_axpy(scores[j - first] * inv, v0 + (j - j0) * D, o, D);
+                }
             }
         }
     });
@@ -318,8 +320,9 @@ torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor
                 "decode_attention_paged: q, k, v need unit stride in D");
     const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1);
     TORCH_CHECK(KV > 0 && H % KV == 0 && k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == D &&
-                v.size(2) == D, "decode_attention_paged: q (B, H, D), k and v (B, KV, D) with H a multiple of KV; got q ",
-                q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+                v.size(2) == D,
+                "decode_attention_paged: q (B, H, D), k and v (B, KV, D) with H a multiple of KV; got q ", q.sizes(),
+                ", k ", k.sizes(), ", v ", v.sizes());
     const int64_t rot = cos.size(-1);
     TORCH_CHECK(rot <= D && rot % 2 == 0 && cos.numel() == B * rot && sin.numel() == B * rot,
                 "decode_attention_paged: cos and sin must be (B, rot) with rot even and <= D; got ", cos.sizes(),
@@ -328,12 +331,14 @@ torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor
     TORCH_CHECK(k_pool.device().is_cpu() && v_pool.device().is_cpu() &&
                 (dtype == torch::kFloat32 || dtype == torch::kBFloat16),
                 "decode_attention_paged: the pools must be float32 or bfloat16 on the CPU; k_pool is ", dtype);
-    TORCH_CHECK(v_pool.scalar_type() == dtype, "decode_attention_paged: k_pool and v_pool must have the same dtype; got ",
-                dtype, " and ", v_pool.scalar_type());
+    TORCH_CHECK(v_pool.scalar_type() == dtype,
+                "decode_attention_paged: k_pool and v_pool must have the same dtype; got ", dtype, " and ",
+                v_pool.scalar_type());
     TORCH_CHECK(k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes() && k_pool.size(1) == KV && k_pool.size(3) == D,
                 "decode_attention_paged: k_pool and v_pool must both be (num_blocks, KV=", KV, ", block_size, D=", D,
                 "); got ", k_pool.sizes(), " and ", v_pool.sizes());
-    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "decode_attention_paged: the pools must be contiguous");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(),
+                "decode_attention_paged: the pools must be contiguous");
     const int64_t num_blocks = k_pool.size(0), bs = k_pool.size(2);
     TORCH_CHECK(bs > 0, "decode_attention_paged: block_size must be positive");
     TORCH_CHECK(block_tables.device().is_cpu() && block_tables.dim() == 2 && block_tables.size(0) == B &&
@@ -352,14 +357,15 @@ torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor
     for (int64_t b = 0; b < B; b++) {
         const int64_t p = pos[b];
         TORCH_CHECK(p >= 0 && p < table.width * bs, "decode_attention_paged: positions[", b, "] = ", p,
-                    " is outside the block table's 0..", table.width * bs - 1, " (", table.width, " blocks of ", bs, ")");
+                    " is outside the block table's 0..", table.width * bs - 1, " (", table.width, " blocks of ", bs,
+                    ")");
         const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
         for (int64_t i = first / bs; i <= p / bs; i++) {
             const int64_t e = table.at(b, i);
             TORCH_CHECK(e >= 0 && e < num_blocks, "decode_attention_paged: block_tables[", b, "][", i, "] = ", e,
-                        " is not a block of the pool (0..", num_blocks - 1, ") but row ", b, " reads or writes positions ",
-                        std::max(first, i * bs), "..", std::min(p, i * bs + bs - 1), " there",
-                        e == -1 ? " (a released block inside the attention window)" : "");
+                        " is not a block of the pool (0..", num_blocks - 1, ") but row ", b,
+                        " reads or writes positions ", std::max(first, i * bs), "..", std::min(p, i * bs + bs - 1),
+                        " there", e == -1 ? " (a released block inside the attention window)" : "");
         }
     }
     auto cos_c = cos.reshape({B, rot}).contiguous(), sin_c = sin.reshape({B, rot}).contiguous();
