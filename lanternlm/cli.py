@@ -217,6 +217,11 @@ def build_parser() -> ArgumentParser:
                    help="let the main model (-m) answer /v1/embeddings too (a decoder pools its hidden states)")
     p.add_argument("--embedding-pooling", choices=("last", "mean"), default="last",
                    help="how a decoder marked with --embedding pools (default: last token)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="the KV cache's budget, e.g. 1GiB or 512MiB (default: max-batch sequences of the full "
+                        "context); its memory is used only as blocks fill")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt from its first token (default: reuse cached prompt blocks)")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (by default it needs the key when one is set)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -572,6 +577,20 @@ def served_name(name: str, llm) -> str:
     return name
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MiB', '2GB', '1000000' -> bytes."""
+    import re
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise LanternError(f"cannot read the size {text!r}: write e.g. 1GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -589,7 +608,9 @@ def cmd_serve(args) -> int:
     config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
                           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                           context=context, public_metrics=args.public_metrics,
-                          request_timeout=args.request_timeout)
+                          request_timeout=args.request_timeout,
+                          kv_cache_bytes=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
+                          prefix_caching=not args.no_prefix_caching)
     extra = []
     for name in args.embedding_model:
         emb = open_model(argparse.Namespace(model=name, dtype=args.dtype, device=args.device, exact=False))
@@ -597,8 +618,10 @@ def cmd_serve(args) -> int:
     app = create_app(llm, config, embed_main=args.embedding, pooling=args.embedding_pooling,
                      embedding_models=tuple(extra))
     names = ", ".join([served] + [m.name for m in extra])
-    print(f"serving {names} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context})",
-          file=sys.stderr)
+    kv = (f"KV cache {config.kv_cache_bytes / 2**30:.2f} GiB" if config.kv_cache_bytes is not None
+          else f"KV cache for {args.max_batch} x {context} tokens")
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context}, {kv}, "
+          f"prefix caching {'off' if args.no_prefix_caching else 'on'})", file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
     # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)

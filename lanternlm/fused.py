@@ -55,17 +55,23 @@ class FusedAttention(Attention):
                 positions: torch.Tensor, cache: KVCache | None, slots: int | torch.Tensor | None, length: int,
                 return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
+        paged = getattr(cache, "paged", False)  # the engine's paged pools: read through block tables (`slots`)
         if (T != 1 or cache is None or return_weights or not self.fused or x.dtype != torch.float32
-                or x.device.type != "cpu" or cache.k[self.layer_idx].dtype != torch.float32):
+                or x.device.type != "cpu"
+                or cache.k[self.layer_idx].dtype not in ((torch.float32, torch.bfloat16) if paged else (torch.float32,))):
             return super().forward(x, cos, sin, mask, positions, cache, slots, length, return_weights)
         # (B, 1, (H + 2KV) * D) -> per-head views (B, heads, D); the op reads them in place
         q, k, v = self.qkv_proj(x).view(B, self.n_heads + 2 * self.n_kv, self.head_dim).split(
             [self.n_heads, self.n_kv, self.n_kv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = kernels().decode_attention(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                                         _slot_rows(self._row_tensors, slots, B), positions.reshape(B),
-                                         self.scale, self.window)
+        if paged:
+            out = kernels().decode_attention_paged(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                                   slots, positions.reshape(B), self.scale, self.window)
+        else:
+            out = kernels().decode_attention(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                             _slot_rows(self._row_tensors, slots, B), positions.reshape(B),
+                                             self.scale, self.window)
         return self.o_proj(out.view(B, 1, -1)), None
 
 
@@ -93,8 +99,10 @@ class FusedTransformer(Transformer):
         if self._stack is None and self._stackable:
             self._stack = _decode_stack(self)  # None if the layers are not in a shape it takes
             self._stackable = self._stack is not None
+        paged = getattr(cache, "paged", False)
         if (self._stack is None or T != 1 or cache is None or positions is None or output_hidden_states
-                or output_attentions or cache.k[0].dtype != torch.float32 or input_ids.device.type != "cpu"):
+                or output_attentions or input_ids.device.type != "cpu"
+                or cache.k[0].dtype not in ((torch.float32, torch.bfloat16) if paged else (torch.float32,))):
             return super().forward(input_ids, positions, cache, slots, output_hidden_states, output_attentions)
         h = self.embed_tokens(input_ids)[:, 0]  # (B, C)
         if self.config.embed_scale is not None:
@@ -104,8 +112,11 @@ class FusedTransformer(Transformer):
             c, s = self.rotary[kind](positions, h.dtype)  # (B, 1, rot)
             cos.append(c[:, 0])
             sin.append(s[:, 0])
-        rows = _slot_rows(self._row_tensors, slots, B)
-        h = self._stack.forward(h, cos, sin, cache.k, cache.v, rows, positions.reshape(B))
+        if paged:  # `slots` holds the (B, max_blocks) block tables
+            h = self._stack.forward_paged(h, cos, sin, cache.k, cache.v, slots, positions.reshape(B))
+        else:
+            h = self._stack.forward(h, cos, sin, cache.k, cache.v, _slot_rows(self._row_tensors, slots, B),
+                                    positions.reshape(B))
         return BaseOutput(self.norm(h[:, None]), None, None)
 
 

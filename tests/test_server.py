@@ -318,3 +318,22 @@ def test_tokenize_renders_messages_as_a_chat_request_would(server):
     assert with_tools["count"] > plain["count"] and "get_weather" in text
     bad = httpx.post(f"{server.url}/tokenize", json={"messages": MSG, "tools": [{"type": "function"}]}, headers=h)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
+
+
+def test_cached_tokens_are_reported_and_counted(server):
+    """A prompt sent twice: the second answer's usage says how many prompt tokens the prefix cache served
+    (OpenAI's usage.prompt_tokens_details.cached_tokens, read by the openai client), streamed and not, and
+    /metrics counts the hits and shows the KV pool."""
+    c = server.client()
+    long = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}]
+    first = c.chat.completions.create(model="tiny", messages=long, max_tokens=3, temperature=0)
+    second = c.chat.completions.create(model="tiny", messages=long, max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    chunks = list(c.chat.completions.create(model="tiny", messages=long, max_tokens=3, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    assert server.metric("lantern_prefix_cache_hit_tokens_total") >= 2 * cached
+    assert server.metric("lantern_kv_cache_capacity_bytes") > 0

@@ -24,16 +24,20 @@ import torch
 
 from ..errors import LanternError
 from ..generation.choose import Chooser
-from ..generation.generate import OutputStream, plan_lengths
+from ..generation.generate import ContextLengthError, OutputStream, plan_lengths
 from ..generation.guide import GuideSpec
 from ..generation.sampling import SamplingParams, make_generator, token_logprobs
 from ..model import CausalLM
 from ..text.tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .kv_cache import PagedKVCache
 from .runner import SCORING_CHUNK, ModelRunner
 from .scheduler import QueueFullError, Scheduler
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")
+
+BLOCK_SIZE = 16  # tokens per KV block: small enough to share prefixes finely, large enough to read in runs
 
 __all__ = ["Engine", "EngineDeadError", "EngineStats", "QueueFullError", "SCORING_CHUNK"]
 
@@ -52,17 +56,36 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     steps_total: int = 0                # engine steps taken (each: one prefill chunk and/or one batched decode)
+    preemptions_total: int = 0          # sequences sent back to the queue when the KV pool ran out
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0             # referenced by running sequences
+    kv_blocks_cached: int = 0           # unreferenced, kept for prefix reuse (evicted first come, first out)
+    kv_bytes_per_block: int = 0
+    prefix_query_tokens: int = 0        # prompt tokens admitted (re-admissions after preemption included)
+    prefix_hit_tokens: int = 0          # of those, served from the prefix cache
 
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, context: int, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 512, device: torch.device | str = "cpu",
-                 observer: Callable[[str, float], None] | None = None):
+                 observer: Callable[[str, float], None] | None = None, kv_cache_bytes: int | None = None,
+                 kv_dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE, prefix_caching: bool = True):
+        """`kv_cache_bytes`: the KV pool's budget (default: room for max_batch sequences of `context` tokens);
+        its pages are touched only as blocks are used. `kv_dtype`: the pool's element type (default: the
+        model's)."""
         self.model, self.tokenizer = model, tokenizer
         self.context, self.max_batch, self.max_queue, self.prefill_chunk = context, max_batch, max_queue, prefill_chunk
         self.device = torch.device(device)
-        self.runner = ModelRunner(model, max_batch, context, prefill_chunk, self.device)
-        self.scheduler = Scheduler(max_batch, max_queue)
+        kv_dtype = kv_dtype or model.dtype
+        per_block = PagedKVCache.block_bytes(model.config, block_size, kv_dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else max_batch * -(-context // block_size) * per_block
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise LanternError(f"the KV cache budget of {budget:,} bytes is less than one block ({per_block:,} bytes)")
+        self.kv_cache = PagedKVCache(model.config, num_blocks, block_size, kv_dtype, model.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, prefill_chunk, self.device)
+        self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefix_caching)
         self.observer = observer            # (metric name, value): time_to_first_token, inter_token_latency
         self.stats = EngineStats()
         self._lock = threading.Lock()
@@ -73,8 +96,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="lantern-engine", daemon=True)
 
     @property
-    def cache(self):
-        return self.runner.cache
+    def kv_capacity_bytes(self) -> int:
+        return self.blocks.num_blocks * self.kv_cache.bytes_per_block
 
     # ------------------------------------------------------------------ public, thread-safe
 
@@ -84,11 +107,16 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                request_id: str | None = None, logprobs: int | None = None, trace_top_k: int | None = None,
-               prompt_logprobs: int | None = None, guide: GuideSpec | None = None) -> str:
+               prompt_logprobs: int | None = None, guide: GuideSpec | None = None, salt: str | None = None) -> str:
         """Queue a request; raises ContextLengthError / QueueFullError / EngineDeadError at once.
         `logprobs` / `prompt_logprobs`: report the generated / prompt tokens' logprobs with this many
-        alternatives each. `guide`: what the tokens are constrained to (grammar, thinking budget)."""
+        alternatives each. `guide`: what the tokens are constrained to (grammar, thinking budget). `salt`: the
+        prefix-cache partition (requests share cached prompt blocks only under equal salts)."""
         max_new = plan_lengths(len(prompt_ids), params, self.context)
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if len(prompt_ids) + max_new > capacity:
+            raise ContextLengthError(f"the prompt ({len(prompt_ids)} tokens) and up to {max_new} new tokens need "
+                                     f"more KV cache than this server holds ({capacity} tokens)")
         if self.dead:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         chooser = Chooser(params, make_generator(params.seed),
@@ -96,7 +124,7 @@ class Engine:
                           trace_top_k)
         seq = Sequence(request_id or Sequence.new_id(), list(prompt_ids),
                        OutputStream(self.tokenizer, params, prompt_ids, max_new), chooser,
-                       on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                       on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs, salt=salt)
         with self._lock:
             self.scheduler.add(seq)
             self.stats.requests_total += 1
@@ -121,6 +149,10 @@ class Engine:
         with self._lock:
             self.stats.running = len(self.scheduler.running)
             self.stats.waiting = len(self.scheduler.waiting)
+            b = self.blocks
+            self.stats.kv_blocks_total, self.stats.kv_blocks_used = b.num_blocks, b.num_used
+            self.stats.kv_blocks_cached, self.stats.kv_bytes_per_block = b.num_cached, self.kv_cache.bytes_per_block
+            self.stats.prefix_query_tokens, self.stats.prefix_hit_tokens = b.query_tokens, b.hit_tokens
             return EngineStats(**vars(self.stats))
 
     # ------------------------------------------------------------------ engine thread
@@ -156,17 +188,20 @@ class Engine:
         self.stats.steps_total += 1
         seq = self.scheduler.next_prefill()
         if seq is not None:
+            scoring = seq.scoring
             logits, count = self.runner.prefill(seq)
-            self._prefilled(seq, logits, count)
+            self._prefilled(seq, logits, count, scoring)
         decoding = self.scheduler.decoding()
         if decoding:
             for seq, row in zip(decoding, self.runner.decode(decoding)):
+                self.scheduler.written(seq, seq.length)  # the fed token's keys are in; the new one's are not
                 self._sample_and_emit(seq, row)
+        self.stats.preemptions_total = self.scheduler.preemptions
         self._release()
 
-    def _prefilled(self, seq: Sequence, logits: torch.Tensor, count: int) -> None:
+    def _prefilled(self, seq: Sequence, logits: torch.Tensor, count: int, scoring: bool) -> None:
         start = seq.computed
-        if seq.prompt_logprobs is not None:
+        if scoring:
             if start == 0:
                 seq.prompt_lp.append(None)  # nothing predicts the first token
             # Row j predicts prompt token start + j + 1; the chunk's last row predicts the next chunk's first.
@@ -174,6 +209,7 @@ class Engine:
             seq.prompt_lp.extend(token_logprobs(logits[:len(targets)], targets, seq.prompt_logprobs))
         seq.computed += count
         self.stats.prompt_tokens_total += count
+        self.scheduler.written(seq, seq.computed)
         if not seq.prefilling:  # the prompt is in: its last logits give the first token
             self._sample_and_emit(seq, logits[-1])
 
@@ -198,8 +234,10 @@ class Engine:
         event = Event(seq.request_id, step, trace=trace)
         if seq.logprobs is not None:  # of the model's own distribution, before sampling transforms (as vLLM)
             [(event.logprob, _, event.top_logprobs)] = token_logprobs(logits[None], [token], seq.logprobs)
-        if seq.prompt_logprobs is not None and len(seq.stream.output_ids) == 1:
-            event.prompt_logprobs = seq.prompt_lp
+        if len(seq.stream.output_ids) == 1:
+            event.cached_tokens = seq.cached_tokens
+            if seq.prompt_logprobs is not None:
+                event.prompt_logprobs = seq.prompt_lp
         self._emit(seq, event)
 
     def _emit(self, seq: Sequence, event: Event) -> None:
@@ -210,7 +248,7 @@ class Engine:
             seq.aborted = True
 
     def _release(self) -> None:
-        for seq in self.scheduler.release_finished(self.runner.move):
+        for seq in self.scheduler.release_finished():
             if seq.aborted and not seq.finished:
                 self.stats.requests_aborted += 1
             else:

@@ -23,24 +23,33 @@ from ..config import ModelConfig
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed tensor whose pages the OS maps lazily (bf16 through its 16-bit pattern)."""
-    array = np.zeros(shape, dtype=_NUMPY[dtype])
-    tensor = torch.from_numpy(array)
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on the CPU one whose pages the OS maps lazily (bf16 through its 16-bit pattern)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    tensor = torch.from_numpy(np.zeros(shape, dtype=_NUMPY[dtype]))
     return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
 
 
 class PagedKVCache:
+    paged = True  # the fused decode step reads these pools through block tables
+
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, device: torch.device | str = "cpu"):
         if dtype not in _NUMPY:
             raise ValueError(f"a paged KV cache is float32, bfloat16 or float16, not {dtype}")
         self.num_blocks, self.block_size, self.dtype, self.compute_dtype = num_blocks, block_size, dtype, compute_dtype
         shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
-        self.k = [_zeros(shape, dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [_zeros(shape, dtype) for _ in range(config.num_hidden_layers)]
-        # Keys and values of every layer for one block.
-        self.bytes_per_block = 2 * config.num_hidden_layers * int(np.prod(shape[1:])) * self.k[0].element_size()
+        device = torch.device(device)
+        self.k = [_zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.bytes_per_block = self.block_bytes(config, block_size, dtype)
+
+    @staticmethod
+    def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Keys and values of every layer for one block of `block_size` tokens."""
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim * item
 
     @property
     def bytes_per_token(self) -> int:

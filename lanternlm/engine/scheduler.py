@@ -1,17 +1,19 @@
-"""Who runs: the waiting queue, the running batch and its cache slots.
+"""Who runs: the waiting queue, the running batch, and the KV blocks each sequence holds.
 
-Running sequences stay packed in slots 0..n-1 (a finished one's slot is refilled by moving the last one into
-it), so the batched decode reads the cache as views, never a gathered copy. The scheduler decides; moving a
-sequence's cached keys and values is the runner's job, asked for through `release_finished(move)`.
+Admission is by free blocks: the head of the queue is admitted when the block manager can give it blocks for
+its whole prompt (cached prefix blocks count as already there), first come first served, so no request is
+overtaken forever. Before each decode every running sequence gets room for one more token; when the pool
+runs dry the youngest running sequence is preempted: its blocks are released (the full ones stay cached)
+and it goes back to the head of the queue, to be recomputed from its prompt and the tokens it has so far.
 Not thread-safe on its own: the engine calls it under its lock (queue changes) or from its thread.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 
 from ..errors import LanternError
+from .block_manager import BlockManager
 from .sequence import Sequence
 
 
@@ -20,10 +22,12 @@ class QueueFullError(LanternError):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int):
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int, blocks: BlockManager, prefix_caching: bool = True):
+        self.max_batch, self.max_queue, self.blocks = max_batch, max_queue, blocks
+        self.prefix_caching = prefix_caching
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []   # running[i] lives in cache slot i
+        self.running: list[Sequence] = []   # in admission order: the last is the youngest
+        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_queue:
@@ -44,11 +48,21 @@ class Scheduler:
                 seq.aborted = True
         return len(dropped)
 
+    def _cacheable(self, seq: Sequence) -> int | None:
+        # Prompt logprobs need every position's logits: those positions are computed, never served.
+        return 0 if seq.scoring or not self.prefix_caching else None
+
     def admit(self) -> None:
-        """Move waiting requests into free slots, first come first served."""
+        """Admit waiting requests, first come first served, while there are slots and blocks."""
         while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting.popleft()
-            seq.slot = len(self.running)
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq.target, seq.salt, self._cacheable(seq)):
+                break
+            self.waiting.popleft()
+            cached = self.blocks.allocate(seq.request_id, seq.target, seq.salt, self._cacheable(seq))
+            seq.computed = cached
+            if seq.cached_tokens is None:
+                seq.cached_tokens = cached
             self.running.append(seq)
 
     def next_prefill(self) -> Sequence | None:
@@ -56,27 +70,45 @@ class Scheduler:
         return next((s for s in self.running if s.prefilling and not s.aborted), None)
 
     def decoding(self) -> list[Sequence]:
-        return [s for s in self.running if not s.prefilling and not s.finished and not s.aborted]
+        """The sequences that decode this step, each with room for its next token; preempts the youngest
+        sequences when the pool has no block left for an older one."""
+        ready = [s for s in self.running if not s.prefilling and not s.finished and not s.aborted]
+        granted = []
+        for seq in ready:
+            while seq in self.running and not self.blocks.append_slot(seq.request_id, seq.length):
+                self.preempt(self.running[-1])
+            if seq in self.running:
+                granted.append(seq)
+        return [s for s in granted if s in self.running]
 
-    def release_finished(self, move: Callable[[int, int, int], None]) -> list[Sequence]:
-        """Free the slots of finished or aborted sequences, keeping the rest packed in slots 0..n-1;
-        `move(src, dst, length)` copies a sequence's cache row. Returns the sequences released."""
-        released, i = [], 0
-        while i < len(self.running):
-            seq = self.running[i]
-            if not (seq.finished or seq.aborted):
-                i += 1
-                continue
-            released.append(seq)
-            last = self.running.pop()
-            if last is not seq:  # move the last sequence into the freed slot
-                move(last.slot, seq.slot, last.length)
-                last.slot = seq.slot
-                self.running[i] = last
+    def preempt(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks and put it back at the head of the queue, to be recomputed."""
+        self.blocks.free(seq.request_id)
+        self.running.remove(seq)
+        seq.target = seq.all_ids
+        seq.computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def written(self, seq: Sequence, count: int) -> None:
+        """The first `count` of the sequence's tokens now have keys and values in the cache: offer the full
+        blocks among them to the prefix cache."""
+        if self.prefix_caching and not seq.scoring:
+            self.blocks.register_full_blocks(seq.request_id, seq.all_ids[:count])
+
+    def release_finished(self) -> list[Sequence]:
+        """Free the blocks of finished or aborted sequences; returns the sequences released."""
+        released = [s for s in self.running if s.finished or s.aborted]
+        for seq in released:
+            self.running.remove(seq)
+            self.blocks.free(seq.request_id)
         return released
 
     def drain(self) -> list[Sequence]:
         """Every sequence, running or waiting, removed (shutdown or failure)."""
         everything = list(self.running) + list(self.waiting)
+        for seq in self.running:
+            self.blocks.free(seq.request_id)
         self.running, self.waiting = [], collections.deque()
         return everything

@@ -27,6 +27,7 @@ class Event:
     # On a request's first event, when asked for: per prompt token, None for the first (nothing predicts it),
     # then (logprob, rank, [(id, logprob), ...]) of that token given the ones before it.
     prompt_logprobs: list | None = None
+    cached_tokens: int | None = None   # on a request's first event: prompt tokens served by the prefix cache
 
 
 @dataclass
@@ -36,8 +37,11 @@ class Sequence:
     stream: OutputStream
     chooser: Chooser                     # how its tokens are chosen (parameters, generator, guide, trace)
     on_event: Callable[[Event], None]
-    slot: int = -1                       # KV cache row while running
-    computed: int = 0                    # prompt tokens already in the cache
+    salt: str | None = None              # prefix-cache partition (vLLM's cache_salt): equal salts share blocks
+    target: list[int] = field(default_factory=list)  # tokens to prefill: the prompt, or all so far after preemption
+    computed: int = 0                    # tokens of `target` whose keys and values are in the cache
+    cached_tokens: int | None = None     # prompt tokens the prefix cache served at first admission
+    preemptions: int = 0
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -50,9 +54,21 @@ class Sequence:
     def new_id() -> str:
         return f"req-{next(_ids)}"
 
+    def __post_init__(self) -> None:
+        self.target = list(self.prompt_ids)
+
     @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt_ids)
+        return self.computed < len(self.target)
+
+    @property
+    def scoring(self) -> bool:
+        """This prefill must give every prompt position's logits (prompt logprobs not yet computed)."""
+        return self.prompt_logprobs is not None and len(self.prompt_lp) < len(self.prompt_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.stream.output_ids
 
     @property
     def length(self) -> int:

@@ -86,6 +86,7 @@ class Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     traces: list[dict] = field(default_factory=list)
     prompt_logprobs: list | None = None   # the engine's, when asked for (see Event.prompt_logprobs)
+    cached_tokens: int = 0                # prompt tokens the prefix cache served
     finish_reason: str | None = None
 
 
@@ -114,6 +115,8 @@ def absorb(choice: Choice, event: Event) -> None:
         choice.logprobs.append((step.token_id, event.logprob, event.top_logprobs or []))
     if event.prompt_logprobs is not None:
         choice.prompt_logprobs = event.prompt_logprobs
+    if event.cached_tokens:
+        choice.cached_tokens = event.cached_tokens
     if event.trace is not None:
         choice.traces.append(event.trace)
     if step.finish_reason:

@@ -93,6 +93,8 @@ class SamplingFields(Strict):
     # vLLM's extension: log-probabilities of the prompt's tokens, with this many alternatives each.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     lantern: LanternOptions | None = None
+    # vLLM's: requests share cached prompt blocks only under the same salt (one tenant cannot time another's).
+    cache_salt: str | None = Field(default=None, max_length=256)
 
     @field_validator("stop")
     @classmethod

@@ -29,6 +29,8 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     prefill_chunk: int = 512
     public_metrics: bool = False             # /metrics without the API key (it is behind the key otherwise)
+    kv_cache_bytes: int | None = None        # the KV pool's budget (None: max_batch sequences of `context`)
+    prefix_caching: bool = True
     request_timeout: float | None = None     # seconds a request may take before it is stopped (408)
 
 
@@ -48,6 +50,16 @@ class Metrics:
         self.steps = Counter("lantern_engine_steps", "Engine steps taken (a prefill chunk and/or a batched decode)",
                              registry=r)
         self.timeouts = Counter("lantern_requests_timed_out", "Requests stopped by --request-timeout", registry=r)
+        # Mirrors of the engine's own counters (gauges set from its snapshot at each scrape).
+        self.preemptions = Gauge("lantern_preemptions_total", "Sequences preempted (KV pool full) and recomputed",
+                                 registry=r)
+        self.kv_capacity = Gauge("lantern_kv_cache_capacity_bytes", "The KV pool's budget", registry=r)
+        self.kv_used = Gauge("lantern_kv_cache_used_bytes", "KV blocks held by running sequences", registry=r)
+        self.kv_cached = Gauge("lantern_kv_cache_cached_bytes", "Unreferenced KV blocks kept for prefix reuse",
+                               registry=r)
+        self.prefix_queries = Gauge("lantern_prefix_cache_query_tokens_total", "Prompt tokens admitted", registry=r)
+        self.prefix_hits = Gauge("lantern_prefix_cache_hit_tokens_total",
+                                 "Prompt tokens served from the prefix cache (hit rate = hits / queries)", registry=r)
         self.ttft = Histogram("lantern_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("lantern_inter_token_latency_seconds", "Time between tokens of a stream", registry=r,
@@ -159,7 +171,8 @@ class ServerState:
                         loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
                     request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace,
-                                                  prompt_logprobs=prompt_logprobs, guide=guide))
+                                                  prompt_logprobs=prompt_logprobs, guide=guide,
+                                                  salt=getattr(req, "cache_salt", None)))
         except ContextLengthError as e:
             self.abort(request_ids, count=False)
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None

@@ -17,8 +17,10 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage; `cached`: prompt tokens the prefix cache served (prompt_tokens_details.cached_tokens)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def stream(chunk: dict, req, prompt_tokens: int, events: Events, opening: list[dict],
@@ -28,7 +30,7 @@ async def stream(chunk: dict, req, prompt_tokens: int, events: Events, opening: 
     sequences are aborted at once."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
-    completion_tokens = 0
+    completion_tokens = cached = 0
     try:
         for choice in opening:
             yield sse({**chunk, "choices": [choice], **extra})
@@ -45,11 +47,13 @@ async def stream(chunk: dict, req, prompt_tokens: int, events: Events, opening: 
                           if event.request_error else error_body(f"generation failed: {event.error}", "server_error"))
                 return
             completion_tokens += 1
+            if event.cached_tokens and i % req.n == 0:  # once per prompt, as usage counts prompt tokens once
+                cached += event.cached_tokens
             events.state.metrics.generation_tokens.inc()
             for choice in render(i, event):
                 yield sse({**chunk, "choices": [choice], **extra})
         if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached)})
         yield "data: [DONE]\n\n"
     finally:
         events.close()

@@ -93,7 +93,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                         "logprobs": chat_logprobs(c.logprobs, text) if req.logprobs else None,
                         "finish_reason": reason, **lantern_extra(req, c.traces)})
         return {**base, "object": "chat.completion", "choices": out,
-                "usage": usage(len(ids), sum(len(c.token_ids) for c in choices)), **extra}
+                "usage": usage(len(ids), sum(len(c.token_ids) for c in choices), choices[0].cached_tokens), **extra}
 
     readers = [chat.reader() for _ in range(req.n)]
 

@@ -107,7 +107,8 @@ async def completions(req: CompletionRequest, request: Request):
             out.append({"index": c.index, "text": echo_texts[p] + "".join(c.text), "logprobs": lp,
                         "finish_reason": c.finish_reason, **extra, **lantern_extra(req, c.traces)})
         return {**base, "object": "text_completion", "choices": out,
-                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices),
+                               sum(c.cached_tokens for c in choices if c.index % req.n == 0))}
 
     offsets = [len(echo_texts[prompt_of(i)]) for i in range(total)]  # text_offset of each choice's next token
 

@@ -30,4 +30,11 @@ async def prometheus(request: Request):
         state.metrics.running.set(snap.running)
         state.metrics.steps.inc(snap.steps_total - state.steps_seen)  # the engine counts; the metric mirrors it
         state.steps_seen = snap.steps_total
+        m = state.metrics
+        m.preemptions.set(snap.preemptions_total)
+        m.kv_capacity.set(snap.kv_blocks_total * snap.kv_bytes_per_block)
+        m.kv_used.set(snap.kv_blocks_used * snap.kv_bytes_per_block)
+        m.kv_cached.set(snap.kv_blocks_cached * snap.kv_bytes_per_block)
+        m.prefix_queries.set(snap.prefix_query_tokens)
+        m.prefix_hits.set(snap.prefix_hit_tokens)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
