@@ -1,0 +1,167 @@
+"""The paged KV cache and prefix caching, measured on the default model (issue 14), in one run:
+
+1. A 10-turn chat whose history reaches about 2,000 tokens: time to first token of the 10th turn with the
+   prefix cache on and off (each turn a fresh request with the whole history, as clients send it).
+2. 32 requests sharing a 1,000-token system prompt, submitted together: aggregate time to first token (the
+   time until every request has its first token) on and off.
+3. KV bytes per token of the default model in float32, bf16 and int8, and what 1 GiB holds.
+4. Idle RSS of `lantern serve` with its defaults (batch 8, context 4096), pages of the pool untouched.
+5. Greedy agreement on the fast path, cold vs cached: the cached run prefills fewer rows at once, which may
+   round differently; reported over 20 prompts.
+
+`python -m bench.prefix_cache` (the engine runs in this process for 1, 2 and 5; 4 starts a server). Writes
+bench/results/prefix-<time>.json. Time it only on an idle machine (`uptime`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from .serverproc import Server, machine, write_result
+
+WORDS = ("river mountain library engine garden theory planet market signal language harbor winter protein "
+         "circuit orchestra desert bridge archive lantern compass").split()
+
+
+def filler(n_words: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n_words,), generator=g))
+
+
+def first_token_times(engine, prompts: list[list[int]], max_tokens: int = 1) -> list[float]:
+    """Submit all prompts at once; seconds from submission to each one's first token."""
+    from lanternlm.generation.sampling import SamplingParams
+    start = time.perf_counter()
+    times = [None] * len(prompts)
+    done = threading.Semaphore(0)
+
+    def on(i):
+        def event(e):
+            if times[i] is None:
+                times[i] = time.perf_counter() - start
+            if e.error or (e.step and e.step.finish_reason):
+                done.release()
+        return event
+
+    for i, ids in enumerate(prompts):
+        engine.submit(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), on(i))
+    for _ in prompts:
+        done.acquire()
+    return times
+
+
+def chat_turns(llm, turns: int = 10, target_tokens: int = 2000) -> list[list[int]]:
+    """The prompts of a chat growing to ~target_tokens by the last turn (each answer stands in as text)."""
+    history, prompts = [], []
+    per_turn = target_tokens // turns
+    for t in range(turns):
+        history.append({"role": "user", "content": f"Turn {t}: " + filler(per_turn // 2 - 4, t)})
+        prompts.append(llm.encode_chat(history))
+        history.append({"role": "assistant", "content": filler(per_turn // 2 - 4, 100 + t)})
+    return prompts
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    from lanternlm.api import LLM
+    from lanternlm.engine import Engine
+    from lanternlm.engine.kv_cache import PagedKVCache
+    from lanternlm.generation.sampling import SamplingParams
+
+    llm = LLM("smollm2-135m-instruct")
+    results: dict = {"machine": machine()}
+
+    def engine(caching: bool, **kw):
+        return Engine(llm.model, llm.tokenizer, context=4096, prefill_chunk=512, prefix_caching=caching, **kw).start()
+
+    # 1. ten-turn chat
+    prompts = chat_turns(llm)
+    chat = {}
+    for caching in (False, True):
+        eng = engine(caching)
+        try:
+            per_turn = [first_token_times(eng, [p])[0] for p in prompts]
+        finally:
+            eng.shutdown()
+        chat["on" if caching else "off"] = per_turn
+    results["chat_turn10"] = {"prompt_tokens": len(prompts[-1]), "ttft_off_s": chat["off"][-1],
+                              "ttft_on_s": chat["on"][-1], "speedup": chat["off"][-1] / chat["on"][-1]}
+
+    # 2. shared system prompt
+    system = {"role": "system", "content": filler(960, 999)}  # about 1,000 tokens
+    shared = [llm.encode_chat([system, {"role": "user", "content": f"Question {i}: " + filler(12, i)}])
+              for i in range(32)]
+    agg = {}
+    for caching in (False, True):
+        eng = engine(caching, max_batch=8, max_queue=64)
+        try:
+            if caching:  # the system prompt is in the cache once one request has been served
+                first_token_times(eng, shared[:1])
+            times = first_token_times(eng, shared)
+        finally:
+            eng.shutdown()
+        agg["on" if caching else "off"] = max(times)
+    results["shared_system_prompt"] = {"requests": 32, "prompt_tokens": len(shared[0]),
+                                       "all_first_tokens_off_s": agg["off"], "all_first_tokens_on_s": agg["on"],
+                                       "speedup": agg["off"] / agg["on"]}
+
+    # 3. bytes per token
+    per_token = {name: PagedKVCache.block_bytes(llm.config, 1, dtype)
+                 for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16))}
+    per_token["int8"] = per_token["bf16"] // 2  # one byte per value (scales per block not counted)
+    results["kv_bytes_per_token"] = per_token
+    results["sequences_of_2k_in_1GiB"] = {k: (1 << 30) / (v * 2048) for k, v in per_token.items()}
+
+    # 5. greedy agreement, cold vs cached, fast path
+    questions = [[{"role": "system", "content": filler(60, 5)}, {"role": "user", "content": f"Tell me about {w}."}]
+                 for w in WORDS]
+    agree = total = 0
+    eng = engine(True)
+    try:
+        for q in questions:
+            ids = llm.encode_chat(q)
+            outs = []
+            for _ in range(2):  # the second run finds the prompt's full blocks cached
+                got, done = [], threading.Event()
+
+                def on(e, got=got, done=done):
+                    got.append(e.step.token_id)
+                    if e.step.finish_reason:
+                        done.set()
+                eng.submit(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), on)
+                done.wait()
+                outs.append(got)
+            same = next((i for i, (a, b) in enumerate(zip(*outs)) if a != b), len(outs[0]))
+            agree += same
+            total += len(outs[0])
+    finally:
+        eng.shutdown()
+    results["greedy_agreement_cold_vs_cached"] = {"prompts": len(questions), "tokens_equal_before_divergence": agree,
+                                                  "tokens": total}
+
+    # 4. idle RSS of the server with its defaults
+    with Server() as server:
+        time.sleep(2)  # let the process settle after startup; a measurement pause, not a test assertion
+        results["serve_idle_rss_mb"] = server.rss_mb()
+
+    c, s = results["chat_turn10"], results["shared_system_prompt"]
+    print(f"{results['machine']}")
+    print(f"10-turn chat, turn 10 ({c['prompt_tokens']} prompt tokens): TTFT {c['ttft_off_s'] * 1e3:.0f} ms off, "
+          f"{c['ttft_on_s'] * 1e3:.0f} ms on: {c['speedup']:.1f}x (goal >= 5x)")
+    print(f"32 requests sharing a {s['prompt_tokens']}-token prompt: all first tokens after "
+          f"{s['all_first_tokens_off_s']:.2f} s off, {s['all_first_tokens_on_s']:.2f} s on: {s['speedup']:.1f}x")
+    print("KV bytes per token: " + ", ".join(f"{k} {v:,}" for k, v in per_token.items()) +
+          "; 2k-token sequences in 1 GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                      results["sequences_of_2k_in_1GiB"].items()))
+    g = results["greedy_agreement_cold_vs_cached"]
+    print(f"greedy tokens equal cold vs cached (up to the first difference): {g['tokens_equal_before_divergence']} "
+          f"of {g['tokens']} over {g['prompts']} prompts")
+    print(f"idle RSS of `lantern serve` (defaults): {results['serve_idle_rss_mb']:.0f} MB (goal <= 870 MB)")
+    print(f"wrote {write_result('prefix', results)}")
+
+
+if __name__ == "__main__":
+    main()
