@@ -68,8 +68,8 @@ def main() -> None:
     torch.set_num_threads(2)
     from lanternlm.api import LLM
     from lanternlm.engine import Engine
-    from lanternlm.engine.kv_cache import PagedKVCache
     from lanternlm.generation.sampling import SamplingParams
+    from lanternlm.models.kv_cache import PagedKVCache
 
     llm = LLM("smollm2-135m-instruct")
     results: dict = {"machine": machine()}

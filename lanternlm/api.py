@@ -55,9 +55,10 @@ class LLM:
     (embed only)."""
 
     def __init__(self, model: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 context: int | None = None, quantized: bool | None = None):
+                 context: int | None = None, quantized: bool | None = None, kv_dtype: torch.dtype | None = None):
         """`quantized`: for GGUF files, compute from the quantized weights (default on CPU) or, with False,
-        from weights dequantized to `dtype` (the exact reference path)."""
+        from weights dequantized to `dtype` (the exact reference path). `kv_dtype`: how keys and values are
+        stored (default: bfloat16 on the quantized path, the model's dtype on the exact one)."""
         self.name = str(model)
         self.path = resolve(model)
         loaded = load(self.path, dtype=dtype, device=device, quantized=quantized)
@@ -69,6 +70,9 @@ class LLM:
         self.generation_config = recommended_generation_config(catalogue_entry(model), loaded.generation_config)
         self.device = loaded.device
         self.kind = loaded.kind
+        if kv_dtype is not None and kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise LanternError(f"kv_dtype must be float32, bfloat16 or float16, got {kv_dtype}")
+        self.kv_dtype = kv_dtype or (torch.bfloat16 if loaded.quantized else loaded.model.dtype)
         self.context = min(context or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
         self.embedding_spec = embedding.spec_for(loaded, self.context)
         self.embedding_max_length = self.embedding_spec.max_length   # tokens per input, special tokens included
@@ -142,7 +146,7 @@ class LLM:
              trace_top_k: int | None = None) -> Iterator[Step]:
         self._need_decoder("generate text")
         return generate(self.model, self.tokenizer, ids, self._params(params), self.context, self.device, guide,
-                        trace_top_k)
+                        trace_top_k, self.kv_dtype)
 
     def guide_for(self, grammar: GrammarSpec | None) -> GuideSpec | None:
         """The guide that holds a plain generation to `grammar` (compiled once, cached)."""
@@ -234,7 +238,8 @@ class LLM:
         Plain data (json-serialisable). Messages (a list of dicts) go through the chat template."""
         self._need_decoder("generate text")
         ids = self._prompt(prompt)
-        steps = list(explain_generate(self.model, self.tokenizer, ids, self._params(params), self.context, top_k))
+        steps = list(explain_generate(self.model, self.tokenizer, ids, self._params(params), self.context, top_k,
+                                      kv_dtype=self.kv_dtype))
         return {"prompt_ids": ids, "prompt_tokens": self.tokenizer.tokens(ids),
                 "text": "".join(step.text for step, _ in steps),
                 "token_ids": [step.token_id for step, _ in steps],

@@ -452,7 +452,7 @@ def print_explained(llm, ids, params, k: int, guide=None) -> int:
     print(f"{'#':>4}  {'token':18} {'prob':>7}  {'rank':>4}  alternatives (prob)")
     pieces = []
     for step, trace in explain_generate(llm.model, llm.tokenizer, ids, llm._params(params), llm.context,
-                                        top_k=k + 1, guide=guide):
+                                        top_k=k + 1, guide=guide, kv_dtype=llm.kv_dtype):
         constraint = next((st for st in trace["stages"][1:2] if st["name"] in ("grammar", "thinking_budget")), None)
         if constraint is not None:  # the constraint is the first stage after the raw logits
             print(f"      {constraint['name']}: kept {constraint['kept']:,} of {trace['stages'][0]['kept']:,}")

@@ -58,14 +58,15 @@ def _prompt_ids(ids, vocab_size: int, name: str = "ids") -> list[int]:
 
 
 def explain_generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids, params: SamplingParams, context: int,
-                     top_k: int = 5, guide: GuideSpec | None = None) -> Iterator[tuple[Step, dict]]:
+                     top_k: int = 5, guide: GuideSpec | None = None,
+                     kv_dtype: torch.dtype | None = None) -> Iterator[tuple[Step, dict]]:
     """`generate.generate` with a trace per token: yields (Step, trace) where trace is `trace_step`'s dict plus
     the token's `index` among the new tokens, its `position` in the sequence, and the Step's `text` and
     `finish_reason`. It is the same generation (same path, same tokens), with the trace switched on."""
     top_k = _positive_int(top_k, "top_k")
     prompt_ids = _prompt_ids(prompt_ids, model.config.vocab_size, "prompt_ids")
     for index, step in enumerate(generate(model, tokenizer, prompt_ids, params, context, model.device, guide,
-                                          trace_top_k=top_k)):
+                                          trace_top_k=top_k, kv_dtype=kv_dtype)):
         yield step, {"index": index, "position": len(prompt_ids) + index, "text": step.text,
                      "finish_reason": step.finish_reason, **step.trace}
 

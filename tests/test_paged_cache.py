@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_model import lantern_from_hf
 
-from lanternlm.engine.kv_cache import PagedKVCache
 from lanternlm.model import KVCache
+from lanternlm.models.kv_cache import PagedKVCache
 
 from tiny_models import ARCHS, make_hf_model
 

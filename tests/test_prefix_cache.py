@@ -11,8 +11,8 @@ import torch
 from test_model import lantern_from_hf
 
 from lanternlm.engine import Engine
-from lanternlm.engine.kv_cache import PagedKVCache
 from lanternlm.generation.sampling import SamplingParams
+from lanternlm.models.kv_cache import PagedKVCache
 
 from tiny_models import ARCHS, make_hf_model
 

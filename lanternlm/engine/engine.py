@@ -28,16 +28,14 @@ from ..generation.generate import ContextLengthError, OutputStream, plan_lengths
 from ..generation.guide import GuideSpec
 from ..generation.sampling import SamplingParams, make_generator, token_logprobs
 from ..model import CausalLM
+from ..models.kv_cache import BLOCK_SIZE, PagedKVCache
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .kv_cache import PagedKVCache
 from .runner import SCORING_CHUNK, ModelRunner
 from .scheduler import QueueFullError, Scheduler
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")
-
-BLOCK_SIZE = 16  # tokens per KV block: small enough to share prefixes finely, large enough to read in runs
 
 __all__ = ["Engine", "EngineDeadError", "EngineStats", "QueueFullError", "SCORING_CHUNK"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..model import CausalLM
+from ..models.kv_cache import PagedKVCache
 from .block_manager import BlockManager
-from .kv_cache import PagedKVCache
 from .sequence import Sequence
 
 SCORING_CHUNK = 128  # prefill chunk for requests that want every prompt position's logprobs

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LanternError
-from ..model import CausalLM, KVCache
+from ..model import CausalLM
+from ..models.kv_cache import BLOCK_SIZE, PagedKVCache
 from ..text.tokenizer import IncrementalDecoder, Tokenizer
 from .choose import Chooser
 from .guide import GuideSpec
@@ -122,21 +123,24 @@ def plan_lengths(prompt_len: int, params: SamplingParams, context: int) -> int:
 @torch.inference_mode()
 def generate(model: CausalLM, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              context: int, device: torch.device | str = "cpu", guide: GuideSpec | None = None,
-             trace_top_k: int | None = None) -> Iterator[Step]:
+             trace_top_k: int | None = None, kv_dtype: torch.dtype | None = None) -> Iterator[Step]:
     """Yield one Step per generated token until an end token, a stop string or the length limit.
-    `guide` constrains the tokens (grammar, thinking budget); `trace_top_k` puts a trace on every Step."""
+    `guide` constrains the tokens (grammar, thinking budget); `trace_top_k` puts a trace on every Step.
+    The keys and values live in the serving engine's kind of cache (paged, `kv_dtype`, default the model's
+    dtype), so one sequence here and one in the engine compute the same numbers."""
     max_new = plan_lengths(len(prompt_ids), params, context)
     if max_new == 0:
         return
     stream = OutputStream(tokenizer, params, prompt_ids, max_new)
-    dtype = model.dtype
-    cache = KVCache(model.config, slots=1, max_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
+    blocks = -(-(len(prompt_ids) + max_new) // BLOCK_SIZE)
+    cache = PagedKVCache(model.config, blocks, BLOCK_SIZE, kv_dtype or model.dtype, model.dtype, device)
+    table = torch.arange(blocks, device=device)[None]  # (1, blocks): the sequence owns every block, in order
     chooser = Chooser(params, make_generator(params.seed),
                       guide.start(tokenizer, model.config.vocab_size) if guide is not None else None, trace_top_k)
     ids = torch.tensor([prompt_ids], device=device)
     positions = torch.arange(len(prompt_ids), device=device)[None]
     while True:
-        logits = model(ids, positions, cache, logits_to_keep=1).logits[0, -1]  # (V,)
+        logits = model(ids, positions, cache, slots=table, logits_to_keep=1).logits[0, -1]  # (V,)
         token, trace = chooser.choose(logits, stream.prompt_ids, stream.output_ids, tokenizer)
         step = stream.append(token, trace)
         yield step

@@ -40,6 +40,7 @@ def create_app(llm, config: ServerConfig, embed_main: bool = False, pooling: str
             engine = Engine(llm.model, llm.tokenizer, context=config.context, max_batch=config.max_batch,
                             max_queue=config.max_queue, prefill_chunk=config.prefill_chunk, device=llm.device,
                             observer=state.metrics.observe, kv_cache_bytes=config.kv_cache_bytes,
+                            kv_dtype=getattr(llm, "kv_dtype", None),
                             prefix_caching=config.prefix_caching)
             state.engine = engine.start()
         yield

@@ -1,5 +1,6 @@
-"""The serving engine's paged KV cache: per layer, pools of fixed-size blocks of keys and values, read and
-written through each sequence's block table (which blocks hold its positions; `block_manager` decides).
+"""The paged KV cache: per layer, pools of fixed-size blocks of keys and values, read and written through each
+sequence's block table (which blocks hold its positions: the engine's `block_manager` decides; a lone
+`generate()` owns all its blocks in order). Both use it, so one sequence computes the same numbers in either.
 
 Pools are (num_blocks, KV, block_size, D), in bfloat16 on the fast path and float32 on the exact path (the
 transformers-equal reference). They are allocated zeroed by the operating system (numpy's calloc-backed
@@ -20,6 +21,7 @@ import torch
 
 from ..config import ModelConfig
 
+BLOCK_SIZE = 16  # tokens per block: small enough to share prefixes finely, large enough to read in runs
 _NUMPY = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}
 
 
@@ -84,4 +86,4 @@ class PagedKVCache:
             vp[dst] = vp[src]
 
 
-__all__ = ["PagedKVCache"]
+__all__ = ["PagedKVCache", "BLOCK_SIZE"]
