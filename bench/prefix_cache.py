@@ -75,7 +75,8 @@ def main() -> None:
     results: dict = {"machine": machine()}
 
     def engine(caching: bool, **kw):
-        return Engine(llm.model, llm.tokenizer, context=4096, prefill_chunk=512, prefix_caching=caching, **kw).start()
+        return Engine(llm.model, llm.tokenizer, context=4096, prefill_chunk=512, prefix_caching=caching,
+                      kv_dtype=llm.kv_dtype, **kw).start()  # as `lantern serve` runs it
 
     # 1. ten-turn chat
     prompts = chat_turns(llm)
