@@ -8,6 +8,7 @@
 4. Idle RSS of `lantern serve` with its defaults (batch 8, context 4096), pages of the pool untouched.
 5. Greedy agreement on the fast path, cold vs cached: the cached run prefills fewer rows at once, which may
    round differently; reported over 20 prompts.
+6. What bf16 storage does to the fast path's tokens: greedy, 20 prompts x 64 tokens, KV in float32 vs bf16.
 
 `python -m bench.prefix_cache` (the engine runs in this process for 1, 2 and 5; 4 starts a server). Writes
 bench/results/prefix-<time>.json. Time it only on an idle machine (`uptime`).
@@ -143,6 +144,31 @@ def main() -> None:
     results["greedy_agreement_cold_vs_cached"] = {"prompts": len(questions), "tokens_equal_before_divergence": agree,
                                                   "tokens": total}
 
+    # 6. bf16 vs float32 keys and values, fast path, greedy
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        eng = Engine(llm.model, llm.tokenizer, context=2048, kv_dtype=dtype, prefix_caching=False).start()
+        try:
+            runs[dtype] = []
+            for w in WORDS:
+                ids = llm.encode_chat([{"role": "user", "content": f"Tell me about {w} in detail."}])
+                got, done = [], threading.Event()
+
+                def on(e, got=got, done=done):
+                    got.append(e.step.token_id)
+                    if e.step.finish_reason:
+                        done.set()
+                eng.submit(ids, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), on)
+                done.wait()
+                runs[dtype].append(got)
+        finally:
+            eng.shutdown()
+    pairs = list(zip(runs[torch.float32], runs[torch.bfloat16]))
+    results["bf16_vs_float32_kv"] = {
+        "prompts": len(pairs), "identical_sequences": sum(a == b for a, b in pairs), "tokens": 64 * len(pairs),
+        "tokens_equal_before_divergence": sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                                              for a, b in pairs)}
+
     # 4. idle RSS of the server with its defaults
     with Server() as server:
         time.sleep(2)  # let the process settle after startup; a measurement pause, not a test assertion
@@ -160,6 +186,9 @@ def main() -> None:
     g = results["greedy_agreement_cold_vs_cached"]
     print(f"greedy tokens equal cold vs cached (up to the first difference): {g['tokens_equal_before_divergence']} "
           f"of {g['tokens']} over {g['prompts']} prompts")
+    k = results["bf16_vs_float32_kv"]
+    print(f"bf16 vs float32 KV, greedy: {k['identical_sequences']} of {k['prompts']} sequences identical over 64 "
+          f"tokens; {k['tokens_equal_before_divergence']} of {k['tokens']} tokens equal before the first difference")
     print(f"idle RSS of `lantern serve` (defaults): {results['serve_idle_rss_mb']:.0f} MB (goal <= 870 MB)")
     print(f"wrote {write_result('prefix', results)}")
 
