@@ -1,4 +1,4 @@
-"""Serving many requests at once: continuous batching over a slotted KV cache (engine.py: the thread and its
+"""Serving many requests at once: continuous batching over a paged KV cache (engine.py: the thread and its
 steps; scheduler.py: who runs; runner.py: one forward per batch; sequence.py: one request)."""
 
 from .engine import Engine, EngineDeadError, EngineStats

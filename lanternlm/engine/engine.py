@@ -1,6 +1,6 @@
 """The serving engine: continuous batching in one background thread.
 
-Each step admits waiting requests into free cache slots, runs one prefill chunk (so a long prompt cannot
+Each step admits waiting requests while KV blocks are free, runs one prefill chunk (so a long prompt cannot
 stall running streams for long), then decodes every running sequence together in one batched forward:
 weights are read once per step for all of them. Sequences join and leave between steps.
 
@@ -130,7 +130,7 @@ class Engine:
         return seq.request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (client gone): its slot is freed before the next step."""
+        """Stop a request (client gone): its blocks are freed before the next step."""
         with self._lock:
             self._aborts.add(request_id)
             self._wake.notify()

@@ -45,7 +45,7 @@ class Metrics:
         self.prompt_tokens = Counter("lantern_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("lantern_generation_tokens", "Tokens generated", registry=r)
         self.aborted = Counter("lantern_requests_aborted", "Requests aborted (client gone, shutdown)", registry=r)
-        self.queue_depth = Gauge("lantern_queue_depth", "Requests waiting for a slot", registry=r)
+        self.queue_depth = Gauge("lantern_queue_depth", "Requests waiting for a place in the batch", registry=r)
         self.running = Gauge("lantern_running_sequences", "Sequences in the running batch", registry=r)
         self.steps = Counter("lantern_engine_steps", "Engine steps taken (a prefill chunk and/or a batched decode)",
                              registry=r)
