@@ -4,9 +4,11 @@ Each step admits waiting requests while KV blocks are free, runs one prefill chu
 stall running streams for long), then decodes every running sequence together in one batched forward:
 weights are read once per step for all of them. Sequences join and leave between steps.
 
-The seams, as in nano-vllm: `scheduler.Scheduler` decides who runs, `runner.ModelRunner` turns a batch into
-one forward over the KV cache it owns, `sequence.Sequence` holds one request's state, and `Chooser` (in
-generation/) picks each token. This file is the thread, the public calls, and the events.
+The seams, as in nano-vllm: `scheduler.Scheduler` decides who runs (admission by free blocks, preemption),
+`block_manager.BlockManager` owns the blocks, their prefix keys and references, `runner.ModelRunner` turns a
+batch into one forward over the paged cache (`models/kv_cache.py`) through the sequences' block tables,
+`sequence.Sequence` holds one request's state, and `Chooser` (in generation/) picks each token. This file
+is the thread, the public calls, and the events.
 
 Front ends call `submit` (thread-safe) with a callback that receives Events; the callback runs on the
 engine thread and must only hand the event over (e.g. to an asyncio queue), never block.
