@@ -54,6 +54,25 @@ def first_token_times(engine, prompts: list[list[int]], max_tokens: int = 1) -> 
     return times
 
 
+def greedy(engine, ids: list[int], tokens: int) -> list[int]:
+    """One greedy request's token ids, `tokens` of them."""
+    from lanternlm.generation.sampling import SamplingParams
+    got, done = [], threading.Event()
+
+    def on(e):
+        got.append(e.step.token_id)
+        if e.step.finish_reason:
+            done.set()
+    engine.submit(ids, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), on)
+    done.wait()
+    return got
+
+
+def equal_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two runs share before their first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def chat_turns(llm, turns: int = 10, target_tokens: int = 2000) -> list[list[int]]:
     """The prompts of a chat growing to ~target_tokens by the last turn (each answer stands in as text)."""
     history, prompts = [], []
@@ -69,7 +88,6 @@ def main() -> None:
     torch.set_num_threads(2)
     from lanternlm.api import LLM
     from lanternlm.engine import Engine
-    from lanternlm.generation.sampling import SamplingParams
     from lanternlm.models.kv_cache import PagedKVCache
 
     llm = LLM("smollm2-135m-instruct")
@@ -125,19 +143,8 @@ def main() -> None:
     try:
         for q in questions:
             ids = llm.encode_chat(q)
-            outs = []
-            for _ in range(2):  # the second run finds the prompt's full blocks cached
-                got, done = [], threading.Event()
-
-                def on(e, got=got, done=done):
-                    got.append(e.step.token_id)
-                    if e.step.finish_reason:
-                        done.set()
-                eng.submit(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), on)
-                done.wait()
-                outs.append(got)
-            same = next((i for i, (a, b) in enumerate(zip(*outs)) if a != b), len(outs[0]))
-            agree += same
+            outs = [greedy(eng, ids, 32) for _ in range(2)]  # the second finds the prompt's full blocks cached
+            agree += equal_prefix(*outs)
             total += len(outs[0])
     finally:
         eng.shutdown()
@@ -149,25 +156,14 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         eng = Engine(llm.model, llm.tokenizer, context=2048, kv_dtype=dtype, prefix_caching=False).start()
         try:
-            runs[dtype] = []
-            for w in WORDS:
-                ids = llm.encode_chat([{"role": "user", "content": f"Tell me about {w} in detail."}])
-                got, done = [], threading.Event()
-
-                def on(e, got=got, done=done):
-                    got.append(e.step.token_id)
-                    if e.step.finish_reason:
-                        done.set()
-                eng.submit(ids, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), on)
-                done.wait()
-                runs[dtype].append(got)
+            runs[dtype] = [greedy(eng, llm.encode_chat([{"role": "user", "content": f"Tell me about {w} in detail."}]),
+                                  64) for w in WORDS]
         finally:
             eng.shutdown()
     pairs = list(zip(runs[torch.float32], runs[torch.bfloat16]))
     results["bf16_vs_float32_kv"] = {
         "prompts": len(pairs), "identical_sequences": sum(a == b for a, b in pairs), "tokens": 64 * len(pairs),
-        "tokens_equal_before_divergence": sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                                              for a, b in pairs)}
+        "tokens_equal_before_divergence": sum(equal_prefix(a, b) for a, b in pairs)}
 
     # 4. idle RSS of the server with its defaults
     with Server() as server:
