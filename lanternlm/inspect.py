@@ -150,6 +150,16 @@ def render_encoder_text(info: dict) -> str:
     return "\n".join(lines)
 
 
+def kv_cache_facts(llm) -> dict:
+    """How keys and values are stored: the element type, bytes per token, and what `lantern serve`'s default
+    budget (8 sequences of 4,096 tokens, or of the model's context if shorter) comes to."""
+    from .models.kv_cache import BLOCK_SIZE, PagedKVCache
+    per_token = PagedKVCache.block_bytes(llm.config, 1, llm.kv_dtype)
+    context = min(4096, llm.config.max_position_embeddings)
+    return {"dtype": str(llm.kv_dtype).replace("torch.", ""), "block_size": BLOCK_SIZE, "bytes_per_token": per_token,
+            "serve_default_budget_bytes": 8 * context * per_token, "serve_default_context": context}
+
+
 def describe(llm) -> dict:
     if llm.kind == "embed":
         return describe_encoder(llm)
@@ -190,6 +200,7 @@ def describe(llm) -> dict:
                   # and why not when the quantized path runs without them
                   "kernels": isa_name() if any(k.startswith("Quant") for k in kinds) else None,
                   "kernels_unavailable": why_unavailable() if "Int8Linear" in kinds else None},
+        "kv_cache": kv_cache_facts(llm),
         "parameters": parameter_counts(readable),
         "linear_layers": kinds,                 # what computes them: Linear, QuantLinear or Int8Linear
         "tokenizer": {
@@ -241,6 +252,11 @@ def render_text(llm, info: dict) -> str:
         + (f", kernels {info['dtype']['kernels']}" if info['dtype'].get('kernels') else "")
         + (f"; Lantern's kernels unavailable: {info['dtype']['kernels_unavailable']}"
            if info['dtype'].get('kernels_unavailable') else "") + ")",
+        "",
+        "kv cache",
+        f"  {info['kv_cache']['dtype']}, {info['kv_cache']['bytes_per_token']:,} bytes per token in blocks of "
+        f"{info['kv_cache']['block_size']}; `lantern serve`'s default budget (8 x {info['kv_cache']['serve_default_context']}"
+        f" tokens) is {info['kv_cache']['serve_default_budget_bytes'] / 2**30:.2f} GiB, touched only as it fills",
         "",
         "tokenizer",
         f"  vocab {t['vocab_size']}, bos {t['bos']!r}, eos {t['eos']!r}, end of turn {t['end_of_turn']}, "

@@ -81,8 +81,11 @@ def test_inspect_json_totals_equal_transformers_for_the_default_model(model_arg,
     assert info["parameters"]["total"] == hf.num_parameters()
     assert info["config"]["layers"] == 30 and info["config"]["kv_heads"] == 3
     assert "(0-29): 30 x DecoderLayer" in info["module_tree"]
+    # bf16 keys and values on the quantized path: 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes per token
+    assert info["kv_cache"]["dtype"] == "bfloat16" and info["kv_cache"]["bytes_per_token"] == 23_040
+    assert info["kv_cache"]["serve_default_budget_bytes"] == 8 * 4096 * 23_040
     text = lantern("inspect", *model_arg)
-    assert text.returncode == 0 and "seeds' estimate" in text.stdout
+    assert text.returncode == 0 and "seeds' estimate" in text.stdout and "23,040 bytes per token" in text.stdout
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
