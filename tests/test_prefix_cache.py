@@ -154,3 +154,25 @@ def test_a_request_larger_than_the_pool_is_refused_at_once(model, tokenizer):
             engine.submit(list(range(20)), SamplingParams(max_tokens=20), lambda e: None)
     finally:
         engine.shutdown()
+
+
+def test_choices_of_one_prompt_share_its_blocks(model, tokenizer):
+    """Three choices of one prompt submitted together (n = 3): the first computes the prompt, the others wait
+    for it and take its full blocks from the cache, so the engine prefills 40 + 2 x 8 positions instead of
+    3 x 40, and the outputs equal three separate runs without the cache."""
+    prompt = prompts_sharing_a_prefix(model.config.vocab_size)[0][:40]  # 2 full blocks and 8 tokens
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=6, ignore_eos=True) for s in range(3)]
+    engine = engine_for(model, tokenizer)
+    try:
+        together = run(engine, [prompt] * 3, params)
+        prefilled = engine.snapshot().prompt_tokens_total
+    finally:
+        engine.shutdown()
+    fresh = engine_for(model, tokenizer, prefix_caching=False)
+    try:
+        separate = [run(fresh, [prompt], [p])[0] for p in params]
+    finally:
+        fresh.shutdown()
+    assert sorted(r["cached"] for r in together) == [0, 32, 32]
+    assert prefilled == 40 + 2 * 8
+    assert [r["ids"] for r in together] == [r["ids"] for r in separate]

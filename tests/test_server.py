@@ -336,4 +336,7 @@ def test_cached_tokens_are_reported_and_counted(server):
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
     assert server.metric("lantern_prefix_cache_hit_tokens_total") >= 2 * cached
+    traced = c.chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0,
+                                       extra_body={"lantern": {"trace": True}})
+    assert traced.choices[0].model_extra["lantern"]["cached_tokens"] == cached  # the look-inside view says so
     assert server.metric("lantern_kv_cache_capacity_bytes") > 0

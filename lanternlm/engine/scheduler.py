@@ -56,7 +56,7 @@ class Scheduler:
         """Admit waiting requests, first come first served, while there are slots and blocks."""
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.target, seq.salt, self._cacheable(seq)):
+            if self._twin_prefilling(seq) or not self.blocks.can_allocate(seq.target, seq.salt, self._cacheable(seq)):
                 break
             self.waiting.popleft()
             cached = self.blocks.allocate(seq.request_id, seq.target, seq.salt, self._cacheable(seq))
@@ -64,6 +64,17 @@ class Scheduler:
             if seq.cached_tokens is None:
                 seq.cached_tokens = cached
             self.running.append(seq)
+
+    def _twin_prefilling(self, seq: Sequence) -> bool:
+        """A running sequence is still prefilling the same first block under the same salt (n > 1 choices, or a
+        burst with a shared system prompt): wait for it, and take its blocks from the cache, rather than
+        compute the same prefix twice."""
+        if not self.prefix_caching or self._cacheable(seq) == 0:
+            return False
+        size = self.blocks.block_size
+        head = seq.target[:size]
+        return len(seq.target) > size and any(
+            r.prefilling and r.salt == seq.salt and r.target[:size] == head for r in self.running)
 
     def next_prefill(self) -> Sequence | None:
         """The sequence whose prompt gets the next prefill chunk (one per step: running streams keep going)."""

@@ -91,7 +91,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             message, reason = chat.message("".join(c.text), c.finish_reason)
             out.append({"index": c.index, "message": message,
                         "logprobs": chat_logprobs(c.logprobs, text) if req.logprobs else None,
-                        "finish_reason": reason, **lantern_extra(req, c.traces)})
+                        "finish_reason": reason, **lantern_extra(req, c.traces, c.cached_tokens)})
         return {**base, "object": "chat.completion", "choices": out,
                 "usage": usage(len(ids), sum(len(c.token_ids) for c in choices), choices[0].cached_tokens), **extra}
 
@@ -108,7 +108,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         for k, delta in enumerate(found):
             choice = {"index": i, "delta": delta, "logprobs": lp if k == 0 else None, "finish_reason": None}
             if k == 0:
-                choice.update(lantern_extra(req, [event.trace]))
+                choice.update(lantern_extra(req, [event.trace], event.cached_tokens))
                 if event.prompt_logprobs is not None:  # computed at prefill: they ride on the first chunk
                     choice["prompt_logprobs"] = vllm_prompt_logprobs(ids, event.prompt_logprobs, text)
             out.append(choice)

@@ -105,7 +105,7 @@ async def completions(req: CompletionRequest, request: Request):
             if req.prompt_logprobs is not None and not scoring:
                 extra = {"prompt_logprobs": vllm_prompt_logprobs(encoded[p], c.prompt_logprobs, text)}
             out.append({"index": c.index, "text": echo_texts[p] + "".join(c.text), "logprobs": lp,
-                        "finish_reason": c.finish_reason, **extra, **lantern_extra(req, c.traces)})
+                        "finish_reason": c.finish_reason, **extra, **lantern_extra(req, c.traces, c.cached_tokens)})
         return {**base, "object": "text_completion", "choices": out,
                 "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices),
                                sum(c.cached_tokens for c in choices if c.index % req.n == 0))}
@@ -124,7 +124,7 @@ async def completions(req: CompletionRequest, request: Request):
         offsets[i] += len(step.text)
         if step.text or lp or step.finish_reason or event.trace:
             out.append({"index": i, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason,
-                        **lantern_extra(req, [event.trace])})
+                        **lantern_extra(req, [event.trace], event.cached_tokens)})
         return out
 
     opening = [] if scoring else [{"index": i, "text": echo_texts[prompt_of(i)], "logprobs": None,

@@ -16,11 +16,15 @@ from ..state import ServerState, current
 router = APIRouter(tags=["lantern"])
 
 
-def lantern_extra(req, traces: list) -> dict:
-    """The `lantern` extension on a choice: present only when the request asked for a trace."""
+def lantern_extra(req, traces: list, cached_tokens: int | None = None) -> dict:
+    """The `lantern` extension on a choice: present only when the request asked for a trace. It also says how
+    many prompt tokens came from the prefix cache (on the whole choice, or on a stream's first chunk)."""
     if not (req.lantern and req.lantern.trace):
         return {}
-    return {"lantern": {"trace": [t for t in traces if t is not None]}}
+    extra = {"trace": [t for t in traces if t is not None]}
+    if cached_tokens is not None:
+        extra["cached_tokens"] = cached_tokens
+    return {"lantern": extra}
 
 
 def input_ids(state: ServerState, req) -> list[int]:
