@@ -176,3 +176,22 @@ def test_choices_of_one_prompt_share_its_blocks(model, tokenizer):
     assert sorted(r["cached"] for r in together) == [0, 32, 32]
     assert prefilled == 40 + 2 * 8
     assert [r["ids"] for r in together] == [r["ids"] for r in separate]
+
+
+def test_blocks_outside_a_sliding_window_are_released_and_change_nothing(tokenizer):
+    """Mistral (every layer windowed, 5 positions here): the engine releases the blocks that fell out of the
+    window, and a 60-token generation still equals generate()'s, which keeps every block. Holding 2 blocks at
+    most, two such sequences run together in a pool of 5 blocks, which holds only one of them whole."""
+    from lanternlm.generation.generate import generate
+    model = lantern_from_hf(make_hf_model("mistral"))
+    prompt = prompts_sharing_a_prefix(model.config.vocab_size)[0][:20]
+    p = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    alone = [s.token_id for s in generate(model, tokenizer, prompt, p, context=256)]
+    per_block = PagedKVCache.block_bytes(model.config, 16, model.dtype)
+    engine = engine_for(model, tokenizer, kv_cache_bytes=5 * per_block, prefix_caching=False)
+    try:
+        together = run(engine, [prompt, prompt], [p, p])
+        assert engine.blocks.num_used == 0 and engine.snapshot().preemptions_total == 0
+    finally:
+        engine.shutdown()
+    assert together[0]["ids"] == together[1]["ids"] == alone

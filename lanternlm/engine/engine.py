@@ -85,7 +85,9 @@ class Engine:
         self.kv_cache = PagedKVCache(model.config, num_blocks, block_size, kv_dtype, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, self.kv_cache, self.blocks, prefill_chunk, self.device)
-        self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefix_caching)
+        config = model.config
+        window = config.sliding_window if all(t == "sliding_attention" for t in config.layer_types) else None
+        self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefix_caching, window)
         self.observer = observer            # (metric name, value): time_to_first_token, inter_token_latency
         self.stats = EngineStats()
         self._lock = threading.Lock()

@@ -22,9 +22,12 @@ class QueueFullError(LanternError):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, blocks: BlockManager, prefix_caching: bool = True):
+    def __init__(self, max_batch: int, max_queue: int, blocks: BlockManager, prefix_caching: bool = True,
+                 window: int | None = None):
+        """`window`: every layer attends over this many positions at most (Mistral): blocks that fall out of
+        it are released. None when any layer sees the whole context (Gemma 3 mixes both)."""
         self.max_batch, self.max_queue, self.blocks = max_batch, max_queue, blocks
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.window = prefix_caching, window
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []   # in admission order: the last is the youngest
         self.preemptions = 0
@@ -104,9 +107,12 @@ class Scheduler:
 
     def written(self, seq: Sequence, count: int) -> None:
         """The first `count` of the sequence's tokens now have keys and values in the cache: offer the full
-        blocks among them to the prefix cache."""
+        blocks among them to the prefix cache, and release those no later query can see (every later query
+        sits at position >= count)."""
         if self.prefix_caching and not seq.scoring:
             self.blocks.register_full_blocks(seq.request_id, seq.all_ids[:count])
+        if self.window:
+            self.blocks.release_outside_window(seq.request_id, self.window, count)
 
     def release_finished(self) -> list[Sequence]:
         """Free the blocks of finished or aborted sequences; returns the sequences released."""
