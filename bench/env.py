@@ -36,6 +36,8 @@ def install_plan() -> list[tuple[list[str], dict[str, str]]]:
         # The repo's own runtime needs (tokenizers, safetensors, jinja2, ...) arrive with the peers above;
         # its server extras are not needed for benchmarking.
         (["install", "--no-deps", "-e", str(REPO_DIR)], {}),
+        # The runtime needs the peers do not bring and `import lanternlm` does (constrained decoding).
+        (["install", TORCH, "llguidance>=1.9", "jsonschema>=4.18"], {}),
         (["install", "--no-cache-dir", "--no-binary", "llama-cpp-python", "llama-cpp-python"],
          {"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "FORCE_CMAKE": "1"}),
     ]
