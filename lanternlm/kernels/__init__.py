@@ -12,6 +12,7 @@ says which of these happened.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
@@ -52,11 +53,18 @@ def _compile(quiet: bool) -> ModuleType:
     key, name = _build_name()
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
-    if not quiet and not (build / f"{name}.so").exists():
-        print("lantern: compiling the CPU kernels (once, about 30 s)...", file=sys.stderr, flush=True)
-    sources = [str(Path(__file__).parent / s) for s in _SOURCES]
-    module = load(name=name, sources=sources, build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
-                  extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for runs serially without OpenMP
+    # torch's loader guards a build with a `lock` file that it deletes when done; a process killed while
+    # building leaves it behind, and every later load would wait for it forever. Builds are serialised here
+    # with an OS lock instead, which the kernel releases when its holder dies: under it, a `lock` file can
+    # only be such a leftover, and is removed.
+    with open(build / ".lantern-build-lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        if not quiet and not (build / f"{name}.so").exists():
+            print("lantern: compiling the CPU kernels (once, about 30 s)...", file=sys.stderr, flush=True)
+        sources = [str(Path(__file__).parent / s) for s in _SOURCES]
+        module = load(name=name, sources=sources, build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for runs serially without OpenMP
     for old in cache_dir().glob(f"{key}_*"):  # this environment's builds of older sources
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
