@@ -340,3 +340,21 @@ def test_cached_tokens_are_reported_and_counted(server):
                                        extra_body={"lantern": {"trace": True}})
     assert traced.choices[0].model_extra["lantern"]["cached_tokens"] == cached  # the look-inside view says so
     assert server.metric("lantern_kv_cache_capacity_bytes") > 0
+
+
+def test_completions_take_a_regex_or_a_response_format_but_not_both(server):
+    """/v1/completions reads Lantern's regex and the response_format as chat does: the text matches the regex;
+    giving both, or a schema it cannot enforce, is a 400 naming the field."""
+    import re
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server.url}/v1/completions", headers=h, json={
+        "model": "tiny", "prompt": "Number:", "max_tokens": 12, "temperature": 0, "lantern": {"regex": "[0-9]{3}"}})
+    assert r.status_code == 200 and re.fullmatch("[0-9]{3}", r.json()["choices"][0]["text"])
+    both = httpx.post(f"{server.url}/v1/completions", headers=h, json={
+        "model": "tiny", "prompt": "x", "lantern": {"regex": "a"}, "response_format": {"type": "json_object"}})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "response_format"
+    bad = httpx.post(f"{server.url}/v1/completions", headers=h, json={
+        "model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "array", "uniqueItems": True}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    assert "uniqueItems" in bad.json()["error"]["message"]

@@ -143,8 +143,8 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
         choice = validate_tool_choice(options.tool_choice, tools)
     except ToolError as e:
         raise ChatRequestError(str(e), e.param) from None
-    output_grammar = _output_grammar(options)
-    if output_grammar is not None and tools and choice != "none":
+    constraint = output_grammar(options)
+    if constraint is not None and tools and choice != "none":
         raise ChatRequestError("response_format (or a grammar) cannot be combined with tools unless tool_choice "
                                "is \"none\": a tool call and a constrained answer are two different outputs",
                                "response_format")
@@ -169,8 +169,8 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
 
     guide, keep_special = None, False
     try:
-        if output_grammar is not None:
-            guide = GuideSpec(grammars.compile(output_grammar), thinking=thinking)
+        if constraint is not None:
+            guide = GuideSpec(grammars.compile(constraint), thinking=thinking)
         elif tools and choice != "none":
             trigger_id = _single_token(tokenizer, fmt.trigger)
             markers = {m: i for m in ("</tool_call>", "[ARGS]", "[CALL_ID]")
@@ -189,7 +189,7 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
         elif thinking is not None and options.thinking_token_budget is not None:
             guide = GuideSpec(thinking=thinking)
     except GrammarError as e:
-        param = "response_format" if output_grammar is not None and options.grammar is None else (
+        param = "response_format" if constraint is not None and options.grammar is None else (
             "tools" if tools else "lantern")
         raise ChatRequestError(str(e), param) from None
     schema = None
@@ -199,7 +199,7 @@ def plan_chat(template: ChatTemplate, tokenizer: Tokenizer, grammars: GrammarCom
                     keep_special)
 
 
-def _output_grammar(options: ChatOptions) -> GrammarSpec | None:
+def output_grammar(options: ChatOptions) -> GrammarSpec | None:
     """The grammar the whole answer must match, from response_format or Lantern's grammar field."""
     fmt = options.response_format
     if fmt is not None and options.grammar is not None:
@@ -233,4 +233,4 @@ def _single_token(tokenizer: Tokenizer, text: str) -> int | None:
     return token_id
 
 
-__all__ = ["ChatOptions", "ChatPlan", "ChatRequestError", "OutputReader", "plan_chat"]
+__all__ = ["ChatOptions", "ChatPlan", "ChatRequestError", "OutputReader", "output_grammar", "plan_chat"]

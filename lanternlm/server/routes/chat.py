@@ -11,32 +11,22 @@ from ...engine import Event
 from ...errors import LanternError
 from ...generation.chat_plan import ChatOptions, ChatPlan, ChatRequestError
 from ...text.chat import validate_messages
-from ...text.constraint import GrammarError, GrammarSpec
 from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import chat_logprobs, vllm_prompt_logprobs
 from ..protocol import ChatCompletionRequest, message_dict, new_id, now
 from ..state import ServerState, check_stream_options, current
 from ..stream import sse_response, stream, usage
-from .lantern import lantern_extra
+from .lantern import lantern_extra, lantern_grammar
 
 router = APIRouter()
 
 
 def options_of(req: ChatCompletionRequest) -> ChatOptions:
-    grammar = None
-    if req.lantern and (req.lantern.regex is not None or req.lantern.grammar is not None):
-        if req.lantern.regex is not None and req.lantern.grammar is not None:
-            raise APIError(400, "give lantern.regex or lantern.grammar, not both", param="lantern")
-        try:
-            grammar = (GrammarSpec.regex(req.lantern.regex) if req.lantern.regex is not None
-                       else GrammarSpec.lark(req.lantern.grammar))
-        except GrammarError as e:
-            raise APIError(400, str(e), param="lantern") from None
     return ChatOptions(
         tools=req.tools, tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format.model_dump(exclude_none=True) if req.response_format else None,
-        grammar=grammar, chat_template_kwargs=req.chat_template_kwargs,
+        grammar=lantern_grammar(req), chat_template_kwargs=req.chat_template_kwargs,
         thinking_token_budget=req.thinking_token_budget, add_generation_prompt=req.add_generation_prompt)
 
 

@@ -9,15 +9,16 @@ from fastapi import APIRouter, Request
 
 from ...engine import Event
 from ...errors import LanternError
+from ...generation.chat_plan import ChatOptions, ChatRequestError, output_grammar
 from ...generation.guide import GuideSpec
-from ...text.constraint import GrammarError, GrammarSpec
+from ...text.constraint import GrammarError
 from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import completion_logprobs, prompt_entries, vllm_prompt_logprobs
 from ..protocol import CompletionRequest, new_id, now
 from ..state import check_stream_options, current
 from ..stream import sse_response, stream, usage
-from .lantern import lantern_extra
+from .lantern import lantern_extra, lantern_grammar
 
 router = APIRouter()
 
@@ -37,32 +38,18 @@ def prompt_list(prompt) -> list:
 
 async def output_guide(state, req: CompletionRequest) -> GuideSpec | None:
     """Lantern's regex / Lark grammar for the completion, or the response_format's JSON (as vLLM accepts it on
-    completions too); compiled off the event loop."""
-    lantern = req.lantern
-    given = {"lantern.regex": lantern.regex if lantern else None, "lantern.grammar": lantern.grammar if lantern else None,
-             "response_format": req.response_format}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not given:
-        return None
-    if len(given) > 1:
-        raise APIError(400, f"give only one of {', '.join(given)}", param=next(iter(given)).split(".")[0])
-    name, value = next(iter(given.items()))
+    completions too), read as chat reads them; compiled off the event loop."""
+    options = ChatOptions(grammar=lantern_grammar(req), response_format=req.response_format.model_dump(
+        exclude_none=True) if req.response_format else None)
     try:
-        if name == "lantern.regex":
-            spec = GrammarSpec.regex(value)
-        elif name == "lantern.grammar":
-            spec = GrammarSpec.lark(value)
-        elif value.type == "text":
+        spec = output_grammar(options)
+        if spec is None:
             return None
-        elif value.type == "json_object":
-            spec = GrammarSpec.json_object()
-        else:
-            if not value.json_schema or "schema" not in value.json_schema:
-                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
-            spec = GrammarSpec.json_schema(value.json_schema["schema"])
         return GuideSpec(await asyncio.to_thread(state.llm.grammars.compile, spec))
+    except ChatRequestError as e:
+        raise APIError(400, str(e), param=e.param) from None
     except GrammarError as e:
-        raise APIError(400, str(e), param=name.split(".")[0]) from None
+        raise APIError(400, str(e), param="lantern" if options.grammar is not None else "response_format") from None
 
 
 @router.post("/v1/completions")

@@ -9,11 +9,25 @@ from fastapi import APIRouter, Request
 
 from ...errors import LanternError
 from ...text.chat import validate_messages
+from ...text.constraint import GrammarError, GrammarSpec
 from ..errors import APIError
 from ..protocol import AttentionRequest, LensRequest, message_dict
 from ..state import ServerState, current
 
 router = APIRouter(tags=["lantern"])
+
+
+def lantern_grammar(req) -> GrammarSpec | None:
+    """The regex or Lark grammar a chat or completions request gives in its `lantern` field, if any."""
+    lantern = req.lantern
+    if lantern is None or (lantern.regex is None and lantern.grammar is None):
+        return None
+    if lantern.regex is not None and lantern.grammar is not None:
+        raise APIError(400, "give lantern.regex or lantern.grammar, not both", param="lantern")
+    try:
+        return GrammarSpec.regex(lantern.regex) if lantern.regex is not None else GrammarSpec.lark(lantern.grammar)
+    except GrammarError as e:
+        raise APIError(400, str(e), param="lantern") from None
 
 
 def lantern_extra(req, traces: list, cached_tokens: int | None = None) -> dict:
