@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from .errors import LanternError
 from .store import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
@@ -205,7 +206,10 @@ def build_parser() -> ArgumentParser:
     add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable: any of the keys)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="more accepted keys, one per line (blank lines and '#' comments ignored)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 429")
     p.add_argument("--context", type=int, default=None,
@@ -222,6 +226,9 @@ def build_parser() -> ArgumentParser:
                         "context); its memory is used only as blocks fill")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt from its first token (default: reuse cached prompt blocks)")
+    p.add_argument("--prefix-cache-per-key", action="store_true",
+                   help="share cached prompt blocks only between requests made with the same API key, so one "
+                        "tenant cannot time another's prompts (a request's cache_salt partitions further)")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (by default it needs the key when one is set)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -591,6 +598,23 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def api_keys(args) -> tuple[str, ...]:
+    """--api-key values and the keys in --api-key-file, in that order, without repeats."""
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LanternError(f"cannot read --api-key-file {args.api_key_file}: {e}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    for key in keys:
+        if not key or any(c.isspace() or not c.isprintable() for c in key):
+            raise LanternError("an API key must be printable text without spaces")
+    if args.prefix_cache_per_key and not keys:
+        raise LanternError("--prefix-cache-per-key needs API keys (--api-key or --api-key-file)")
+    return tuple(dict.fromkeys(keys))
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -606,11 +630,12 @@ def cmd_serve(args) -> int:
     context = min(args.context or 4096, llm.config.max_position_embeddings)
     served = served_name(args.served_model_name or args.model or DEFAULT_MODEL, llm)
     config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
-                          api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                          api_keys=api_keys(args), max_batch=args.max_batch, max_queue=args.max_queue,
                           context=context, public_metrics=args.public_metrics,
                           request_timeout=args.request_timeout,
                           kv_cache_bytes=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
-                          prefix_caching=not args.no_prefix_caching)
+                          prefix_caching=not args.no_prefix_caching,
+                          prefix_cache_per_key=args.prefix_cache_per_key)
     extra = []
     for name in args.embedding_model:
         emb = open_model(argparse.Namespace(model=name, dtype=args.dtype, device=args.device, exact=False))
@@ -621,7 +646,7 @@ def cmd_serve(args) -> int:
     kv = (f"KV cache {config.kv_cache_bytes / 2**30:.2f} GiB" if config.kv_cache_bytes is not None
           else f"KV cache for {args.max_batch} x {context} tokens")
     print(f"serving {names} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context}, {kv}, "
-          f"prefix caching {'off' if args.no_prefix_caching else 'on'})", file=sys.stderr)
+          f"prefix caching {'off' if args.no_prefix_caching else 'per API key' if args.prefix_cache_per_key else 'on'})", file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
     # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -14,6 +14,7 @@ import openai
 
 MSG = [{"role": "user", "content": "Hello world! The quick brown fox"}]
 KEY = "test-key"
+OTHER_KEY = "another-tenant-key"
 
 
 def free_port() -> int:

@@ -172,3 +172,23 @@ def test_stop_flag_keeps_non_ascii_and_reads_newline_escapes():
     from lanternlm.cli import build_parser, sampling_from
     args = build_parser().parse_args(["run", "--stop", "。", "--stop", "\\n\\n", "hi"])
     assert sampling_from(args).stop == ("。", "\n\n")
+
+
+def test_serve_api_keys_come_from_flags_and_a_file(tmp_path):
+    """`--api-key` repeats and `--api-key-file` adds one key per line; blank, commented and repeated keys are
+    dropped; a key with a space, or partitioning per key without any key, is one clear error."""
+    import argparse
+
+    from lanternlm.cli import api_keys
+    from lanternlm.errors import LanternError
+
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nalpha\n\n  beta  \nalpha\n")
+    args = argparse.Namespace(api_key=["gamma"], api_key_file=str(keys), prefix_cache_per_key=True)
+    assert api_keys(args) == ("gamma", "alpha", "beta")
+    with pytest.raises(LanternError, match="without spaces"):
+        api_keys(argparse.Namespace(api_key=["two words"], api_key_file=None, prefix_cache_per_key=False))
+    with pytest.raises(LanternError, match="needs API keys"):
+        api_keys(argparse.Namespace(api_key=[], api_key_file=None, prefix_cache_per_key=True))
+    with pytest.raises(LanternError, match="cannot read --api-key-file"):
+        api_keys(argparse.Namespace(api_key=[], api_key_file=str(tmp_path / "none"), prefix_cache_per_key=False))

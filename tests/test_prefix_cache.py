@@ -34,6 +34,12 @@ def tokenizer(tmp_path_factory):
 def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], salts=None,
         prompt_logprobs=None) -> list[dict]:
     """Submit all at once; wait for all. Per request: token ids, cached_tokens, prompt logprobs."""
+    return wait_all(submit_all(engine, prompts, params, salts, prompt_logprobs))
+
+
+def submit_all(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], salts=None,
+               prompt_logprobs=None) -> list[dict]:
+    """Submit every prompt; the returned records fill in as the engine runs (see wait_all)."""
     results = [{"ids": [], "cached": None, "plp": None, "done": threading.Event()} for _ in prompts]
 
     def collector(r):
@@ -52,6 +58,10 @@ def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], 
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.submit(prompt, p, collector(results[i]), salt=salts[i] if salts else None,
                       prompt_logprobs=prompt_logprobs)
+    return results
+
+
+def wait_all(results: list[dict]) -> list[dict]:
     for r in results:
         assert r["done"].wait(120), "a request never finished"
         assert "error" not in r, r.get("error")

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serving import KEY, MSG, Server, tiny_chat_folder
+from serving import KEY, MSG, OTHER_KEY, Server, tiny_chat_folder
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_folder):
-    s = Server(str(tiny_folder), "--api-key", KEY, "--max-batch", "8")
+    s = Server(str(tiny_folder), "--api-key", KEY, "--api-key", OTHER_KEY, "--prefix-cache-per-key",
+               "--max-batch", "8")
     yield s
     assert s.stop() == 0  # SIGTERM: graceful shutdown, exit 0
 
@@ -340,6 +341,23 @@ def test_cached_tokens_are_reported_and_counted(server):
                                        extra_body={"lantern": {"trace": True}})
     assert traced.choices[0].model_extra["lantern"]["cached_tokens"] == cached  # the look-inside view says so
     assert server.metric("lantern_kv_cache_capacity_bytes") > 0
+
+
+def test_the_prefix_cache_is_partitioned_per_api_key(server):
+    """The server runs with two keys and --prefix-cache-per-key: a prompt cached under one key is computed
+    afresh under the other (one tenant cannot time another's prompts), then cached for that key too; a
+    wrong key is still refused."""
+    long = [{"role": "user", "content": "Pack my box with five dozen liquor jugs, said the sphinx. " * 5}]
+    mine, theirs = server.client(), server.client(OTHER_KEY)
+    first = mine.chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    again = mine.chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    other = theirs.chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    other_again = theirs.chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, again, other, other_again)]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] == 0 and cached[3] == cached[1], cached
+    assert len({r.choices[0].message.content for r in (first, again, other, other_again)}) == 1
+    with pytest.raises(openai.AuthenticationError):
+        server.client("not-a-key").models.list()
 
 
 def test_completions_take_a_regex_or_a_response_format_but_not_both(server):

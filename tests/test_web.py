@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import httpx
@@ -210,6 +211,12 @@ def test_chat_streams_the_api_answer_colours_tokens_and_keeps_the_conversation(b
                                  {"role": "assistant", "content": answer_text(answer)},
                                  {"role": "user", "content": "And then?"}]
     assert page.locator(".msg").count() == 4 and answer_text(answer2)
+    # The first turn's prompt blocks came from the prefix cache, and the status line says how many.
+    status = answer2.locator(".msg-status").inner_text()
+    shown = re.search(r"(\d+) of (\d+) prompt tokens from the cache", status)
+    prompt = api(server, "/tokenize", {"messages": sent2["messages"], "add_generation_prompt": True})
+    assert shown and int(shown[2]) == len(prompt["tokens"]) and 0 < int(shown[1]) < int(shown[2]), status
+    assert "from the cache" not in answer.locator(".msg-status").inner_text()  # the first turn had none
     assert page.evaluate("localStorage.getItem('lantern.showProbs')") == "1"  # the view is remembered
     watch.check(server.url)
     page.close()

@@ -1,8 +1,8 @@
 """The serving engine: continuous batching in one background thread.
 
-Each step admits waiting requests while KV blocks are free, runs one prefill chunk (so a long prompt cannot
-stall running streams for long), then decodes every running sequence together in one batched forward:
-weights are read once per step for all of them. Sequences join and leave between steps.
+Each step admits waiting requests while KV blocks are free, prefills chunks of several prompts in one forward
+(at most `prefill_chunk` tokens, so a long prompt cannot stall running streams for long), then decodes every
+running sequence together in one batched forward: weights are read once per step for all of them. Sequences join and leave between steps.
 
 The seams, as in nano-vllm: `scheduler.Scheduler` decides who runs (admission by free blocks, preemption),
 `block_manager.BlockManager` owns the blocks, their prefix keys and references, `runner.ModelRunner` turns a
@@ -33,8 +33,8 @@ from ..model import CausalLM
 from ..models.kv_cache import BLOCK_SIZE, PagedKVCache
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager
-from .runner import SCORING_CHUNK, ModelRunner
-from .scheduler import QueueFullError, Scheduler
+from .runner import ModelRunner
+from .scheduler import SCORING_CHUNK, QueueFullError, Scheduler
 from .sequence import Event, Sequence
 
 log = logging.getLogger("lanternlm.engine")
@@ -55,7 +55,7 @@ class EngineStats:
     requests_aborted: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    steps_total: int = 0                # engine steps taken (each: one prefill chunk and/or one batched decode)
+    steps_total: int = 0                # engine steps taken (each: one batched prefill and/or one batched decode)
     preemptions_total: int = 0          # sequences sent back to the queue when the KV pool ran out
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0             # referenced by running sequences
@@ -84,7 +84,7 @@ class Engine:
             raise LanternError(f"the KV cache budget of {budget:,} bytes is less than one block ({per_block:,} bytes)")
         self.kv_cache = PagedKVCache(model.config, num_blocks, block_size, kv_dtype, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, prefill_chunk, self.device)
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.device)
         config = model.config
         window = config.sliding_window if all(t == "sliding_attention" for t in config.layer_types) else None
         self.scheduler = Scheduler(max_batch, max_queue, self.blocks, prefix_caching, window)
@@ -178,7 +178,7 @@ class Engine:
             self._emit(seq, Event(seq.request_id, error=self.dead or "the server is shutting down"))
 
     def step(self) -> None:
-        """One engine step: aborts, admission, one prefill chunk, one batched decode, releases."""
+        """One engine step: aborts, admission, one batched prefill, one batched decode, releases."""
         with self._lock:  # the waiting queue is shared with submit(); the running batch is this thread's
             aborts, self._aborts = self._aborts, set()
             self.stats.requests_aborted += self.scheduler.abort(aborts)
@@ -188,11 +188,10 @@ class Engine:
         if not self.scheduler.running:  # everything was aborted: no forward at all
             return
         self.stats.steps_total += 1
-        seq = self.scheduler.next_prefill()
-        if seq is not None:
-            scoring = seq.scoring
-            logits, count = self.runner.prefill(seq)
-            self._prefilled(seq, logits, count, scoring)
+        prefills = self.scheduler.prefills(self.prefill_chunk)
+        if prefills:
+            for (seq, count), logits in zip(prefills, self.runner.prefill(prefills)):
+                self._prefilled(seq, logits, count)
         decoding = self.scheduler.decoding()
         if decoding:
             for seq, row in zip(decoding, self.runner.decode(decoding)):
@@ -201,9 +200,9 @@ class Engine:
         self.stats.preemptions_total = self.scheduler.preemptions
         self._release()
 
-    def _prefilled(self, seq: Sequence, logits: torch.Tensor, count: int, scoring: bool) -> None:
+    def _prefilled(self, seq: Sequence, logits: torch.Tensor, count: int) -> None:
         start = seq.computed
-        if scoring:
+        if seq.scoring:
             if start == 0:
                 seq.prompt_lp.append(None)  # nothing predicts the first token
             # Row j predicts prompt token start + j + 1; the chunk's last row predicts the next chunk's first.

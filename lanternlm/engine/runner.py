@@ -1,5 +1,5 @@
-"""Turns a scheduled batch into one forward: a prefill chunk of one sequence, or one decode token for each of
-several, against the engine's paged KV cache, read and written through the sequences' block tables. Returns
+"""Turns a scheduled batch into one forward: a prefill chunk for each of several sequences, or one decode token
+for each of several, against the engine's paged KV cache, read and written through the sequences' block tables. Returns
 logits; choosing tokens is not its business."""
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ from ..models.kv_cache import PagedKVCache
 from .block_manager import BlockManager
 from .sequence import Sequence
 
-SCORING_CHUNK = 128  # prefill chunk for requests that want every prompt position's logprobs
-
-
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, blocks: BlockManager, prefill_chunk: int,
-                 device: torch.device):
-        self.model, self.cache, self.blocks = model, cache, blocks
-        self.prefill_chunk, self.device = prefill_chunk, device
+    def __init__(self, model: CausalLM, cache: PagedKVCache, blocks: BlockManager, device: torch.device):
+        self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
 
     def tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """(B, max_blocks) int64 block tables, -1 past each sequence's last block."""
@@ -26,19 +21,25 @@ class ModelRunner:
         width = max(len(r) for r in rows)
         return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64, device=self.device)
 
-    def prefill(self, seq: Sequence) -> tuple[torch.Tensor, int]:
-        """The next chunk of `seq.target` into its blocks: (logits, chunk length). Logits are (1, V) for the
-        chunk's last position, or (T, V) for every position when the request scores its prompt."""
-        start = seq.computed
-        scoring = seq.scoring  # every position's logits are needed, not only the last
-        # Scoring keeps (chunk, vocab) float32 logits: a smaller chunk bounds that (128 x 262k x 4 B = 134 MB).
-        size = min(self.prefill_chunk, SCORING_CHUNK) if scoring else self.prefill_chunk
-        chunk = seq.target[start:start + size]
-        ids = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(ids, positions, self.cache, slots=self.tables([seq]),
-                            logits_to_keep=0 if scoring else 1).logits[0]
-        return logits, len(chunk)
+    def prefill(self, batch: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
+        """The next `count` tokens of each sequence's `target` into its blocks, in one forward: per sequence,
+        (1, V) logits for its chunk's last position, or (count, V) for every position when it scores its
+        prompt (such a request runs alone).
+
+        Rows are left-padded to the longest chunk, so every row's last position is its own last token. Pad
+        positions are -1: the cache writes nothing for them, and they see no keys (attention gives them
+        zeros; their outputs are dropped)."""
+        width = max(count for _, count in batch)
+        ids, positions = [], []
+        for seq, count in batch:
+            start, pad = seq.computed, width - count
+            ids.append([0] * pad + seq.target[start:start + count])
+            positions.append([-1] * pad + list(range(start, start + count)))
+        scoring = len(batch) == 1 and batch[0][0].scoring
+        logits = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                            self.cache, slots=self.tables([seq for seq, _ in batch]),
+                            logits_to_keep=0 if scoring else 1).logits
+        return [logits[0]] if scoring else list(logits[:, -1:])
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each sequence, in one batched forward: (B, V) logits."""

@@ -17,6 +17,9 @@ from .block_manager import BlockManager
 from .sequence import Sequence
 
 
+SCORING_CHUNK = 128  # prefill chunk of requests that want every prompt position's logprobs
+
+
 class QueueFullError(LanternError):
     """Too many requests are waiting; retry later."""
 
@@ -79,9 +82,31 @@ class Scheduler:
         return len(seq.target) > size and any(
             r.prefilling and r.salt == seq.salt and r.target[:size] == head for r in self.running)
 
-    def next_prefill(self) -> Sequence | None:
-        """The sequence whose prompt gets the next prefill chunk (one per step: running streams keep going)."""
-        return next((s for s in self.running if s.prefilling and not s.aborted), None)
+    def prefills(self, budget: int) -> list[tuple[Sequence, int]]:
+        """The sequences whose prompts get a chunk this step, with each chunk's length: several at once (one
+        forward, rows padded to the longest chunk) while rows x longest chunk stays within `budget` tokens, so
+        a burst of short prompts prefills together and a long one is chunked: running streams never wait
+        for more than one budget's worth of prefill. First come first served; a request that scores its
+        prompt (every position's logits) runs alone, in chunks of SCORING_CHUNK."""
+        waiting = [s for s in self.running if s.prefilling and not s.aborted]
+        if not waiting:
+            return []
+        first = waiting[0]
+        if first.scoring:  # scoring keeps (chunk, vocab) float32 logits: 128 x 262k x 4 B = 134 MB
+            return [(first, min(len(first.target) - first.computed, budget, SCORING_CHUNK))]
+        batch = [first]
+        width = min(len(first.target) - first.computed, budget)
+        for seq in waiting[1:]:
+            if seq.scoring:
+                continue
+            want = max(width, min(len(seq.target) - seq.computed, budget))
+            if (len(batch) + 1) * want > budget:
+                want = budget // (len(batch) + 1)  # the longer prompts get a shorter chunk now, the rest later
+                if want < width:
+                    break
+            batch.append(seq)
+            width = want
+        return [(s, min(len(s.target) - s.computed, width)) for s in batch]
 
     def decoding(self) -> list[Sequence]:
         """The sequences that decode this step, each with room for its next token; preempts the youngest

@@ -59,12 +59,18 @@ class PagedKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, KV, D) at `positions` (B, T) through `tables` (B, max_blocks; -1 where a sequence has
+        """Write k, v (B, T, KV, D) at `positions` (B, T; -1 for padding, not written) through `tables` (B, max_blocks; -1 where a sequence has
         no block) and return keys and values (B, KV, length, D) for positions 0..length-1 in the compute dtype.
         Positions a row has no block for come back as zeros (a shorter row in a batch masks them anyway)."""
         S = self.block_size
         kp, vp = self.k[layer], self.v[layer]
-        blocks = tables.gather(1, positions // S)  # (B, T)
+        written = positions >= 0  # (B, T); -1 marks padding in a batch of unequal rows: nothing is written
+        if not bool(written.all()):
+            k, v, positions = k[written], v[written], positions[written]
+            rows = tables[written.nonzero()[:, 0]]  # each real token's sequence's table
+            blocks = rows.gather(1, (positions // S)[:, None])[:, 0]  # (n,) for the n real tokens
+        else:
+            blocks = tables.gather(1, positions // S)  # (B, T)
         offsets = positions % S
         kp[blocks, :, offsets] = k.to(self.dtype)
         vp[blocks, :, offsets] = v.to(self.dtype)

@@ -62,7 +62,7 @@ def create_app(llm, config: ServerConfig, embed_main: bool = False, pooling: str
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     routers = [module.router for module in (chat, completions, embeddings, tokens, service, lantern, rag)]
     paths = {getattr(route, "path", None) for route in [*app.routes, *(r for rt in routers for r in rt.routes)]}
-    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+    app.add_middleware(Guard, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
                        public_metrics=config.public_metrics, routes=paths,
                        count=lambda route, status: state.metrics.requests.labels(route, str(status)).inc())
     return app

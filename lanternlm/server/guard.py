@@ -7,6 +7,8 @@ longer see its client disconnect, so abandoned non-streamed requests would go on
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -85,10 +87,22 @@ def _check_text(text: str, path: list[str]) -> None:
 class Guard:
     """ASGI middleware: authentication, body limits and checks, and per-route request counts."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, public_metrics: bool,
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_body_bytes: int, public_metrics: bool,
                  count: Callable[[str, int], None], routes: set[str]):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        # Each accepted "Bearer KEY" header -> a short id of the key, which routes read from the request's
+        # state (the prefix cache's partition); the key itself is not kept anywhere else.
+        self.accepted = {f"Bearer {key}": hashlib.sha256(key.encode()).hexdigest()[:16] for key in api_keys}
+        self.app, self.max_body_bytes = app, max_body_bytes
         self.public_metrics, self.count, self.routes = public_metrics, count, routes
+
+    def key_id(self, authorization: str | None) -> str | None:
+        """The id of the key this Authorization header carries, if it is one of ours. Every key is compared
+        in constant time, so the time taken says nothing about how close a guess was."""
+        found = None
+        for accepted, key_id in self.accepted.items():
+            if hmac.compare_digest(accepted.encode(), (authorization or "").encode()):
+                found = key_id
+        return found
 
     def needs_key(self, path: str) -> bool:
         if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info"):
@@ -113,9 +127,12 @@ class Guard:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            if self.api_key and self.needs_key(path) and headers.get("authorization") != f"Bearer {self.api_key}":
+            key_id = self.key_id(headers.get("authorization"))
+            if self.accepted and self.needs_key(path) and key_id is None:
                 return await reply(401, error_body("invalid or missing API key", "authentication_error",
                                                    code="invalid_api_key"))
+            if key_id is not None:
+                scope.setdefault("state", {})["api_key_id"] = key_id
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 return await reply(413, error_body(f"request body larger than {self.max_body_bytes} bytes",

@@ -22,7 +22,7 @@ from .errors import APIError
 class ServerConfig:
     served_name: str
     aliases: tuple[str, ...] = ()
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()           # any of them opens the /v1 routes; none: no key needed
     max_batch: int = 8
     max_queue: int = 64
     context: int = 2048
@@ -31,6 +31,7 @@ class ServerConfig:
     public_metrics: bool = False             # /metrics without the API key (it is behind the key otherwise)
     kv_cache_bytes: int | None = None        # the KV pool's budget (None: max_batch sequences of `context`)
     prefix_caching: bool = True
+    prefix_cache_per_key: bool = False       # requests share cached prompt blocks only under the same API key
     request_timeout: float | None = None     # seconds a request may take before it is stopped (408)
 
 
@@ -148,10 +149,11 @@ class ServerState:
 
     def submit(self, prompts: list[list[int]], req, max_tokens: int | None, logprobs: int | None,
                prompt_logprobs: int | None, param: str, guide: GuideSpec | None = None,
-               keep_special_tokens: bool = False) -> tuple[asyncio.Queue, list[str]]:
+               keep_special_tokens: bool = False, api_key_id: str | None = None) -> tuple[asyncio.Queue, list[str]]:
         """Submit n choices for each prompt; events arrive on one queue as (choice index, Event), choice
         index = prompt index * n + j, as OpenAI numbers a batch's choices. Call on the event loop.
-        `guide` constrains every choice (each walks its own copy)."""
+        `guide` constrains every choice (each walks its own copy). `api_key_id`: which key the request came
+        with (see Guard), the prefix cache's partition when it is partitioned per key."""
         eng = self.running_engine()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -163,6 +165,9 @@ class ServerState:
         if keep_special_tokens:  # a tool call's trigger is a special token (see ChatPlan.keep_special_tokens)
             all_params = [replace(p, skip_special_tokens=False) for p in all_params]
         trace = req.lantern.top_k if req.lantern and req.lantern.trace else None
+        salt = getattr(req, "cache_salt", None)
+        if self.config.prefix_cache_per_key and api_key_id is not None:
+            salt = f"key:{api_key_id}\x00{salt or ''}"  # a tenant's own salt partitions further within its key
         try:
             for p, ids in enumerate(prompts):
                 for j, params in enumerate(all_params):
@@ -172,7 +177,7 @@ class ServerState:
 
                     request_ids.append(eng.submit(ids, params, deliver, logprobs=logprobs, trace_top_k=trace,
                                                   prompt_logprobs=prompt_logprobs, guide=guide,
-                                                  salt=getattr(req, "cache_salt", None)))
+                                                  salt=salt))
         except ContextLengthError as e:
             self.abort(request_ids, count=False)
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
@@ -200,6 +205,11 @@ class ServerState:
 def current(request: Request) -> ServerState:
     """The state of the app serving this request."""
     return request.app.state.lantern
+
+
+def api_key_id(request: Request) -> str | None:
+    """Which API key the request came with (set by the Guard), or None when the server needs no key."""
+    return getattr(request.state, "api_key_id", None)
 
 
 def check_stream_options(req) -> None:

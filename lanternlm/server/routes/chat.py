@@ -15,7 +15,7 @@ from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import chat_logprobs, vllm_prompt_logprobs
 from ..protocol import ChatCompletionRequest, message_dict, new_id, now
-from ..state import ServerState, check_stream_options, current
+from ..state import ServerState, api_key_id, check_stream_options, current
 from ..stream import sse_response, stream, usage
 from .lantern import lantern_extra, lantern_grammar
 
@@ -68,7 +68,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     max_tokens = req.max_completion_tokens or req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     queue, rids = state.submit([ids], req, max_tokens, logprobs, req.prompt_logprobs, "messages", chat.guide,
-                               chat.keep_special_tokens)
+                               chat.keep_special_tokens, api_key_id(request))
     events = Events(state, request, queue, req.n, rids)
     text = state.token_text
     base = {"id": new_id("chatcmpl"), "created": now(), "model": state.config.served_name}

@@ -16,7 +16,7 @@ from ..errors import APIError
 from ..events import Events, collect
 from ..logprobs import completion_logprobs, prompt_entries, vllm_prompt_logprobs
 from ..protocol import CompletionRequest, new_id, now
-from ..state import check_stream_options, current
+from ..state import api_key_id, check_stream_options, current
 from ..stream import sse_response, stream, usage
 from .lantern import lantern_extra, lantern_grammar
 
@@ -66,7 +66,8 @@ async def completions(req: CompletionRequest, request: Request):
     # echo + logprobs: the prompt's own tokens get logprobs too (how evaluation harnesses score text).
     scoring = req.echo and req.logprobs is not None
     queue, rids = state.submit(encoded, req, req.max_tokens, req.logprobs,
-                               req.logprobs if scoring else req.prompt_logprobs, "prompt", guide)
+                               req.logprobs if scoring else req.prompt_logprobs, "prompt", guide,
+                               api_key_id=api_key_id(request))
     total = len(prompts) * req.n
     events = Events(state, request, queue, total, rids)
     text = state.token_text

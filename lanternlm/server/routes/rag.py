@@ -13,7 +13,7 @@ from ...errors import LanternError
 from ..errors import APIError
 from ..events import Events, collect
 from ..protocol import CompletionRequest, RagAskRequest, RagDocumentRequest, new_id, now
-from ..state import ServerState, current
+from ..state import ServerState, api_key_id, current
 from ..stream import sse_response, stream
 from .lantern import off_loop
 
@@ -89,7 +89,8 @@ async def rag_ask(req: RagAskRequest, request: Request):
     completion = CompletionRequest(model=state.config.served_name, prompt=plan["prompt_token_ids"],
                                    max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
                                    stream=req.stream)
-    queue, rids = state.submit([plan["prompt_token_ids"]], completion, req.max_tokens, None, None, "question")
+    queue, rids = state.submit([plan["prompt_token_ids"]], completion, req.max_tokens, None, None, "question",
+                               api_key_id=api_key_id(request))
     events = Events(state, request, queue, 1, rids)
     if not req.stream:
         [choice] = await collect(events)

@@ -209,7 +209,10 @@ export function createChat({ els, server, settings, inspector }) {
     // Tokens after the first over the time they took; too short a span (a buffered burst) says nothing.
     const rate = seconds >= 0.2 && n > 2 ? ` · ${((n - 1) / seconds).toFixed(1)} tokens/s` : "";
     const reason = { stop: "finished", length: "hit the token limit" }[turn.finish] || turn.finish || "done";
-    return `${n} token${n === 1 ? "" : "s"} · ${reason}${rate}`;
+    // How much of the prompt the server's prefix cache served (the earlier turns of this chat, usually).
+    const cached = turn.cached && turn.promptIds ?
+      ` · ${turn.cached} of ${turn.promptIds.length} prompt tokens from the cache` : "";
+    return `${n} token${n === 1 ? "" : "s"} · ${reason}${rate}${cached}`;
   }
 
   function fail(turn, userTurn, message) {
@@ -269,6 +272,7 @@ export function createChat({ els, server, settings, inspector }) {
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) return;
         const delta = choice.delta || {};
+        if (choice.lantern && choice.lantern.cached_tokens !== undefined) turn.cached = choice.lantern.cached_tokens;
         if (choice.logprobs || choice.lantern || delta.content || delta.reasoning_content || delta.reasoning) {
           lastAt = performance.now();
           if (!firstAt) firstAt = lastAt;
