@@ -11,6 +11,7 @@ from ..models.kv_cache import PagedKVCache
 from .block_manager import BlockManager
 from .sequence import Sequence
 
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, blocks: BlockManager, device: torch.device):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device

@@ -16,7 +16,6 @@ from ..errors import LanternError
 from .block_manager import BlockManager
 from .sequence import Sequence
 
-
 SCORING_CHUNK = 128  # prefill chunk of requests that want every prompt position's logprobs
 
 
