@@ -9,6 +9,9 @@
 5. Greedy agreement on the fast path, cold vs cached: the cached run prefills fewer rows at once, which may
    round differently; reported over 20 prompts.
 6. What bf16 storage does to the fast path's tokens: greedy, 20 prompts x 64 tokens, KV in float32 vs bf16.
+7. A burst of 16 short distinct prompts (about 30 tokens each) submitted together: time until every one has
+   its first token, with their prefills batched into one forward vs one prompt per step (the engine before
+   issue 14's batched prefill, emulated by keeping only the first of each step's prefills).
 
 `python -m bench.prefix_cache` (the engine runs in this process for 1, 2 and 5; 4 starts a server). Writes
 bench/results/prefix-<time>.json. Time it only on an idle machine (`uptime`).
@@ -165,6 +168,25 @@ def main() -> None:
         "prompts": len(pairs), "identical_sequences": sum(a == b for a, b in pairs), "tokens": 64 * len(pairs),
         "tokens_equal_before_divergence": sum(equal_prefix(a, b) for a, b in pairs)}
 
+    # 7. a burst of short prompts: batched prefill vs one per step
+    burst = [llm.encode(f"{i * 7919}: a short note about {WORDS[i]} and {WORDS[-1 - i]}, for the record.")
+             for i in range(16)]
+    bursts = {}
+    for batched in (True, False, True, False):
+        eng = engine(False, max_batch=16)
+        if not batched:
+            whole = eng.scheduler.prefills
+            eng.scheduler.prefills = lambda budget, whole=whole: whole(budget)[:1]
+        try:
+            first_token_times(eng, burst[:1])  # warm
+            bursts.setdefault(batched, []).append(max(first_token_times(eng, burst)))
+        finally:
+            eng.shutdown()
+    results["burst_of_short_prompts"] = {
+        "requests": len(burst), "prompt_tokens": [len(b) for b in burst],
+        "all_first_tokens_batched_s": min(bursts[True]), "all_first_tokens_one_per_step_s": min(bursts[False]),
+        "speedup": min(bursts[False]) / min(bursts[True])}
+
     # 4. idle RSS of the server with its defaults
     with Server() as server:
         time.sleep(2)  # let the process settle after startup; a measurement pause, not a test assertion
@@ -185,6 +207,10 @@ def main() -> None:
     k = results["bf16_vs_float32_kv"]
     print(f"bf16 vs float32 KV, greedy: {k['identical_sequences']} of {k['prompts']} sequences identical over 64 "
           f"tokens; {k['tokens_equal_before_divergence']} of {k['tokens']} tokens equal before the first difference")
+    b = results["burst_of_short_prompts"]
+    print(f"burst of {b['requests']} short prompts ({min(b['prompt_tokens'])}-{max(b['prompt_tokens'])} tokens): "
+          f"all first tokens after {b['all_first_tokens_batched_s'] * 1e3:.0f} ms batched, "
+          f"{b['all_first_tokens_one_per_step_s'] * 1e3:.0f} ms one per step: {b['speedup']:.1f}x")
     print(f"idle RSS of `lantern serve` (defaults): {results['serve_idle_rss_mb']:.0f} MB (goal <= 870 MB)")
     print(f"wrote {write_result('prefix', results)}")
 
