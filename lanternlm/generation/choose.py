@@ -13,7 +13,8 @@ Shapes: V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,13 +32,14 @@ class Chooser:
     generator: torch.Generator | None
     guide: Guide | None = None
     trace_top_k: int | None = None       # None: no trace; else this many candidates per stage
+    names: dict[int, dict] = field(default_factory=dict, repr=False)  # trace_step's memo of token names
 
     def choose(self, logits: torch.Tensor, prompt_ids, output_ids, tokenizer: Tokenizer) -> tuple[int, dict | None]:
         """The next token from the model's raw logits row (V,), and its trace (None unless asked for)."""
         constraint = self.guide.mask() if self.guide is not None else None
         if self.trace_top_k:
             token, trace = trace_step(logits, self.params, prompt_ids, output_ids, self.generator, tokenizer,
-                                      self.trace_top_k, constraint)
+                                      self.trace_top_k, constraint, self.names)
         else:
             processed = process_logits(logits.float(), self.params, prompt_ids, output_ids, constraint)
             token, trace = sample(processed, self.params, self.generator), None
@@ -81,7 +83,8 @@ def _top(tokenizer: Tokenizer, logits: torch.Tensor, probs: torch.Tensor, k: int
 
 def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids,
                generator: torch.Generator | None, tokenizer: Tokenizer, top_k: int = 5,
-               constraint: tuple[str, torch.Tensor] | None = None) -> tuple[int, dict]:
+               constraint: tuple[str, torch.Tensor] | None = None,
+               names: dict[int, dict] | None = None) -> tuple[int, dict]:
     """Choose the next token from the model's raw `logits` (V,) as `sampling` would, and say how.
 
     Returns (token_id, trace). The trace holds:
@@ -96,56 +99,80 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
         probabilities [low, high) of the chosen token, which contain u * total (inverse-CDF over token ids).
 
     Greedy picks exactly what `sampling.sample` picks, and sampling uses the same inverse-CDF draw as
-    `sampling.sample` (one `torch.rand` from `generator`), so a seeded run picks the same tokens traced or not.
+    `sampling.sample` (one `torch.rand` from `generator`, over the same softmax), so a seeded run picks the
+    same tokens traced or not. `names`: a memo of token id -> its text and piece, kept by the caller across
+    steps (a sequence's trace shows many of the same tokens).
+
+    Cost: it runs once per token while serving with the trace on, so every pass over the V logits counts.
+    Probabilities come from one logsumexp per stage (p = exp(logit - lse)) and the top lists from a top-k of
+    the logits (the same order as the probabilities'), not from a softmax and a sort of each stage.
     """
     top_k = _positive_int(top_k, "top_k")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise LanternError(f"logits must be one row of shape (vocab_size,), got {shape}")
     raw = logits.detach().float().cpu()  # (V,); the trace is a few V-sized operations, cheapest on the CPU
-    if torch.isnan(raw).any():
-        raise LanternError("the logits contain NaN; the model produced invalid numbers")
+    names = {} if names is None else names
 
     all_stages = stages(raw, params, prompt_ids, output_ids, constraint)
-    raw_probs = raw.softmax(-1)
-    raw_logprobs = raw.log_softmax(-1)
-    candidates = [{**entry, "logprob": float(raw_logprobs[entry["id"]])}
-                  for entry in _top(tokenizer, raw, raw_probs, top_k)]
-
-    stage_list = []
-    previous = None  # the distribution before the current stage, (V,)
-    for name, stage_logits in all_stages:
-        probs = stage_logits.softmax(-1)
-        kept = stage_logits > -torch.inf
-        stage_list.append({
-            "name": name,
-            "kept": int(kept.sum()),
-            # Of the mass the previous distribution held, how much the survivors had (1.0 for the input).
-            "kept_mass": 1.0 if previous is None else float(previous[kept].sum()),
-            "top": _top(tokenizer, stage_logits, probs, top_k),
-        })
-        previous = probs
-    final_logits = all_stages[-1][1]
-    final_probs = previous
+    stage_list, lses, lse, count, x = [], [], None, None, None
+    for name, stage_x in all_stages:
+        previous_x, previous_lse, previous_count = x, lse, count
+        x = stage_x
+        count = int(torch.count_nonzero(x > -math.inf))  # NaN is not > -inf: an all-NaN row counts 0
+        if count == 0:
+            raise LanternError("the logits contain NaN; the model produced invalid numbers" if torch.isnan(x).any()
+                               else "no token is left to choose: every logit is -inf after processing")
+        if count == 1:  # greedy's last stage (or a constraint that leaves one token): nothing to sort or sum
+            best = int(x.argmax())
+            lse = float(x[best])
+            if math.isnan(lse):
+                raise LanternError("the logits contain NaN; the model produced invalid numbers")
+            top = [{**_name(tokenizer, best, names), "logit": lse, "prob": 1.0}]
+        else:
+            values, order = torch.topk(x, min(top_k, count))  # most probable first (logits order as probs do)
+            # log_softmax is one fused pass; lse = logit - logprob at any finite position (NaN in, NaN out).
+            lse = float(values[0]) - float(x.log_softmax(-1)[order[0]])
+            if math.isnan(lse):
+                raise LanternError("the logits contain NaN; the model produced invalid numbers")
+            top = [{**_name(tokenizer, i, names), "logit": v, "prob": math.exp(v - lse)}
+                   for v, i in zip(values.tolist(), order.tolist())]
+        # Stages either change values and keep every token (bias, penalties, temperature) or keep some tokens
+        # unchanged and remove the rest (constraint, top_k, top_p, min_p, greedy): the same count means all the
+        # mass stays, and the survivors' old mass is their logsumexp, which is this stage's own.
+        kept_mass = 1.0 if previous_x is None or count == previous_count else math.exp(lse - previous_lse)
+        stage_list.append({"name": name, "kept": count, "kept_mass": kept_mass, "top": top})
+        lses.append(lse)
+    raw_lse = lses[0]
+    candidates = [{**entry, "logprob": entry["logit"] - raw_lse} for entry in stage_list[0]["top"]]
+    final_x, final_lse = x, lse
 
     if params.greedy:
-        token = sample(final_logits, params, generator)  # the very code generate() runs
+        # What sampling.sample does for greedy (arg-max, first index on ties), the NaN check done above.
+        token = stage_list[-1]["top"][0]["id"] if count == 1 else int(final_x.argmax())
         draw = None
     else:
+        final_probs = final_x.softmax(-1)  # the very distribution sampling.sample draws from
         if not torch.isfinite(final_probs).all() or float(final_probs.sum()) <= 0:
             raise LanternError("no token is left to sample: every logit is -inf after processing")
         token, draw = inverse_cdf_draw(final_probs, generator)
 
     chosen = {
-        **_token(tokenizer, token),
+        **_name(tokenizer, token, names),
         "logit": float(raw[token]),
-        "raw_prob": float(raw_probs[token]),
+        "raw_prob": math.exp(float(raw[token]) - raw_lse),
         "raw_rank": _rank(raw, token),
-        "prob": float(final_probs[token]),
-        "rank": _rank(final_probs, token),
+        "prob": math.exp(float(final_x[token]) - final_lse),
+        "rank": 1 if count == 1 else _rank(final_x, token),  # logits rank as their probabilities do
     }
     return token, {"greedy": params.greedy, "candidates": candidates, "stages": stage_list,
                    "chosen": chosen, "draw": draw}
+
+
+def _name(tokenizer: Tokenizer, token_id: int, names: dict[int, dict]) -> dict:
+    if token_id not in names:
+        names[token_id] = _token(tokenizer, token_id)
+    return names[token_id]
 
 
 __all__ = ["Chooser", "trace_step"]

@@ -262,14 +262,28 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    # Walk the distribution from the least likely token up: a token is dropped while the mass of it and
-    # everything less likely stays within 1 - p, so the survivors are the smallest top set holding >= p.
-    ascending, order = torch.sort(logits, descending=False)
-    mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)  # (V,)
-    drop_sorted = mass_up_to <= 1 - p
-    drop_sorted[-1] = False  # the most likely token always stays
-    drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-    return logits.masked_fill(drop, -math.inf)
+    """Keep the smallest set of most likely tokens whose probability mass reaches p: a token stays while the
+    mass of the tokens more likely than it is below p (the most likely always stays), as transformers'
+    TopPLogitsWarper decides it.
+
+    Only the head of the distribution is put in order: the k most likely tokens, k growing until the set is
+    decided inside them. Sorting the whole vocabulary, as the warper does, costs ~7 ms for 49,152 values on
+    one core of the project's VM (torch.sort), more than a whole decode step of the default model; a top-64
+    takes ~0.2 ms. A nucleus too wide for that (a flat distribution) falls back to the full sort."""
+    V = logits.shape[-1]
+    probs = logits.softmax(dim=-1)
+    k = min(V, 64)
+    while True:
+        top, index = torch.topk(probs, k) if k < V // 4 else torch.sort(probs, descending=True)
+        top = top.double()  # the running sums in float64: the decision sits on their value against p
+        before = top.cumsum(dim=-1) - top  # (k,): mass of the tokens more likely than each
+        if len(top) == V or float(before[-1]) >= p:  # the k-th token already goes, so do all later ones
+            break
+        k *= 4
+    keep = before < p
+    keep[0] = True
+    kept = index[keep]
+    return torch.full_like(logits, -math.inf).index_put_((kept,), logits[kept])
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
