@@ -2,13 +2,13 @@
 after the model is built.
 
 The readable model (model.py) keeps plain nn.Linear modules; `quantize_from_gguf` replaces them with modules
-built straight from a GGUF file's blocks, so weights stay 4 or 8 bits in memory instead of being blown up to
-fp32. q/k/v and gate/up are fused into single modules (one product each) through the model's own fused code
+built straight from a GGUF file's blocks, so weights stay in their own 3 to 8 bits in memory instead of being
+blown up to fp32. q/k/v and gate/up are fused into single modules (one product each) through the model's own fused code
 path (the one Phi-3 checkpoints use). The dequantized fp32 model stays the reference these are tested against.
 
 Two implementations, picked by what the machine has:
 - QuantLinear / QuantEmbedding (x86-64 with AVX2, a C++ compiler to build lanternlm/kernels once): weights in
-  32-element blocks (kernels/blocks.py), multiplied by Lantern's own kernel, which rounds the activations to
+  32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type), multiplied by Lantern's own kernel, which rounds the activations to
   int16 per block of 32 (so decoding matches the float32 reference: 256 of 256 greedy tokens on SmolLM2) and
   reads each weight once per call for all input rows. From DENSE_FROM_ROWS input rows on (prefill), the
   matrix is dequantized to bf16 for that call and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU

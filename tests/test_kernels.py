@@ -51,7 +51,7 @@ def isa(request):
 def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
     rng = np.random.default_rng(seed)
-    if qtype in (T.Q4_K, T.Q6_K):
+    if qtype in (T.Q2_K, T.Q4_K, T.Q6_K):
         raw = random_k_blocks(qtype, n, k, rng)
     else:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
@@ -84,7 +84,7 @@ def test_q4_k_repacks_within_float16_scale_rounding():
     assert not torch.equal(got, ref)  # the rounding is real: this checks the bound, not a no-op
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_0, T.F16])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.F16])  # the types without a native kind (tests/test_kquant_kernels.py)
 def test_other_types_requantize_to_8_bits_within_half_a_step(qtype):
     if qtype == T.F16:
         w = torch.randn(5, 64)

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q6, KIND_Q8, dequantize_blocks
 from lanternlm.loader import load as load_module
 from lanternlm.loader.load import load
 from lanternlm.model import KVCache
@@ -123,8 +123,8 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
         parts = [f"{name.rsplit('.', 1)[0]}.{p}" for p in names[suffix]] if suffix in names else [name]
         w = torch.cat([ref.get_submodule(p).weight for p in parts])
         got = dequantize_blocks(module.weight_blocks())
-        # Q4_K: float16 scale rounding (2^-11 of each term, bounded by 2^-10 of the block's max); Q6_K/Q5_K:
-        # requantized to 8 bits, at most half a step (block max / 254) plus the scale's float16 rounding.
+        # Q4_K/Q5_K: float16 rounding of the combined scale and offset (2^-11 of each term, bounded by 2^-10 of
+        # the block's max); Q6_K exact. The bound below (half an 8-bit step plus that) covers every kind.
         block_max = w.view(w.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape)
         assert torch.all((got - w).abs() <= block_max * (1 / 254 + 2.0 ** -9) + 1e-6), name
         xi = x[:, :module.in_features]
@@ -132,7 +132,7 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
         bound = xi.abs().amax() / 65534 * got.abs().sum(1) + 1e-5 * (xi.abs() @ got.abs().t())
         assert torch.all((module(xi) - xi @ got.t()).abs() <= bound), name
     kinds = {m.kind for m in quant.modules() if isinstance(m, QuantLinear)}
-    assert kinds == {KIND_Q4_MIN, KIND_Q8}  # Q4_K kept 4-bit; Q6_K, Q5_K (and the Q8_0 head) 8-bit
+    assert kinds == {KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q6, KIND_Q8}  # each K-quant in its own bits; the Q8_0 head
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 

@@ -1,16 +1,32 @@
-"""The split-block weight layout the CPU kernels compute from, and its conversion from ggml tensors.
+"""The split-block weight layouts the CPU kernels compute from, and their conversion from ggml tensors.
 
-A matrix (N, K) is kept as 32-element blocks, row after row (see quant_cpu.cpp for the byte order):
-qs (N, K/2) uint8 of 4-bit values or (N, K) int8 of 8-bit values; d (N, K/32) float16 scales; m (N, K/32)
-float16 offsets for the 4-bit kind with stored offsets. A weight is d*q + m, with m = -8d for Q4_0's kind
-and m = 0 for the 8-bit kind.
+A matrix (N, K) is kept as 32-element blocks, row after row (quant_cpu.cpp reads the same layout):
+- qs (N, K/32 * block_bytes): each block's integer values, uint8 (int8 for the 8-bit kind);
+- d (N, K/32) float16: one scale per block;
+- m: per kind, (N, K/32) float16 offsets, or (N, K/16) int8 multipliers of 16-element halves, or None.
 
-Conversions, from a GGUF tensor's raw bytes:
-- Q4_0, Q4_1, Q8_0: the same values, fields only moved apart (exact);
-- Q4_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
-  rounded to float16 (a relative change of at most 2^-11 per scale, far inside 4-bit rounding);
-- every other type (Q5_*, Q6_K, Q2_K, Q3_K, F16, BF16, F32): dequantized, then quantized to 8 bits per block
-  of 32 (scale max|w|/127), an error of at most half a step, max|w|/254, per weight.
+Block bytes, by kind (the nibble bytes are ggml's Q4_0 order: byte j holds element j in its low nibble and
+element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e belongs to element e):
+
+  kind          bytes  qs per block                       weight                    from
+  KIND_Q4_MIN   16     nibbles                            d*q + m                   Q4_1, Q4_K
+  KIND_Q4       16     nibbles                            d*(q - 8)                 Q4_0
+  KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
+  KIND_Q5_MIN   20     nibbles, bit-4 plane               d*q + m                   Q5_1, Q5_K
+  KIND_Q5       20     nibbles, bit-4 plane               d*(q - 16)                Q5_0
+  KIND_Q6       24     nibbles, bit-4 plane, bit-5 plane  d*m[half]*(q - 32)        Q6_K
+  KIND_Q3       12     bit-0, bit-1, bit-2 planes         d*m[half]*(q - 4)         Q3_K
+
+Bit planes keep 5-, 6- and 3-bit values in their own bits (memory per weight about the file's) and cost the
+kernels one masked add per plane. K-quant super-block scales become per-block ones.
+
+Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
+- Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
+  16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
+- Q4_K, Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
+  rounded to float16 (a relative change of at most 2^-11 per term, far inside 4-bit rounding);
+- every other type (Q2_K, F16, BF16, F32): dequantized, then quantized to 8 bits per block of 32 (scale
+  max|w|/127), an error of at most half a step, max|w|/254, per weight.
 """
 
 from __future__ import annotations
@@ -21,11 +37,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..loader.quants import dequantize, q4_k_parts, type_layout
+from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
 
-KIND_Q4_MIN, KIND_Q4, KIND_Q8 = 0, 1, 2
-KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks"}
-_Q4_0, _Q4_1, _Q8_0, _Q4_K = 2, 3, 8, 12
+KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3 = range(7)
+KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
+              KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
+              KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16"}
+BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
+_OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
+_MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
+_ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K = 2, 3, 6, 7, 8, 11, 12, 13, 14
+_KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
+            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_MIN, _Q5_K: KIND_Q5_MIN, _Q6_K: KIND_Q6}
 
 
 @dataclass
@@ -52,22 +76,26 @@ class Blocks:
         kind, k = parts[0].kind, parts[0].shape[1]
         if any(p.kind != kind or p.shape[1] != k for p in parts):
             raise ValueError("only blocks of one kind and width can be stacked")
-        m = None if kind != KIND_Q4_MIN else torch.cat([p.m for p in parts])
+        m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return Blocks(torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, kind,
                       (sum(p.shape[0] for p in parts), k))
 
 
 def kind_for(ggml_type: int) -> int:
     """The block kind a ggml type converts to."""
-    return {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q4_K: KIND_Q4_MIN}.get(ggml_type, KIND_Q8)
+    return _KIND_OF.get(ggml_type, KIND_Q8)
 
 
 def blocks_nbytes(ggml_type: int, shape: tuple[int, ...]) -> list[int]:
-    """Bytes of each tensor (qs, d, and m when the kind has offsets) a matrix of this type converts to."""
+    """Bytes of each tensor (qs, d, and m when the kind has one) a matrix of this type converts to."""
     n, k = (int(s) for s in shape)
     kind = kind_for(ggml_type)
-    scales = n * (k // 32) * 2
-    return [n * k if kind == KIND_Q8 else n * k // 2, scales] + ([scales] if kind == KIND_Q4_MIN else [])
+    sizes = [n * (k // 32) * BLOCK_BYTES[kind], n * (k // 32) * 2]
+    if kind in _OFFSETS:
+        sizes.append(n * (k // 32) * 2)
+    elif kind in _MULTIPLIERS:
+        sizes.append(n * (k // 16))
+    return sizes
 
 
 def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
@@ -75,6 +103,8 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     n, k = (int(s) for s in shape)
     if k % 32:
         raise ValueError(f"in_features {k} is not a multiple of 32")
+    if ggml_type not in _KIND_OF:
+        return quantize_q8(dequantize(raw, ggml_type, (n, k)))
     if isinstance(raw, np.ndarray):
         with warnings.catch_warnings():  # a read-only view of the file: everything below copies out of it
             warnings.simplefilter("ignore", UserWarning)
@@ -82,23 +112,83 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     else:
         data = raw
     nb = k // 32
-    if ggml_type in (_Q4_0, _Q4_1, _Q8_0):
-        size = type_layout(ggml_type)[1]
-        b = data.view(n, nb, size)
-        d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
-        if ggml_type == _Q8_0:
-            return Blocks(b[..., 2:34].contiguous().view(torch.int8).view(n, k), d, None, KIND_Q8, (n, k))
-        start = 2 if ggml_type == _Q4_0 else 4
-        qs = b[..., start:start + 16].contiguous().view(n, k // 2)
-        m = None if ggml_type == _Q4_0 else b[..., 2:4].contiguous().view(torch.float16).view(n, nb)
-        return Blocks(qs, d, m, KIND_Q4 if ggml_type == _Q4_0 else KIND_Q4_MIN, (n, k))
-    if ggml_type == _Q4_K:
-        q, scale, offset = q4_k_parts(data.view(-1, type_layout(_Q4_K)[1]))  # (n*k/256, 8, 32), (., 8)
-        q = q.reshape(n, nb, 32)
-        qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)  # ggml's nibble order within a block
-        return Blocks(qs.contiguous(), scale.reshape(n, nb).half(), (-offset).reshape(n, nb).half(),
-                      KIND_Q4_MIN, (n, k))
-    return quantize_q8(dequantize(raw, ggml_type, (n, k)))
+    kind = _KIND_OF[ggml_type]
+    if ggml_type in _CONVERT_K:
+        fields = block_fields(data.view(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
+        qs, d, m = _CONVERT_K[ggml_type](fields)  # (n*k/256, 8, bytes), (n*k/256, 8), m per super-block
+        return Blocks(qs.reshape(n, nb * BLOCK_BYTES[kind]).contiguous(), d.reshape(n, nb).contiguous(),
+                      m.reshape(n, -1).contiguous(), kind, (n, k))
+    # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already). numpy
+    # copies these narrow strided fields ~20x faster than torch does.
+    f = block_fields(data.numpy().reshape(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
+    d = torch.from_numpy(np.ascontiguousarray(f["d"]).view(np.float16).reshape(n, nb))
+    m = torch.from_numpy(np.ascontiguousarray(f["m"]).view(np.float16).reshape(n, nb)) if "m" in f else None
+    if ggml_type == _Q8_0:
+        return Blocks(torch.from_numpy(np.ascontiguousarray(f["qs"]).view(np.int8).reshape(n, k)), d, None, kind, (n, k))
+    qs = np.empty((n * nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    qs[:, :16] = f["qs"]
+    if "qh" in f:
+        qs[:, 16:] = f["qh"]
+    return Blocks(torch.from_numpy(qs.reshape(n, nb * BLOCK_BYTES[kind])), d, m, kind, (n, k))
+
+
+def f16_bits(field: torch.Tensor) -> torch.Tensor:
+    """A 2-byte fp16 field (n_blocks, 2) as a float16 tensor (n_blocks,), bits unchanged."""
+    return field.contiguous().view(torch.float16).view(-1)
+
+
+def _pack_nibble_runs(packed: torch.Tensor, run: int) -> torch.Tensor:
+    """K-quant nibble runs -> (n, sub-blocks, 16) bytes in ggml's Q4_0 order (element j low, j+16 high).
+
+    packed (n, runs*run) holds, per run of `run` bytes, elements 0..run-1 in its low nibbles and run..2run-1 in
+    its high ones (`nibbles`); the same result as packing `nibbles(packed, runs)` pairwise, with byte-wide
+    operations instead of one byte per element.
+    """
+    n = packed.shape[0]
+    r = packed.reshape(n, -1, run // 32, 2, 16)  # (n, runs, sub-blocks per nibble half, bytes 0-15 | 16-31, 16)
+    a, b = r[:, :, :, 0], r[:, :, :, 1]  # the bytes of elements j and j+16 of each sub-block
+    low = (a & 0x0F) | (b << 4)  # uint8 shifts drop the bits pushed out
+    high = (a >> 4) | (b & 0xF0)
+    return torch.stack([low, high], dim=2).reshape(n, -1, 16)  # low-nibble sub-blocks of a run first
+
+
+def _planes(bits: np.ndarray) -> torch.Tensor:
+    """run_bits output (n, runs, 8, 4) -> torch (n, runs*8, 4) bit planes, one row per (run, bit position)."""
+    n = bits.shape[0]
+    return torch.from_numpy(bits.reshape(n, -1, 4))
+
+
+def _convert_q4_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    scales, mins = k_scales_mins(f["scales"])
+    qs = _pack_nibble_runs(f["qs"], 32)  # (n, 8, 16)
+    return qs, (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
+
+
+def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    qs, d, m = _convert_q4_k(f)  # the same nibbles and scales, at Q5_K's offsets
+    high = _planes(run_bits(f["qh"]))  # (n, 8, 4): bit s of the 32 bytes is sub-block s's fifth bit
+    return torch.cat([qs, high], dim=2), d, m
+
+
+def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    n = f["d"].shape[0]
+    low = _pack_nibble_runs(f["ql"], 64)  # (n, 8, 16)
+    # qh: a run of 32 bytes per half; bits 2t and 2t+1 are bits 4 and 5 of the half's sub-block t, so the
+    # (run, position) rows come out as sub-block 4h+t's bit-4 plane then its bit-5 plane.
+    high = _planes(run_bits(f["qh"])).reshape(n, 8, 8)
+    d = f16_bits(f["d"]).view(n, 1).expand(n, 8)
+    return torch.cat([low, high], dim=2), d, f["scales"].contiguous().view(torch.int8)
+
+
+def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    n = f["d"].shape[0]
+    low = _planes(run_bits(f["qs"])).reshape(n, 8, 8)  # like Q6_K's qh: bits 0 and 1 of sub-block 4h+t
+    high = _planes(run_bits(f["hmask"]))  # (n, 8, 4); ggml's set bit means +4 over the stored value - 4
+    d = f16_bits(f["d"]).view(n, 1).expand(n, 8)
+    return torch.cat([low, high], dim=2), d, q3_k_scales(f["scales"])
+
+
+_CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k}
 
 
 def quantize_q8(w: torch.Tensor) -> Blocks:
@@ -111,15 +201,33 @@ def quantize_q8(w: torch.Tensor) -> Blocks:
     return Blocks(q.view(n, k), d, None, KIND_Q8, (n, k))
 
 
+def _plane_bits(planes: torch.Tensor) -> torch.Tensor:
+    """Bit planes (n, nb, p*4) uint8 -> (n, nb, p, 32) in 0..1, element order."""
+    n, nb, width = planes.shape
+    bits = (planes.reshape(n, nb, width // 4, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(n, nb, width // 4, 32)
+
+
 def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     """The float32 values, computed in torch (the reference the kernels are tested against)."""
     n, k = blocks.shape
-    nb = k // 32
-    if blocks.kind == KIND_Q8:
+    nb, kind = k // 32, blocks.kind
+    if kind == KIND_Q8:
         q = blocks.qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)
-    packed = blocks.qs.view(n, nb, 16)
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # (n, nb, 32) in element order
+    raw = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
+    has_nibbles = kind != KIND_Q3
+    q = torch.zeros(n, nb, 32, dtype=torch.int32)
+    if has_nibbles:
+        packed = raw[..., :16]
+        q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
+    bits = _plane_bits(raw[..., 16 if has_nibbles else 0:]).int()  # (n, nb, planes, 32)
+    base = 16 if has_nibbles else 1
+    for p in range(bits.shape[2]):
+        q += bits[:, :, p] * (base << p)
     d = blocks.d.float()[..., None]
-    m = -8.0 * d if blocks.kind == KIND_Q4 else blocks.m.float()[..., None]
-    return (q * d + m).reshape(n, k)
+    if kind in _MULTIPLIERS:
+        mult = blocks.m.view(n, nb, 2, 1).float().expand(n, nb, 2, 16).reshape(n, nb, 32)
+        return (d * mult * (q - _ZERO[kind]).float()).reshape(n, k)
+    m = blocks.m.float()[..., None] if kind in _OFFSETS else -_ZERO[kind] * d
+    return (q.float() * d + m).reshape(n, k)

@@ -1,30 +1,38 @@
 // Lantern's CPU kernels for linear layers whose weights stay quantized in 32-element blocks.
 //
 // Built at run time by lanternlm/kernels/__init__.py through torch.utils.cpp_extension and cached there.
-// The weights come in one "split block" layout that kernels/blocks.py repacks ggml's Q4_0/Q4_1/Q8_0 (and,
-// through them, other types) into without changing a value:
-//   qs (N, K/2) uint8 for 4-bit kinds: block i of a row is bytes 16i..16i+15, byte j = element j in its low
-//      nibble and element j+16 in its high nibble (ggml's order); (N, K) int8 for the 8-bit kind;
-//   d (N, K/32) float16, one scale per block; m (N, K/32) float16, one offset per block (KIND_Q4_MIN only).
-// A weight is d*q + m, with m = -8d for KIND_Q4 (ggml Q4_0) and m = 0 for KIND_Q8.
+// The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
+// changing a value (K-quant scales become per-block float16 ones, or stay int8 multipliers per 16 elements):
+//   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
+//      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
+//      each further bit comes as a 4-byte bit plane (a little-endian uint32, bit e for element e). The 8-bit
+//      kind holds 32 int8 instead (int8 dtype);
+//   d (N, K/32) float16, one scale per block;
+//   m: (N, K/32) float16 offsets (kinds with stored offsets), or (N, K/16) int8 multipliers, one per 16
+//      elements (KIND_Q6, KIND_Q3), or nothing.
+// A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), or d*mult*(q - z) (multipliers).
 //
 // Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
-//   sum_i (d*q_i + m) * dx*qx_i = d*dx * sum(q_i*qx_i) + m * dx*sum(qx).
-// int16 keeps the activations' rounding error (at most max|x|/65534 per value) far below the weights' own,
-// so the results are those of the float32 reference up to summation order. (8-bit activations, as
-// llama.cpp uses, are cheaper but flip close greedy choices on small models: SmolLM2-135M answers
-// "L'Étoile, ..." instead of "The capital of France is Paris." with them, llama.cpp included.)
+//   sum_i (d*q_i + m) * dx*qx_i = d*dx * sum(q_i*qx_i) + m * dx*sum(qx),
+// with m = -z*d for an implicit zero point; kinds with multipliers fold (q - z)*mult into the integer weight
+// (|.| <= 4096, so a pair of products stays far inside int32). int16 keeps the activations' rounding error (at
+// most max|x|/65534 per value) far below the weights' own, so the results are those of the float32 reference
+// up to summation order. (8-bit activations, as llama.cpp uses, are cheaper but flip close greedy choices on
+// small models: SmolLM2-135M answers "L'Étoile, ..." instead of "The capital of France is Paris." with them,
+// llama.cpp included.)
 //
 // Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (a block
-// per 512-bit register, the int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
-// builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
+// per 512-bit register, the int16 dot product and accumulation in one instruction; a bit plane is one masked
+// add) and AVX2+FMA. Non-x86 builds and CPUs without AVX2 report isa() == 0, and the Python side keeps
+// PyTorch's kernels.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -32,9 +40,39 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 
 namespace {
 
+// Block kinds (kernels/blocks.py has the same numbers and the ggml types each comes from).
 constexpr int64_t KIND_Q4_MIN = 0;  // 4-bit, stored offset m (ggml Q4_1, Q4_K)
-constexpr int64_t KIND_Q4 = 1;      // 4-bit, m = -8d (ggml Q4_0)
-constexpr int64_t KIND_Q8 = 2;      // 8-bit signed, m = 0 (ggml Q8_0; other types requantized)
+constexpr int64_t KIND_Q4 = 1;      // 4-bit, zero point 8 (ggml Q4_0)
+constexpr int64_t KIND_Q8 = 2;      // 8-bit signed (ggml Q8_0; types without a kind of their own requantized)
+constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + a bit-4 plane, stored offset m (ggml Q5_1, Q5_K)
+constexpr int64_t KIND_Q5 = 4;      // 5-bit, zero point 16 (ggml Q5_0)
+constexpr int64_t KIND_Q6 = 5;      // 6-bit: nibbles + bit-4 and bit-5 planes, zero point 32, multipliers (Q6_K)
+constexpr int64_t KIND_Q3 = 6;      // 3-bit: bit-0, bit-1 and bit-2 planes, zero point 4, multipliers (Q3_K)
+constexpr int64_t KIND_COUNT = 7;
+
+constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
+constexpr int planes(int64_t kind) {
+    return kind == KIND_Q5_MIN || kind == KIND_Q5 ? 1 : kind == KIND_Q6 ? 2 : kind == KIND_Q3 ? 3 : 0;
+}
+constexpr int64_t block_bytes(int64_t kind) { return kind == KIND_Q8 ? 32 : 16 * has_nibbles(kind) + 4 * planes(kind); }
+constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind == KIND_Q5_MIN; }
+constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
+constexpr int zero_point(int64_t kind) {
+    return kind == KIND_Q4 ? 8 : kind == KIND_Q5 ? 16 : kind == KIND_Q6 ? 32 : kind == KIND_Q3 ? 4 : 0;
+}
+// Whether a block's product gets the term m * dx*sum(qx): stored offsets, or a zero point left out of the
+// integer weights (kinds with multipliers subtract theirs before multiplying).
+constexpr bool offset_term(int64_t kind) { return has_offsets(kind) || (zero_point(kind) && !has_multipliers(kind)); }
+// The value bit plane p stands for: planes sit above the nibbles, or are the low bits themselves.
+constexpr int plane_value(int64_t kind, int p) { return (has_nibbles(kind) ? 16 : 1) << p; }
+
+// One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits) or multipliers.
+struct Weights {
+    const uint8_t* qs;
+    const uint16_t* d;
+    const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
+    const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
+};
 
 // Quantized activations for `rows` rows of K values, blocks padded to a multiple of 16 with zeros.
 struct XQuant {
@@ -45,6 +83,12 @@ struct XQuant {
     XQuant(int64_t rows, int64_t k) : blocks((k / 32 + 15) / 16 * 16),
         q(rows * blocks * 32, 0), d(rows * blocks, 0.0f), s(rows * blocks, 0.0f) {}
 };
+
+inline uint32_t load_u32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
 
 }  // namespace
 
@@ -101,24 +145,58 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, XQuant& xq) {
                            &xq.s[r * xq.blocks + i]);
 }
 
-// A block's 32 weights as unsigned (4-bit) or signed (8-bit) bytes, in element order.
-inline __m256i block_bytes(const uint8_t* row, int64_t i, int64_t kind) {
-    if (kind == KIND_Q8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * i));
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+// A bit plane (32 bits at p) -> 32 bytes, `value` where the element's bit is set and 0 elsewhere.
+inline __m256i expand_plane(const uint8_t* p, int value) {
+    // byte k of the result looks at byte k/8 of the plane (shuffle works within 128-bit lanes, and every
+    // 32-bit lane holds all four bytes), then at its bit k%8
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(load_u32(p))),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(static_cast<char>(value)));
 }
 
-inline __m256i widen(__m128i bytes, int64_t kind) {  // 16 bytes -> 16 int16
-    return kind == KIND_Q8 ? _mm256_cvtepi8_epi16(bytes) : _mm256_cvtepu8_epi16(bytes);
+// Block i of a weight row as 32 int16 (elements 0-15 in lo, 16-31 in hi): the integers its scale multiplies,
+// i.e. q, or (q - z) * multiplier for kinds with multipliers (`mult` is then the row's multipliers).
+template <int64_t KIND>
+inline void load_block(const uint8_t* row, const int8_t* mult, int64_t i, __m256i& lo, __m256i& hi) {
+    const uint8_t* b = row + block_bytes(KIND) * i;
+    if (KIND == KIND_Q8) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+        hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+        return;
+    }
+    __m256i bytes = _mm256_setzero_si256();  // element e's value in byte e
+    if (has_nibbles(KIND)) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+        bytes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+    }
+    for (int p = 0; p < planes(KIND); p++)
+        bytes = _mm256_or_si256(bytes, expand_plane(b + 16 * has_nibbles(KIND) + 4 * p, plane_value(KIND, p)));
+    lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes));
+    hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(bytes, 1));
+    if (has_multipliers(KIND)) {
+        const __m256i z = _mm256_set1_epi16(zero_point(KIND));
+        lo = _mm256_mullo_epi16(_mm256_sub_epi16(lo, z), _mm256_set1_epi16(mult[2 * i]));
+        hi = _mm256_mullo_epi16(_mm256_sub_epi16(hi, z), _mm256_set1_epi16(mult[2 * i + 1]));
+    }
+}
+
+// The block's offset: stored, -z*d for an implicit zero point outside the integers, else 0.
+template <int64_t KIND>
+inline float block_offset(const Weights& w, int64_t at, float d) {
+    if (has_offsets(KIND)) return _cvtsh_ss(w.offsets[at]);
+    return offset_term(KIND) ? -static_cast<float>(zero_point(KIND)) * d : 0.0f;
 }
 
 // y[b, n] for n in [n0, n1) and all m activation rows, one block at a time.
-void matmul_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
-                 const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0, int64_t n1) {
+template <int64_t KIND>
+void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0,
+              int64_t n1) {
     const int64_t nb = k / 32;
-    const int64_t row_bytes = kind == KIND_Q8 ? k : k / 2;
     for (int64_t n = n0; n < n1; n++) {
-        const uint8_t* row = qs + n * row_bytes;
+        const uint8_t* row = w.qs + n * nb * block_bytes(KIND);
+        const int8_t* mult = has_multipliers(KIND) ? w.mult + n * 2 * nb : nullptr;
         for (int64_t b = 0; b < m; b++) {
             const int16_t* xr = xq.q.data() + b * xq.blocks * 32;
             const float* xd = xq.d.data() + b * xq.blocks;
@@ -126,13 +204,13 @@ void matmul_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int6
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
             float madd = 0.0f;
             for (int64_t i = 0; i < nb; i++) {
-                const float d = _cvtsh_ss(dw[n * nb + i]);
-                const __m256i w = block_bytes(row, i, kind);
+                const float d = _cvtsh_ss(w.d[n * nb + i]);
+                __m256i w0, w1;
+                load_block<KIND>(row, mult, i, w0, w1);
                 const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
                 const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i + 16));
-                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(widen(_mm256_castsi256_si128(w), kind), x0),
-                                                   _mm256_madd_epi16(widen(_mm256_extracti128_si256(w, 1), kind), x1));
-                if (kind != KIND_Q8) madd += (kind == KIND_Q4_MIN ? _cvtsh_ss(mw[n * nb + i]) : -8.0f * d) * xs[i];
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                if (offset_term(KIND)) madd += block_offset<KIND>(w, n * nb + i, d) * xs[i];
                 const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[i]));
                 if (i & 1) acc1 = _mm256_add_ps(acc1, t); else acc0 = _mm256_add_ps(acc0, t);
             }
@@ -141,31 +219,32 @@ void matmul_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int6
     }
 }
 
-// Rows of blocks -> float32 or bfloat16 (round to nearest even) values.
-void dequantize_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
-                     int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
+// 8 float32 -> 8 bfloat16 (round to nearest even).
+inline __m128i to_bf16(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+
+// Rows of blocks -> float32 or bfloat16 values.
+template <int64_t KIND>
+void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
     const int64_t nb = k / 32;
-    const int64_t row_bytes = kind == KIND_Q8 ? k : k / 2;
     for (int64_t r = r0; r < r1; r++) {
+        const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
+        const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
         for (int64_t i = 0; i < nb; i++) {
-            const float d = _cvtsh_ss(dw[r * nb + i]);
-            const float mo = kind == KIND_Q4_MIN ? _cvtsh_ss(mw[r * nb + i]) : kind == KIND_Q4 ? -8.0f * d : 0.0f;
-            alignas(32) uint8_t q[32];
-            _mm256_store_si256(reinterpret_cast<__m256i*>(q), block_bytes(qs + r * row_bytes, i, kind));
+            const float d = _cvtsh_ss(w.d[r * nb + i]);
+            const __m256 dv = _mm256_set1_ps(d), mo = _mm256_set1_ps(block_offset<KIND>(w, r * nb + i, d));
+            __m256i half[2];
+            load_block<KIND>(row, mult, i, half[0], half[1]);
             for (int j = 0; j < 4; j++) {
-                const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j));
-                const __m256i qi = kind == KIND_Q8 ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
-                const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), _mm256_set1_ps(d), _mm256_set1_ps(mo));
+                const __m128i q16 = j & 1 ? _mm256_extracti128_si256(half[j / 2], 1) : _mm256_castsi256_si128(half[j / 2]);
+                const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q16)), dv, mo);
                 const int64_t off = r * k + 32 * i + 8 * j;
-                if (out_f32) {
-                    _mm256_storeu_ps(out_f32 + off, v);
-                } else {
-                    __m256i bits = _mm256_castps_si256(v);
-                    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-                    bits = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + off),
-                                     _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
-                }
+                if (out_f32) _mm256_storeu_ps(out_f32 + off, v);
+                else _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + off), to_bf16(v));
             }
         }
     }
@@ -178,15 +257,33 @@ void dequantize_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, 
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace avx512 {
 
-// A block's 32 weights as 32 int16 lanes.
+// Two int8 multipliers (elements 0-15, 16-31) -> 32 int16 lanes, each holding its element's multiplier.
+inline __m512i multipliers(const int8_t* sc) {
+    uint16_t pair;
+    std::memcpy(&pair, sc, 2);
+    const __m512i v = _mm512_set1_epi16(static_cast<int16_t>(pair));  // lane = sc[1] << 8 | sc[0]
+    const __m512i lo = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
+    return _mm512_mask_srai_epi16(lo, 0xFFFF0000u, v, 8);
+}
+
+// Block i of a weight row as 32 int16 lanes: the integers its scale multiplies (see avx2::load_block).
 template <int64_t KIND>
-inline __m512i load_block(const uint8_t* row, int64_t i) {
-    if (KIND == KIND_Q8)
-        return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * i)));
-    // 16 bytes -> 16 int16 lanes, each holding a byte: its low nibbles are elements 0-15, high ones 16-31
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i)));
-    const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(v, 4), 1);
+inline __m512i load_block(const uint8_t* row, const int8_t* mult, int64_t i) {
+    const uint8_t* b = row + block_bytes(KIND) * i;
+    if (KIND == KIND_Q8) return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    __m512i w = _mm512_setzero_si512();
+    if (has_nibbles(KIND)) {
+        // 16 bytes -> 16 int16 lanes, each holding a byte: its low nibbles are elements 0-15, high ones 16-31
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+        const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(v, 4), 1);
+    }
+    for (int p = 0; p < planes(KIND); p++)  // a bit plane is a lane mask: add its value where the bit is set
+        w = _mm512_mask_add_epi16(w, _cvtu32_mask32(load_u32(b + 16 * has_nibbles(KIND) + 4 * p)), w,
+                                  _mm512_set1_epi16(static_cast<int16_t>(plane_value(KIND, p))));
+    if (has_multipliers(KIND))
+        w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
+    return w;
 }
 
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
@@ -194,10 +291,9 @@ inline __m512i load_block(const uint8_t* row, int64_t i) {
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
 // accumulators, since only the sum of all lanes matters.
 template <int64_t KIND, int R, int NB>
-inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t k, const XQuant& xq,
-                      int64_t b0, float* y, int64_t n_out, int64_t n) {
+inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t nb = k / 32;
-    const int64_t row_bytes = KIND == KIND_Q8 ? k : k / 2;
+    const int64_t row_bytes = nb * block_bytes(KIND);
     // Few rows at a time leave too few independent fmadd chains to hide their latency: then even and odd
     // blocks accumulate apart (S = 2).
     constexpr int S = R * NB <= 2 ? 2 : 1;
@@ -212,13 +308,14 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
         alignas(64) float scale[R][NB][16];
         for (int r = 0; r < R; r++) {
             const int64_t wo = (n + r) * nb + g;
-            const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, dw + wo));
+            const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + wo));
             for (int b = 0; b < NB; b++) {
                 const int64_t xo = (b0 + b) * xq.blocks + g;
                 _mm512_store_ps(scale[r][b], _mm512_mul_ps(d16, _mm512_loadu_ps(xq.d.data() + xo)));
-                if (KIND != KIND_Q8) {
-                    const __m512 m16 = KIND == KIND_Q4_MIN ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mw + wo))
-                                                           : _mm512_mul_ps(d16, _mm512_set1_ps(-8.0f));
+                if (offset_term(KIND)) {
+                    const __m512 m16 = has_offsets(KIND)
+                        ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.offsets + wo))
+                        : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
                     acc[r][b] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(xq.s.data() + xo), acc[r][b]);
                 }
             }
@@ -229,7 +326,8 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
             for (int b = 0; b < NB; b++)
                 xv[b] = _mm512_loadu_si512(xq.q.data() + ((b0 + b) * xq.blocks + i) * 32);
             for (int r = 0; r < R; r++) {
-                const __m512i w = load_block<KIND>(qs + (n + r) * row_bytes, i);
+                const __m512i w = load_block<KIND>(wt.qs + (n + r) * row_bytes,
+                                                   has_multipliers(KIND) ? wt.mult + (n + r) * 2 * nb : nullptr, i);
                 for (int b = 0; b < NB; b++) {
                     const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xv[b]));
                     if (S == 2 && (j & 1))
@@ -246,55 +344,47 @@ inline void rows_tile(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
 
 // Weight rows n..n+R-1 against all m activation rows, in tiles of NB activation rows.
 template <int64_t KIND, int R>
-inline void rows_block(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t k, const XQuant& xq,
-                       int64_t m, float* y, int64_t n_out, int64_t n) {
+inline void rows_block(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n) {
     int64_t b0 = 0;
-    for (; b0 + 4 <= m; b0 += 4) rows_tile<KIND, R, 4>(qs, dw, mw, k, xq, b0, y, n_out, n);
+    for (; b0 + 4 <= m; b0 += 4) rows_tile<KIND, R, 4>(w, k, xq, b0, y, n_out, n);
     switch (m - b0) {
-        case 3: rows_tile<KIND, R, 3>(qs, dw, mw, k, xq, b0, y, n_out, n); break;
-        case 2: rows_tile<KIND, R, 2>(qs, dw, mw, k, xq, b0, y, n_out, n); break;
-        case 1: rows_tile<KIND, R, 1>(qs, dw, mw, k, xq, b0, y, n_out, n); break;
+        case 3: rows_tile<KIND, R, 3>(w, k, xq, b0, y, n_out, n); break;
+        case 2: rows_tile<KIND, R, 2>(w, k, xq, b0, y, n_out, n); break;
+        case 1: rows_tile<KIND, R, 1>(w, k, xq, b0, y, n_out, n); break;
         default: break;
     }
 }
 
 template <int64_t KIND>
-void rows_all(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t k, const XQuant& xq, int64_t m,
-              float* y, int64_t n_out, int64_t n0, int64_t n1) {
+void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0,
+              int64_t n1) {
     // Tiles measured on the project's VM: 4 rows for 4-bit matvecs, 2 for small batches; 8-bit weight rows
-    // are as fast one at a time (4 at once was twice as slow on the 49152x576 lm_head).
+    // are as fast one at a time (4 at once was twice as slow on the 49152x576 lm_head). The 3-, 5- and 6-bit
+    // kinds take the 4-bit tiles.
     int64_t n = n0;
     if (KIND != KIND_Q8 && m <= 2) {
-        for (; n + 4 <= n1; n += 4) rows_block<KIND, 4>(qs, dw, mw, k, xq, m, y, n_out, n);
+        for (; n + 4 <= n1; n += 4) rows_block<KIND, 4>(w, k, xq, m, y, n_out, n);
     } else if (KIND != KIND_Q8) {
-        for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(qs, dw, mw, k, xq, m, y, n_out, n);
+        for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(w, k, xq, m, y, n_out, n);
     }
-    for (; n < n1; n++) rows_block<KIND, 1>(qs, dw, mw, k, xq, m, y, n_out, n);
+    for (; n < n1; n++) rows_block<KIND, 1>(w, k, xq, m, y, n_out, n);
 }
 
 // Rows of blocks -> float32 or bfloat16 (round to nearest even), 16 values per instruction.
-void dequantize_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
-                     int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
+template <int64_t KIND>
+void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
     const int64_t nb = k / 32;
-    const int64_t row_bytes = kind == KIND_Q8 ? k : k / 2;
     for (int64_t r = r0; r < r1; r++) {
+        const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
+        const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
         for (int64_t i = 0; i < nb; i++) {
-            const __m512 d = _mm512_set1_ps(_cvtsh_ss(dw[r * nb + i]));
-            const __m512 mo = _mm512_set1_ps(kind == KIND_Q4_MIN ? _cvtsh_ss(mw[r * nb + i])
-                                             : kind == KIND_Q4 ? -8.0f * _cvtsh_ss(dw[r * nb + i]) : 0.0f);
-            __m512i half[2];  // elements 0-15 and 16-31 as int32
-            if (kind == KIND_Q8) {
-                const int8_t* q = reinterpret_cast<const int8_t*>(qs + r * row_bytes + 32 * i);
-                half[0] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-                half[1] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-            } else {
-                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + r * row_bytes + 16 * i));
-                const __m512i b = _mm512_cvtepu8_epi32(v);
-                half[0] = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
-                half[1] = _mm512_srli_epi32(b, 4);
-            }
-            for (int h = 0; h < 2; h++) {
-                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half[h]), d, mo);
+            const float dv = _cvtsh_ss(w.d[r * nb + i]);
+            const __m512 d = _mm512_set1_ps(dv);
+            const __m512 mo = _mm512_set1_ps(avx2::block_offset<KIND>(w, r * nb + i, dv));
+            const __m512i q = load_block<KIND>(row, mult, i);
+            for (int h = 0; h < 2; h++) {  // elements 0-15, 16-31
+                const __m512i q32 = _mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q));
+                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q32), d, mo);
                 const int64_t off = r * k + 32 * i + 16 * h;
                 if (out_f32) {
                     _mm512_storeu_ps(out_f32 + off, v);
@@ -309,15 +399,23 @@ void dequantize_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, 
     }
 }
 
-void matmul_rows(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t kind, int64_t k,
-                 const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0, int64_t n1) {
-    if (kind == KIND_Q4_MIN) rows_all<KIND_Q4_MIN>(qs, dw, mw, k, xq, m, y, n_out, n0, n1);
-    else if (kind == KIND_Q4) rows_all<KIND_Q4>(qs, dw, mw, k, xq, m, y, n_out, n0, n1);
-    else rows_all<KIND_Q8>(qs, dw, mw, k, xq, m, y, n_out, n0, n1);
-}
-
 }  // namespace avx512
 #pragma GCC pop_options
+
+// Calls fn.template operator()<KIND>() for a run-time kind (every kernel is compiled once per kind).
+template <typename Fn>
+inline void with_kind(int64_t kind, Fn&& fn) {
+    switch (kind) {
+        case KIND_Q4_MIN: fn(std::integral_constant<int64_t, KIND_Q4_MIN>{}); break;
+        case KIND_Q4: fn(std::integral_constant<int64_t, KIND_Q4>{}); break;
+        case KIND_Q8: fn(std::integral_constant<int64_t, KIND_Q8>{}); break;
+        case KIND_Q5_MIN: fn(std::integral_constant<int64_t, KIND_Q5_MIN>{}); break;
+        case KIND_Q5: fn(std::integral_constant<int64_t, KIND_Q5>{}); break;
+        case KIND_Q6: fn(std::integral_constant<int64_t, KIND_Q6>{}); break;
+        case KIND_Q3: fn(std::integral_constant<int64_t, KIND_Q3>{}); break;
+        default: break;
+    }
+}
 
 static int detect_isa() {
     __builtin_cpu_init();
@@ -344,22 +442,30 @@ int64_t set_isa(int64_t level) {
 static void check(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
                   int64_t kind, int64_t k) {
     TORCH_CHECK(ISA > 0, "Lantern's quantized CPU kernels need an x86-64 CPU with AVX2 and FMA");
-    TORCH_CHECK(kind == KIND_Q4_MIN || kind == KIND_Q4 || kind == KIND_Q8, "unknown block kind ", kind);
+    TORCH_CHECK(kind >= 0 && kind < KIND_COUNT, "unknown block kind ", kind);
     TORCH_CHECK(k > 0 && k % 32 == 0, "in_features must be a multiple of 32, got ", k);
     TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == (kind == KIND_Q8 ? torch::kInt8 : torch::kUInt8) &&
-                qs.dim() == 2 && qs.is_contiguous(), "qs: 2-D contiguous uint8 (4-bit) or int8 (8-bit) on the CPU");
+                qs.dim() == 2 && qs.is_contiguous(), "qs: 2-D contiguous uint8 (int8 for 8-bit blocks) on the CPU");
     const int64_t n = qs.size(0);
-    TORCH_CHECK(qs.size(1) == (kind == KIND_Q8 ? k : k / 2), "qs: wrong row length ", qs.size(1), " for K=", k);
+    TORCH_CHECK(qs.size(1) == k / 32 * block_bytes(kind), "qs: wrong row length ", qs.size(1), " for K=", k);
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                 d.size(1) == k / 32, "d: (N, K/32) contiguous float16");
-    if (kind == KIND_Q4_MIN) {
+    if (has_offsets(kind)) {
         TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kHalf && m->is_contiguous() &&
-                    m->sizes() == d.sizes(), "m: (N, K/32) contiguous float16");
+                    m->sizes() == d.sizes(), "m: (N, K/32) contiguous float16 offsets");
+    } else if (has_multipliers(kind)) {
+        TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kInt8 && m->is_contiguous() && m->dim() == 2 &&
+                    m->size(0) == n && m->size(1) == k / 16, "m: (N, K/16) contiguous int8 multipliers");
     }
 }
 
-static const uint16_t* half_ptr(const torch::Tensor& t) {
-    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>());
+static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
+                       int64_t kind) {
+    Weights w{static_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+              nullptr, nullptr};
+    if (has_offsets(kind)) w.offsets = reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>());
+    if (has_multipliers(kind)) w.mult = m->data_ptr<int8_t>();
+    return w;
 }
 
 // y (..., N) float32 = x (..., K) float32 @ W.T, W given as split blocks.
@@ -374,19 +480,20 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     shape.back() = n;
     auto y = torch::empty(shape, x.options());
     if (rows == 0 || n == 0) return y;
-    const uint16_t* mw = kind == KIND_Q4_MIN ? half_ptr(*m) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     const bool wide = ISA == 2;
     XQuant xq(rows, k);
     avx2::quantize_rows(x.data_ptr<float>(), rows, k, xq);
     // Enough output rows per task that a thread's start-up cost stays small against its work.
     const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, k / 32 * rows));
-    const uint8_t* w = static_cast<const uint8_t*>(qs.data_ptr());
-    const uint16_t* dw = half_ptr(d);
+    const Weights w = weights(qs, d, m, kind);
     float* out = y.data_ptr<float>();
     parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
-        if (wide) avx512::matmul_rows(w, dw, mw, kind, k, xq, rows, out, n, n0, n1);
-        else avx2::matmul_rows(w, dw, mw, kind, k, xq, rows, out, n, n0, n1);
+        with_kind(kind, [&](auto kc) {
+            constexpr int64_t KIND = decltype(kc)::value;
+            if (wide) avx512::rows_all<KIND>(w, k, xq, rows, out, n, n0, n1);
+            else avx2::rows_all<KIND>(w, k, xq, rows, out, n, n0, n1);
+        });
     });
 #endif
     return y;
@@ -398,14 +505,16 @@ torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const 
     check(qs, d, m, kind, k);
     TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
     auto out = torch::empty({qs.size(0), k}, qs.options().dtype(dtype));
-    const uint16_t* mw = kind == KIND_Q4_MIN ? half_ptr(*m) : nullptr;
     float* f = dtype == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
     uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
+    const Weights w = weights(qs, d, m, kind);
     parallel_rows(qs.size(0), 16, [&](int64_t r0, int64_t r1) {
-        const uint8_t* w = static_cast<const uint8_t*>(qs.data_ptr());
-        if (ISA == 2) avx512::dequantize_rows(w, half_ptr(d), mw, kind, k, r0, r1, f, h);
-        else avx2::dequantize_rows(w, half_ptr(d), mw, kind, k, r0, r1, f, h);
+        with_kind(kind, [&](auto kc) {
+            constexpr int64_t KIND = decltype(kc)::value;
+            if (ISA == 2) avx512::dequantize_rows<KIND>(w, k, r0, r1, f, h);
+            else avx2::dequantize_rows<KIND>(w, k, r0, r1, f, h);
+        });
     });
 #endif
     return out;

@@ -130,12 +130,44 @@ def _decode_float(data: torch.Tensor, ggml_type: int) -> torch.Tensor:
     return (data.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
 
 
-# ---- bit-field helpers; `blocks` is always (n_blocks, type_size) uint8 ----
+# ---- ggml's block fields ----
+
+# Where each field sits inside one block, (start, end) in bytes: facts from ggml's block structs (ggml-common.h).
+# d/m/dmin are little-endian fp16; every other field is bytes whose bits the functions below take apart.
+BLOCK_FIELDS: dict[int, dict[str, tuple[int, int]]] = {
+    2: {"d": (0, 2), "qs": (2, 18)},  # Q4_0
+    3: {"d": (0, 2), "m": (2, 4), "qs": (4, 20)},  # Q4_1
+    6: {"d": (0, 2), "qh": (2, 6), "qs": (6, 22)},  # Q5_0
+    7: {"d": (0, 2), "m": (2, 4), "qh": (4, 8), "qs": (8, 24)},  # Q5_1
+    8: {"d": (0, 2), "qs": (2, 34)},  # Q8_0
+    10: {"scales": (0, 16), "qs": (16, 80), "d": (80, 82), "dmin": (82, 84)},  # Q2_K
+    11: {"hmask": (0, 32), "qs": (32, 96), "scales": (96, 108), "d": (108, 110)},  # Q3_K
+    12: {"d": (0, 2), "dmin": (2, 4), "scales": (4, 16), "qs": (16, 144)},  # Q4_K
+    13: {"d": (0, 2), "dmin": (2, 4), "scales": (4, 16), "qh": (16, 48), "qs": (48, 176)},  # Q5_K
+    14: {"ql": (0, 128), "qh": (128, 192), "scales": (192, 208), "d": (208, 210)},  # Q6_K
+}
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The little-endian fp16 at byte `start` of each block, widened to float32: (n_blocks, 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+def block_fields(blocks: torch.Tensor | np.ndarray, ggml_type: int) -> dict[str, torch.Tensor | np.ndarray]:
+    """The named fields of every block: blocks (n_blocks, type_size) uint8 -> {name: (n_blocks, width) uint8}
+    (views; `f16` reads the fp16 ones). The fields' meaning is documented where they are decoded below:
+
+    - Q4_0/Q4_1/Q5_0/Q5_1 `qs`: byte j holds element j in its low nibble and element j+16 in its high one;
+      Q5_0/Q5_1 `qh`: a little-endian uint32 whose bit e is the fifth bit of element e (`le_bits`);
+    - K-quant 4-bit fields: runs of bytes whose low nibbles are elements in byte order and whose high nibbles
+      continue after them (`nibbles`): Q4_K/Q5_K `qs` in runs of 32 bytes (low: sub-block 2r, high: 2r+1),
+      Q6_K `ql` in runs of 64 (low: sub-blocks 4h, 4h+1; high: 4h+2, 4h+3);
+    - K-quant bit fields (Q5_K/Q6_K `qh`, Q3_K `hmask` and `qs`, Q2_K `qs`): runs of 32 bytes in which bit s
+      of byte i belongs to element i of the run's sub-block s (`run_bits` gathers them per sub-block);
+    - `scales`: `k_scales_mins` (Q4_K/Q5_K), `q3_k_scales` (Q3_K), int8 per 16 elements (Q6_K), a 4-bit scale
+      and min per 16 elements (Q2_K).
+    """
+    return {name: blocks[:, a:b] for name, (a, b) in BLOCK_FIELDS[ggml_type].items()}
+
+
+def f16(field: torch.Tensor) -> torch.Tensor:
+    """A 2-byte little-endian fp16 field (n_blocks, 2), widened to float32: (n_blocks, 1)."""
+    return field.contiguous().view(torch.float16).float()
 
 
 def _shifts(*values: int) -> torch.Tensor:
@@ -152,7 +184,7 @@ def _split_fields(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torc
     return (packed.unsqueeze(2) >> shifts.view(1, 1, -1, 1)) & mask
 
 
-def _nibbles(packed: torch.Tensor, groups: int) -> torch.Tensor:
+def nibbles(packed: torch.Tensor, groups: int) -> torch.Tensor:
     """Low then high nibbles of `groups` runs of bytes: (n, groups*width) uint8 -> (n, groups*2*width) in 0..15."""
     n = packed.shape[0]
     return _split_fields(packed.reshape(n, groups, -1), _shifts(0, 4), 0x0F).reshape(n, -1)
@@ -170,7 +202,26 @@ def _le_bits(packed: torch.Tensor) -> torch.Tensor:
     return _split_fields(packed.reshape(n, -1, 1), _shifts(*range(8)), 0x01).reshape(n, -1)
 
 
-def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Multiplying the eight bytes' bit 0 (at bits 0, 8, ..., 56) by this puts byte i's bit at bit 56 + i, with
+# every other partial product at a distinct position that cannot carry into the top byte.
+_GATHER_BITS = np.uint64(0x0102040810204080)
+
+
+def run_bits(packed: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Regroup K-quant bit fields by sub-block: (n, runs*32) uint8, where bit s of byte i in a run is a bit of
+    element i of the run's sub-block s, -> (n, runs, 8, 4) uint8: for each run and bit position s, the 32 bits
+    of its 32 elements as a little-endian uint32 (bit i = element i). A bit-matrix transpose, 8 bytes at a time."""
+    data = packed.numpy() if isinstance(packed, torch.Tensor) else packed
+    n = data.shape[0]
+    words = np.ascontiguousarray(data).view(np.uint64).reshape(n, -1, 4)  # (n, runs, 4 words of 8 bytes)
+    ones = np.uint64(0x0101010101010101)
+    out = np.empty((n, words.shape[1], 8, 4), dtype=np.uint8)
+    for s in range(8):
+        out[:, :, s, :] = (((words >> np.uint64(s)) & ones) * _GATHER_BITS >> np.uint64(56)).astype(np.uint8)
+    return out
+
+
+def k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and eight 6-bit mins of Q4_K/Q5_K from their 12 packed bytes: two (n, 8) float32.
 
     Bytes 0-3 hold scales 0-3 (low 6 bits), bytes 4-7 mins 0-3; scales/mins 4-7 take their low 4 bits from
@@ -182,65 +233,71 @@ def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales.float(), mins.float()
 
 
+def q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
+    """Q3_K's sixteen signed 6-bit scales (one per 16 elements) from their 12 packed bytes: (n, 16) int8 in
+    -32..31. Low 4 bits from bytes 0..7 (low nibbles then high nibbles), high 2 bits from bytes 8..11 (four
+    2-bit fields each)."""
+    n = packed.shape[0]
+    low = nibbles(packed[:, 0:8], 1)  # (n, 16)
+    high = _split_fields(packed[:, 8:12].reshape(n, 1, 4), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16)
+    return (low | (high << 4)).to(torch.int8) - 32
+
+
 # ---- one decoder per block format: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 ----
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    q = _nibbles(blocks[:, 2:18], 1).to(torch.int8) - 8  # (n, 32) in -8..7
-    return d * q.float()
+    f = block_fields(blocks, 2)
+    q = nibbles(f["qs"], 1).to(torch.int8) - 8  # (n, 32) in -8..7
+    return f16(f["d"]) * q.float()
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    q = _nibbles(blocks[:, 4:20], 1).float()  # (n, 32) in 0..15
-    return q.mul_(d).add_(m)
+    f = block_fields(blocks, 3)
+    q = nibbles(f["qs"], 1).float()  # (n, 32) in 0..15
+    return q.mul_(f16(f["d"])).add_(f16(f["m"]))
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    high = _le_bits(blocks[:, 2:6])  # bit e of the little-endian uint32 is the 5th bit of element e
-    q = (_nibbles(blocks[:, 6:22], 1) | (high << 4)).to(torch.int8) - 16  # (n, 32) in -16..15
-    return d * q.float()
+    f = block_fields(blocks, 6)
+    high = _le_bits(f["qh"])  # bit e of the little-endian uint32 is the 5th bit of element e
+    q = (nibbles(f["qs"], 1) | (high << 4)).to(torch.int8) - 16  # (n, 32) in -16..15
+    return f16(f["d"]) * q.float()
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    high = _le_bits(blocks[:, 4:8])
-    q = (_nibbles(blocks[:, 8:24], 1) | (high << 4)).float()  # (n, 32) in 0..31
-    return q.mul_(d).add_(m)
+    f = block_fields(blocks, 7)
+    high = _le_bits(f["qh"])
+    q = (nibbles(f["qs"], 1) | (high << 4)).float()  # (n, 32) in 0..31
+    return q.mul_(f16(f["d"])).add_(f16(f["m"]))
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    q = blocks[:, 2:34].contiguous().view(torch.int8).float()  # (n, 32)
-    return q.mul_(d)
+    f = block_fields(blocks, 8)
+    q = f["qs"].contiguous().view(torch.int8).float()  # (n, 32)
+    return q.mul_(f16(f["d"]))
 
 
 def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    packed_scales = blocks[:, 0:16]  # per 16-element sub-block: low nibble scale, high nibble min
-    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    f = block_fields(blocks, 10)
+    packed_scales = f["scales"]  # per 16-element sub-block: low nibble scale, high nibble min
+    d, dmin = f16(f["d"]), f16(f["dmin"])
     dl = (d * (packed_scales & 0x0F).float()).view(n, 16, 1)
     ml = (dmin * (packed_scales >> 4).float()).view(n, 16, 1)
     # Two halves of 32 bytes; each byte holds four 2-bit quants, for elements 32 apart.
-    q = _split_fields(blocks[:, 16:80].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03)  # (n, 2, 4, 32)
+    q = _split_fields(f["qs"].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03)  # (n, 2, 4, 32)
     q = q.reshape(n, 16, 16).float()
     return q.mul_(dl).sub_(ml).view(n, _QK_K)
 
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d = _f16(blocks, 108)
-    # 16 6-bit scales: low 4 bits from bytes 96..103 (low nibbles then high nibbles),
-    # high 2 bits from bytes 104..107 (four 2-bit fields each).
-    low = _nibbles(blocks[:, 96:104], 1)  # (n, 16)
-    high = _split_fields(blocks[:, 104:108].reshape(n, 1, 4), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16)
-    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
-    dl = (d * scales).view(n, 16, 1)
-    low2 = _split_fields(blocks[:, 32:96].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16, 16)
+    f = block_fields(blocks, 11)
+    dl = (f16(f["d"]) * q3_k_scales(f["scales"]).float()).view(n, 16, 1)
+    low2 = _split_fields(f["qs"].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, 16, 16)
     # A clear bit in the 32-byte mask subtracts 4 (ggml stores the high bit inverted).
-    hbit = _bit_planes(blocks[:, 0:32], 8).reshape(n, 16, 16)
+    hbit = _bit_planes(f["hmask"], 8).reshape(n, 16, 16)
     q = (low2.to(torch.int8) - ((hbit ^ 1) << 2).to(torch.int8)).float()  # in -4..3
     return (dl * q).view(n, _QK_K)
 
@@ -249,9 +306,9 @@ def q4_k_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """A Q4_K super-block's 8 sub-blocks of 32: values (n, 8, 32) uint8 in 0..15, scales and offsets (n, 8)
     float32, where element = q * scale - offset."""
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k_scales_mins(blocks[:, 4:16])
-    return _nibbles(blocks[:, 16:144], 4).view(n, 8, 32), d * scales, dmin * mins
+    f = block_fields(blocks, 12)
+    scales, mins = k_scales_mins(f["scales"])
+    return nibbles(f["qs"], 4).view(n, 8, 32), f16(f["d"]) * scales, f16(f["dmin"]) * mins
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -262,27 +319,26 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k_scales_mins(blocks[:, 4:16])
-    dl = (d * scales).view(n, 8, 1)
-    ml = (dmin * mins).view(n, 8, 1)
-    high = _bit_planes(blocks[:, 16:48], 8)  # bit s of byte i -> element 32*s + i
-    q = (_nibbles(blocks[:, 48:176], 4) | (high << 4)).view(n, 8, 32).float()
+    f = block_fields(blocks, 13)
+    scales, mins = k_scales_mins(f["scales"])
+    dl = (f16(f["d"]) * scales).view(n, 8, 1)
+    ml = (f16(f["dmin"]) * mins).view(n, 8, 1)
+    high = _bit_planes(f["qh"], 8)  # bit s of byte i -> element 32*s + i
+    q = (nibbles(f["qs"], 4) | (high << 4)).view(n, 8, 32).float()
     return q.mul_(dl).sub_(ml).view(n, _QK_K)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16), one per 16 elements
-    d = _f16(blocks, 208)
-    dl = (d * scales).view(n, 16, 1)
-    # Each 128-element half has 64 bytes of nibbles (element i low, element i+64 high)
-    # and 32 bytes holding the 2-bit high parts of its four runs of 32 elements.
-    low = _nibbles(blocks[:, 0:128], 2)  # (n, 256)
-    high = _split_fields(blocks[:, 128:192].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, _QK_K)
+    f = block_fields(blocks, 14)
+    scales = f["scales"].contiguous().view(torch.int8).float()  # (n, 16), one per 16 elements
+    dl = (f16(f["d"]) * scales).view(n, 16, 1)
+    # Each 128-element half has 64 bytes of nibbles (low nibbles elements 0-63 of the half, high nibbles
+    # 64-127) and 32 bytes whose bits 2t, 2t+1 of byte i are the top two bits of element 32t + i.
+    low = nibbles(f["ql"], 2)  # (n, 256)
+    high = _split_fields(f["qh"].reshape(n, 2, 32), _shifts(0, 2, 4, 6), 0x03).reshape(n, _QK_K)
     q = ((low | (high << 4)).to(torch.int8) - 32).view(n, 16, 16).float()  # in -32..31
     return (dl * q).view(n, _QK_K)
-
 
 _BLOCK_DECODERS = {
     2: _q4_0,

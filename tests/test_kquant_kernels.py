@@ -1,0 +1,175 @@
+"""The native kernels for the 3-, 5- and 6-bit ggml types (Q5_0, Q5_1, Q5_K, Q6_K, Q3_K) and Q4_K, against
+gguf-py and the float32 product.
+
+For every type, on AVX-512 VNNI and on AVX2 (forced through set_isa; AVX-512 skipped on CPUs without it):
+- the blocks keep the type's own bits: their kind is the type's native one (not the 8-bit fallback) and they
+  take about the file's bytes;
+- dequantization (the torch reference and the kernel's, used by the dense prefill and the embedding) equals
+  gguf-py's: exactly, or for Q4_K/Q5_K within the float16 rounding of each sub-block's scale and offset;
+- the product equals the float32 product of the dequantized weights within the int16 activation rounding,
+  for 1, 3 and 8 activation rows, odd N and several K;
+and a tiny Llama written with these types decodes the greedy tokens of its exact float32 path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from lanternlm import LLM, SamplingParams
+from lanternlm.kernels import kernels, why_unavailable
+from lanternlm.kernels.blocks import (
+    BLOCK_BYTES,
+    KIND_Q3,
+    KIND_Q4_MIN,
+    KIND_Q5,
+    KIND_Q5_MIN,
+    KIND_Q6,
+    blocks_nbytes,
+    dequantize_blocks,
+    from_ggml,
+)
+from lanternlm.loader.quants import BLOCK_FIELDS, block_fields, f16, k_scales_mins, type_layout
+from lanternlm.quantize import QuantLinear
+
+import gguf_writer
+from tiny_models import make_hf_model
+
+K = kernels(quiet=True)
+pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
+
+NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_MIN, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
+          T.Q4_K: KIND_Q4_MIN}
+ROUNDED = {T.Q4_K, T.Q5_K}  # per-sub-block scale and offset rounded to float16
+K_TYPES = {T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+# Super-block scales small enough that weights stay about 0.01-0.5, like a trained model's.
+SUPER_SCALES = {T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
+                T.Q5_K: {"d": (0.0001, 0.0004), "dmin": (0.0002, 0.0008)}, T.Q6_K: {"d": (0.00002, 0.0001)}}
+
+
+@pytest.fixture(params=[1, 2], ids=["avx2", "avx512"])
+def isa(request):
+    """Run a test on each instruction set the CPU has; restore the best one afterwards."""
+    best = K.set_isa(9)
+    if request.param > best:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(best)
+
+
+def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid K-quant blocks (gguf-py has no K-quant quantizer): random bytes, then small fp16 super-block scales
+    at the offsets ggml's block struct gives them."""
+    size = {T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    for field, (lo, hi) in SUPER_SCALES[qtype].items():
+        start = BLOCK_FIELDS[qtype][field][0]
+        blocks[:, start:start + 2] = rng.uniform(lo, hi, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def ggml_tensor(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
+    rng = np.random.default_rng(seed)
+    if qtype in K_TYPES:
+        raw = k_blocks(qtype, n, k, rng)
+    else:
+        raw = gguf_quantize((rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32), qtype)
+    return raw.reshape(-1).view(np.uint8), torch.from_numpy(gguf_dequantize(raw, qtype).astype(np.float32)).view(n, k)
+
+
+def widths(qtype: T) -> list[int]:
+    """Several K: 1, 3 and 19 blocks of 32 (odd, and not a multiple of 16), or 1 and 3 super-blocks."""
+    return [256, 768] if qtype in K_TYPES else [32, 96, 608]
+
+
+def scale_rounding_bound(raw: np.ndarray, qtype: T, n: int, k: int) -> torch.Tensor:
+    """Q4_K/Q5_K: value = q*scale - offset with scale and offset each rounded to float16, a relative change of
+    at most 2^-11 of each term (2^-25 absolute below float16's normal range): bound per weight, (n, k)."""
+    fields = block_fields(torch.from_numpy(raw.copy()).view(-1, type_layout(qtype)[1]), qtype)
+    scales, mins = k_scales_mins(fields["scales"])
+    scale, offset = (f16(fields["d"]) * scales)[..., None], (f16(fields["dmin"]) * mins)[..., None]  # (., 8, 1)
+    qmax = 31 if qtype == T.Q5_K else 15
+    bound = 2.0 ** -11 * (qmax * scale + offset) + 2 * 2.0 ** -25 * (qmax + 1)
+    return bound.expand(-1, 8, 32).reshape(n, k) + 1e-9
+
+
+def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rounding of int16 activations per block of 32 (half of max|x| / 32767 per value) times |w|, plus float32
+    summation and conversion of the integer dot products."""
+    xb = x.view(x.shape[0], -1, 32)
+    step = (xb.abs().amax(-1, keepdim=True) / 32767 / 2).expand_as(xb).reshape(x.shape)
+    return step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-6
+
+
+@pytest.mark.parametrize("qtype", list(NATIVE), ids=lambda t: t.name)
+def test_blocks_keep_the_type_bits_and_dequantize_like_gguf_py(isa, qtype):
+    for k in widths(qtype):
+        n = 13
+        raw, ref = ggml_tensor(qtype, n, k, seed=k)
+        blocks = from_ggml(raw, qtype, (n, k))
+        assert blocks.kind == NATIVE[qtype]  # the native kind, not the 8-bit fallback
+        held = sum(t.numel() * t.element_size() for t in blocks.tensors())
+        assert held == sum(blocks_nbytes(qtype, (n, k)))
+        # about the file's bytes: per-block float16 scales cost K-quants at most 0.5625 bit per weight more
+        assert held <= raw.size + n * k * 0.5625 / 8
+        assert blocks.qs.shape == (n, k // 32 * BLOCK_BYTES[blocks.kind])
+        torch_ref = dequantize_blocks(blocks)
+        f32 = K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, k, torch.float32)
+        bf16 = K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, k, torch.bfloat16)
+        assert torch.equal(f32, torch_ref)
+        assert torch.equal(bf16, torch_ref.to(torch.bfloat16))
+        if qtype in ROUNDED:
+            assert torch.all((f32 - ref).abs() <= scale_rounding_bound(raw, qtype, n, k))
+        else:
+            assert torch.equal(f32, ref)
+
+
+@pytest.mark.parametrize("qtype", list(NATIVE), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_product_equals_the_float32_product_of_the_dequantized_weights(isa, qtype, rows):
+    for k in widths(qtype):
+        n = 37  # not a multiple of the 2- and 4-row tiles
+        raw, _ = ggml_tensor(qtype, n, k, seed=k + rows)
+        blocks = from_ggml(raw, qtype, (n, k))
+        w = dequantize_blocks(blocks)
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        x[0, :32] *= 100  # an outlier block must not cost the other blocks their precision
+        got = K.qmatmul(x, blocks.qs, blocks.d, blocks.m, blocks.kind)
+        ref = x.double() @ w.double().t()
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double()), (qtype.name, k)
+
+
+def test_malformed_multipliers_are_refused():
+    raw, _ = ggml_tensor(T.Q6_K, 4, 256, seed=0)
+    b = from_ggml(raw, T.Q6_K, (4, 256))
+    with pytest.raises(RuntimeError, match="multipliers"):
+        K.qmatmul(torch.zeros(1, 256), b.qs, b.d, None, b.kind)
+    with pytest.raises(RuntimeError, match="multipliers"):
+        K.qmatmul(torch.zeros(1, 256), b.qs, b.d, b.m[:, :8].contiguous(), b.kind)
+
+
+TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.Q5_K, "v_proj": T.Q6_K, "o_proj": T.Q5_0, "gate_proj": T.Q3_K,
+                   "up_proj": T.Q3_K, "down_proj": T.Q6_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
+
+
+def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path(tmp_path, monkeypatch):
+    # gguf_writer writes K-quant blocks from random bytes; give them the small scales of k_blocks, so the
+    # network is not chaotic and its float32 logits are a meaningful reference.
+    monkeypatch.setattr(gguf_writer, "random_k_blocks", k_blocks)
+    hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)  # rows of 256
+    gguf_writer.write_gguf(hf, tmp_path / "m.gguf", T.Q8_0,
+                           qtype_for=lambda name, shape: TYPES_BY_MATRIX.get(name.rsplit(".", 2)[-2], T.F32))
+    quant = LLM(str(tmp_path / "m.gguf"), quantized=True)
+    exact = LLM(str(tmp_path / "m.gguf"), quantized=False)
+    kinds = {m.kind for m in quant.model.modules() if isinstance(m, QuantLinear)}
+    assert {KIND_Q5_MIN, KIND_Q6, KIND_Q5, KIND_Q3} <= kinds  # (lm_head's Q4_K only when it is not tied)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for prompt in ([5, 17, 90, 3], [200, 1, 44, 44, 9, 120, 7]):  # short: every product is the int16 kernel
+        assert quant.generate(prompt, params).token_ids == exact.generate(prompt, params).token_ids
