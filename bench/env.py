@@ -35,7 +35,10 @@ def install_plan() -> list[tuple[list[str], dict[str, str]]]:
         (["install", TORCH, *PEERS], {}),  # torch named again so no peer can move it
         # The repo's own runtime needs (tokenizers, safetensors, jinja2, ...) arrive with the peers above;
         # its server extras are not needed for benchmarking.
-        (["install", "--no-deps", "-e", str(REPO_DIR)], {}),
+        # --no-build-isolation: the install compiles Lantern's kernels (setup.py) against the torch above,
+        # rather than a second torch pip would fetch into an isolated build environment.
+        (["install", "setuptools>=68", "ninja"], {}),
+        (["install", "--no-deps", "--no-build-isolation", "-e", str(REPO_DIR)], {}),
         # The runtime needs the peers do not bring and `import lanternlm` does (constrained decoding).
         (["install", TORCH, "llguidance>=1.9", "jsonschema>=4.18"], {}),
         (["install", "--no-cache-dir", "--no-binary", "llama-cpp-python", "llama-cpp-python"],
