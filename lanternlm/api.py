@@ -55,13 +55,16 @@ class LLM:
     (embed only)."""
 
     def __init__(self, model: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 context: int | None = None, quantized: bool | None = None, kv_dtype: torch.dtype | None = None):
-        """`quantized`: for GGUF files, compute from the quantized weights (default on CPU) or, with False,
-        from weights dequantized to `dtype` (the exact reference path). `kv_dtype`: how keys and values are
-        stored (default: bfloat16 on the quantized path, the model's dtype on the exact one)."""
+                 context: int | None = None, exact: bool | None = None, quantize: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        """`exact`: True computes from weights dequantized (GGUF) or widened (HF folder) to `dtype`, the
+        reference path; by default on CPU, the fast path computes from the weights as stored (a GGUF's blocks,
+        an HF folder's bf16/fp16 matrices). `quantize` ("q8_0", "q4_0", "q4_1"): quantize an HF folder's (or an
+        F16/BF16 GGUF's) weights to those blocks at load. `kv_dtype`: how keys and values are stored (default:
+        bfloat16 on the fast path, the model's dtype on the exact one)."""
         self.name = str(model)
         self.path = resolve(model)
-        loaded = load(self.path, dtype=dtype, device=device, quantized=quantized)
+        loaded = load(self.path, dtype=dtype, device=device, exact=exact, quantize=quantize)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -72,7 +75,7 @@ class LLM:
         self.kind = loaded.kind
         if kv_dtype is not None and kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise LanternError(f"kv_dtype must be float32, bfloat16 or float16, got {kv_dtype}")
-        self.kv_dtype = kv_dtype or (torch.bfloat16 if loaded.quantized else loaded.model.dtype)
+        self.kv_dtype = kv_dtype or (loaded.model.dtype if loaded.exact else torch.bfloat16)
         self.context = min(context or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
         self.embedding_spec = embedding.spec_for(loaded, self.context)
         self.embedding_max_length = self.embedding_spec.max_length   # tokens per input, special tokens included

@@ -92,8 +92,10 @@ def add_model(p):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: auto)")
     p.add_argument("--exact", action="store_true",
-                   help="GGUF: compute from weights dequantized to --dtype (the reference path) instead of "
-                        "from the quantized blocks")
+                   help="compute from weights dequantized or widened to --dtype (the reference path) instead of "
+                        "from the weights as stored (a GGUF's blocks, an HF folder's bf16 matrices)")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize an HF folder's (or an F16/BF16 GGUF's) weights at load: q8_0, q4_0 or q4_1")
 
 
 def add_sampling(p):
@@ -305,7 +307,8 @@ def open_model(args):
     except NotPulledError:  # a catalogue model not fetched yet: fetch it first, as `ollama run` does
         print(f"{name} is not on this machine yet: pulling it", file=sys.stderr)
         pull(name)
-    return LLM(name, dtype=args.dtype, device=args.device, quantized=False if args.exact else None)
+    return LLM(name, dtype=args.dtype, device=args.device, exact=True if args.exact else None,
+               quantize=getattr(args, "quantize", None))
 
 
 def sampling_from(args):

@@ -11,8 +11,8 @@ the cases they cover, and the readable model's own forward for everything else:
 - FusedAttention: one new token per sequence with a KV cache (the decode step, single or batched): RoPE,
   the cache write and attention over the cache (causal, sliding window) in one op. Prefill, attention
   weights for inspection, and non-float32 caches take the readable path.
-- FusedTransformer: when every linear layer is quantized (QuantLinear), a decode step
-  runs all the layers in one C++ call (DecodeStack, the same ops in the same order) and returns to Python
+- FusedTransformer: when every linear layer is a QuantLinear (blocks, or an HF folder's bf16/fp16 matrix), a
+  decode step runs all the layers in one C++ call (DecodeStack, the same ops in the same order) and returns to Python
   only for the final norm and the lm_head: 6.4 ms per token instead of 9 ms with the per-module ops.
 Module names, parameters and printed trees are unchanged (only the classes differ), so state dicts,
 `inspect` and the look-inside views (which ask for hidden states or attention weights, and so take the
@@ -90,7 +90,7 @@ def _slot_rows(table: dict[tuple[int, int], torch.Tensor], slots: int | torch.Te
 class FusedTransformer(Transformer):
     """Runs a whole decode step's layers in one C++ call (a DecodeStack, built on the first decode step): one
     new token per sequence, with a float32 cache, and no hidden states or attention weights asked for. Everything else,
-    and models the stack cannot take (non-quantized linear layers), runs the module path."""
+    and models the stack cannot take (plain nn.Linear layers), runs the module path."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: int | torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -122,7 +122,7 @@ class FusedTransformer(Transformer):
 
 def _decode_stack(transformer: Transformer):
     """The C++ DecodeStack over `transformer`'s own tensors, or None when a layer is not in the shape it takes
-    (non-quantized linear layers, an activation it lacks)."""
+    (plain nn.Linear layers, an activation it lacks)."""
     from .quantize import QuantLinear
 
     def weights(module):

@@ -1,24 +1,27 @@
-"""Speed as a transform: linear layers (and the embedding) that compute from quantized weights, swapped in
-after the model is built.
+"""Speed as a transform: linear layers (and the embedding) that compute from quantized or half-precision
+weights, swapped in after the model is built.
 
 The readable model (model.py) keeps plain nn.Linear modules; `quantize_from_gguf` replaces them with modules
 built straight from a GGUF file's blocks, so weights stay in their own 3 to 8 bits in memory instead of being
-blown up to fp32. q/k/v and gate/up are fused into single modules (one product each) through the model's own fused code
-path (the one Phi-3 checkpoints use). The dequantized fp32 model stays the reference these are tested against.
+blown up to fp32, and `quantize_from_float` does the same for an HF folder's bf16/fp16 (or fp32) tensors,
+kept in their stored type, or quantized at load to q8_0/q4_0/q4_1 blocks (`quantize`). q/k/v and gate/up are
+fused into single modules (one product each) through the model's own fused code path (the one Phi-3
+checkpoints use). The float32 model (exact=True in load()) stays the reference these are tested against.
 
 Two implementations, picked by what the machine has:
 - QuantLinear / QuantEmbedding (x86-64 with AVX2, a C++ compiler to build lanternlm/kernels once): weights in
-  32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type), multiplied by Lantern's own kernel, which rounds the activations to
-  int16 per block of 32 (so decoding matches the float32 reference: 256 of 256 greedy tokens on SmolLM2) and
-  reads each weight once per call for all input rows. From DENSE_FROM_ROWS input rows on (prefill), the
-  matrix is dequantized to bf16 for that call and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU
-  has them), which costs far less than the product it enables; bf16 rounding there moves logits by ~1e-2
-  relative (0.988 top-1 agreement over 256 teacher-forced tokens in one prefill).
-- Int8Linear (any CPU, PyTorch only): int8 weights with one scale per row, PyTorch's `_weight_int8pack_mm`
-  with bf16 activations. Measured on the project's 2-core VM: ~55 us for a 3072x576 product against ~150 us
-  in fp32; the CPU int4 kernel is far slower (8 tokens/s), hence 8 bits. It re-reads the weights per input
-  row, so it too switches to the dense path from DENSE_FROM_ROWS rows.
-The exact path (quantized=False) dequantizes everything to float32 and is what the transformers tests use.
+  32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type), multiplied
+  by Lantern's own kernel, which rounds the activations to int16 per block of 32 (so decoding matches the
+  float32 reference: 256 of 256 greedy tokens on SmolLM2) and reads each weight once per call for all input
+  rows; or a plain bf16/fp16/fp32 matrix (the float kinds), multiplied with float32 activations. From
+  DENSE_FROM_ROWS input rows on (prefill), the matrix is dequantized to bf16 for that call (a bf16 one is
+  used as it is) and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU has them), which costs far
+  less than the product it enables; bf16 rounding there moves logits by ~1e-2 relative (0.988 top-1
+  agreement over 256 teacher-forced tokens in one prefill).
+- Int8Linear (GGUF files on any CPU, PyTorch only): int8 weights with one scale per row, PyTorch's
+  `_weight_int8pack_mm` with bf16 activations. Measured on the project's 2-core VM: ~55 us for a 3072x576
+  product against ~150 us in fp32; the CPU int4 kernel is far slower (8 tokens/s), hence 8 bits. It re-reads
+  the weights per input row, so it too switches to the dense path from DENSE_FROM_ROWS rows.
 """
 
 from __future__ import annotations
@@ -30,11 +33,23 @@ import torch
 from torch import nn
 
 from .kernels import kernels
-from .kernels.blocks import KIND_NAMES, Blocks, blocks_nbytes, from_ggml
+from .kernels.blocks import (
+    FLOAT_KINDS,
+    KIND_NAMES,
+    QUANTIZERS,
+    Blocks,
+    blocks_nbytes,
+    float_blocks,
+    from_ggml,
+    is_float_kind,
+)
 from .loader.gguf import GGUFFile
-from .loader.gguf_model import unpermute_rows
+from .loader.gguf_model import hf_name, unpermute_rows
 from .model import CausalLM
 
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+FLOAT_GGML_TYPES = (0, 1, 30)  # F32, F16, BF16: float kinds, any in_features
+QUANTIZE_TYPES = tuple(QUANTIZERS)  # what `quantize` (--quantize) accepts
 DENSE_FROM_ROWS = 32  # from this many input rows on (prefill, big batches), dequantize to bf16 for a dense matmul
 
 
@@ -64,7 +79,8 @@ class _BlocksModule(nn.Module):
 
 
 class QuantLinear(_BlocksModule):
-    """y = x @ W.T (+ b) with W kept in 32-element blocks and multiplied by Lantern's CPU kernel."""
+    """y = x @ W.T (+ b) with W kept in 32-element blocks (or as a plain bf16/fp16/fp32 matrix, the float kinds)
+    and multiplied by Lantern's CPU kernel; float32 activations in, float32 out."""
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
         super().__init__(blocks)
@@ -84,7 +100,8 @@ class QuantLinear(_BlocksModule):
 
 
 class QuantEmbedding(_BlocksModule):
-    """Embedding lookup from 32-element blocks: only the looked-up rows are dequantized (to float32)."""
+    """Embedding lookup from 32-element blocks (or a float kind's matrix): only the looked-up rows are widened
+    to float32."""
 
     def __init__(self, blocks: Blocks):
         super().__init__(blocks)
@@ -92,8 +109,9 @@ class QuantEmbedding(_BlocksModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
+        d = None if self.d is None else self.d[flat]
         m = None if self.m is None else self.m[flat]
-        rows = kernels().dequantize(self.qs[flat], self.d[flat], m, self.kind, self.embedding_dim, torch.float32)
+        rows = kernels().dequantize(self.qs[flat], d, m, self.kind, self.embedding_dim, torch.float32)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -130,40 +148,75 @@ class Int8Linear(nn.Module):
 
 def uses_kernels(gguf: GGUFFile) -> bool:
     """quantize_from_gguf will use Lantern's kernels (and quantize the embedding too) for this file."""
-    return kernels() is not None and all(info.shape[-1] % 32 == 0 for info in gguf.tensors.values()
-                                         if len(info.shape) == 2)
+    return kernels() is not None and all(info.shape[-1] % 32 == 0 or info.ggml_type in FLOAT_GGML_TYPES
+                                         for info in gguf.tensors.values() if len(info.shape) == 2)
 
 
-class _Source:
-    """The GGUF's weight matrices as Blocks (kernels) or float tensors (Int8Linear), Q/K rows un-permuted."""
+class _GGUFSource:
+    """The GGUF's weight matrices, asked for by HF name, as Blocks (kernels) or float tensors (Int8Linear),
+    Q/K rows un-permuted. Float matrices (F16/BF16 files) are quantized when `quantize` names a type."""
 
-    def __init__(self, gguf: GGUFFile, use_kernels: bool):
-        self.gguf, self.use_kernels = gguf, use_kernels
+    def __init__(self, gguf: GGUFFile, model_type: str, use_kernels: bool, quantize: str | None):
+        self.gguf, self.use_kernels, self.quantize = gguf, use_kernels, quantize
+        self.names = {hf_name(name, model_type): name for name in gguf.tensors}  # HF name -> GGUF name
         self.permuted = gguf.metadata.get("general.architecture") == "llama"
         if use_kernels:
             matrices = [i for name, i in gguf.tensors.items() if len(i.shape) == 2 and name.endswith(".weight")]
             self.arena = _Arena(sum(_Arena.slot(n) for i in matrices for n in blocks_nbytes(i.ggml_type, i.shape)))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
     def get(self, name: str, heads: int | None = None) -> Blocks | torch.Tensor:
+        gguf_name = self.names[name]
         if not self.use_kernels:
-            w = self.gguf.tensor(name)
+            w = self.gguf.tensor(gguf_name)
             return unpermute_rows(w, heads) if heads and self.permuted else w
-        info = self.gguf.tensors[name]
-        blocks = from_ggml(self.gguf.raw(name), info.ggml_type, info.shape)  # copies out of the file
-        self.gguf.release(name)
+        info = self.gguf.tensors[gguf_name]
+        blocks = from_ggml(self.gguf.raw(gguf_name), info.ggml_type, info.shape)  # copies out of the file
+        self.gguf.release(gguf_name)
         if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
             blocks = blocks.rows(unpermute_rows(torch.arange(blocks.shape[0]), heads))
+        if self.quantize and is_float_kind(blocks.kind):
+            blocks = quantize_matrix(blocks.qs, self.quantize, name)
         return blocks
 
-    def linear(self, parts: list[Blocks | torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
-        bias = None if bias is None else bias.detach()
-        if not self.use_kernels:
-            return Int8Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
-        return QuantLinear(self.arena.place(Blocks.cat(parts) if len(parts) > 1 else parts[0]), bias)
 
-    def fusable(self, parts: list[Blocks | torch.Tensor]) -> bool:
-        """Blocks of different kinds (e.g. a Q4_K_M file's Q6_K v next to Q4_K q/k) stay separate modules."""
-        return not self.use_kernels or len({p.kind for p in parts}) == 1
+class _FloatSource:
+    """An HF folder's weight matrices (bf16, fp16 or fp32 tensors, by HF name) as float-kind Blocks in their
+    own type, or quantized to `quantize`'s blocks. Each tensor leaves `tensors` as it is taken."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], quantize: str | None):
+        self.tensors, self.quantize, self.use_kernels = tensors, quantize, True
+        sizes = [_quantized_nbytes(w, quantize) for n, w in tensors.items() if w.dim() == 2]
+        self.arena = _Arena(sum(_Arena.slot(n) for s in sizes for n in s))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, heads: int | None = None) -> Blocks:
+        w = self.tensors.pop(name)
+        return quantize_matrix(w, self.quantize, name) if self.quantize else float_blocks(w)
+
+
+def quantize_matrix(w: torch.Tensor, quantize: str, name: str = "") -> Blocks:
+    """A float matrix as `quantize`'s blocks (q8_0, q4_0, q4_1); a matrix whose in_features is not a multiple
+    of 32 stays in its float type. The embedding and lm_head of the 4-bit types take q8_0, as llama.cpp's
+    quantizer keeps its output matrix at more bits: top-1 picks are most sensitive to them."""
+    if w.shape[1] % 32:
+        return float_blocks(w if w.dtype in FLOAT_KINDS else w.float())
+    if quantize != "q8_0" and name in (EMBEDDING, HEAD):
+        quantize = "q8_0"
+    return QUANTIZERS[quantize](w)
+
+
+def _quantized_nbytes(w: torch.Tensor, quantize: str | None) -> list[int]:
+    """Bytes of each tensor `quantize_matrix` (or float_blocks) makes of `w`, for the arena's size."""
+    n, k = w.shape
+    if not quantize or k % 32:
+        return [w.numel() * w.element_size()]
+    per_block = {"q8_0": 32, "q4_0": 16, "q4_1": 16}[quantize]
+    return [n * k // 32 * per_block, n * k // 32 * 2, n * k // 32 * 2]  # an upper bound: Q8_0 for the head
 
 
 def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
@@ -171,52 +224,78 @@ def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
     return None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
 
-@torch.inference_mode()
-def quantize_from_gguf(model: CausalLM, gguf: GGUFFile, use_kernels: bool | None = None) -> CausalLM:
-    """Replace the model's linear layers (and, with the kernels, its embedding) with quantized modules built
-    from `gguf`'s tensors, in place. `use_kernels` defaults to `uses_kernels(gguf)`."""
-    if use_kernels is None:
-        use_kernels = uses_kernels(gguf)
-    if not use_kernels and not int8_supported():
-        raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
-                           "this PyTorch build has no CPU int8-weight kernel")
+def _linear(src, parts: list[Blocks | torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
+    bias = None if bias is None else bias.detach()
+    if not src.use_kernels:
+        return Int8Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    return QuantLinear(src.arena.place(Blocks.cat(parts) if len(parts) > 1 else parts[0]), bias)
+
+
+def _fusable(src, parts: list[Blocks | torch.Tensor]) -> bool:
+    """Blocks of different kinds (e.g. a Q4_K_M file's Q6_K v next to Q4_K q/k) stay separate modules."""
+    return not src.use_kernels or len({p.kind for p in parts}) == 1
+
+
+def _replace_linears(model: CausalLM, src) -> CausalLM:
+    """Swap every linear layer of `model` (and, with the kernels, its embedding) for one built from `src`, a
+    source of weight matrices by HF name. q/k/v and gate/up become one module each when their kinds agree."""
     cfg = model.config
-    src = _Source(gguf, use_kernels)
     for i, layer in enumerate(model.model.layers):
-        blk, attn, mlp = f"blk.{i}", layer.self_attn, layer.mlp
+        pre, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
         if cfg.fused_qkv:
-            attn.qkv_proj = src.linear([src.get(f"{blk}.attn_qkv.weight")], attn.qkv_proj.bias)
+            attn.qkv_proj = _linear(src, [src.get(pre + "self_attn.qkv_proj.weight")], attn.qkv_proj.bias)
         else:
-            qkv = [src.get(f"{blk}.attn_q.weight", cfg.num_attention_heads),
-                   src.get(f"{blk}.attn_k.weight", cfg.num_key_value_heads),
-                   src.get(f"{blk}.attn_v.weight")]
-            if src.fusable(qkv):
-                attn.qkv_proj = src.linear(qkv, _bias(attn, ["q_proj", "k_proj", "v_proj"]))
+            qkv = [src.get(pre + "self_attn.q_proj.weight", cfg.num_attention_heads),
+                   src.get(pre + "self_attn.k_proj.weight", cfg.num_key_value_heads),
+                   src.get(pre + "self_attn.v_proj.weight")]
+            if _fusable(src, qkv):
+                attn.qkv_proj = _linear(src, qkv, _bias(attn, ["q_proj", "k_proj", "v_proj"]))
                 del attn.q_proj, attn.k_proj, attn.v_proj
                 attn.fused = True
             else:
-                attn.q_proj, attn.k_proj, attn.v_proj = (src.linear([w], getattr(attn, n).bias) for w, n in
+                attn.q_proj, attn.k_proj, attn.v_proj = (_linear(src, [w], getattr(attn, n).bias) for w, n in
                                                          zip(qkv, ["q_proj", "k_proj", "v_proj"]))
-        attn.o_proj = src.linear([src.get(f"{blk}.attn_output.weight")], attn.o_proj.bias)
+        attn.o_proj = _linear(src, [src.get(pre + "self_attn.o_proj.weight")], attn.o_proj.bias)
         if cfg.fused_qkv:
-            mlp.gate_up_proj = src.linear([src.get(f"{blk}.ffn_up.weight")], None)
+            mlp.gate_up_proj = _linear(src, [src.get(pre + "mlp.gate_up_proj.weight")], None)
         else:
-            gate_up = [src.get(f"{blk}.ffn_gate.weight"), src.get(f"{blk}.ffn_up.weight")]
-            if src.fusable(gate_up):
-                mlp.gate_up_proj = src.linear(gate_up, None)
+            gate_up = [src.get(pre + "mlp.gate_proj.weight"), src.get(pre + "mlp.up_proj.weight")]
+            if _fusable(src, gate_up):
+                mlp.gate_up_proj = _linear(src, gate_up, None)
                 del mlp.gate_proj, mlp.up_proj
                 mlp.fused = True
             else:
-                mlp.gate_proj, mlp.up_proj = (src.linear([w], None) for w in gate_up)
-        mlp.down_proj = src.linear([src.get(f"{blk}.ffn_down.weight")], None)
-    tied = "output.weight" not in gguf.tensors
-    head = src.get("token_embd.weight" if tied else "output.weight")
-    model.lm_head = src.linear([head], None)
-    if use_kernels:
+                mlp.gate_proj, mlp.up_proj = (_linear(src, [w], None) for w in gate_up)
+        mlp.down_proj = _linear(src, [src.get(pre + "mlp.down_proj.weight")], None)
+    tied = HEAD not in src
+    model.lm_head = _linear(src, [src.get(EMBEDDING if tied else HEAD)], None)
+    if src.use_kernels:
         # The embedding shares the tied head's blocks (one copy in memory), or gets its own.
-        embedding = model.lm_head.weight_blocks() if tied else src.arena.place(src.get("token_embd.weight"))
+        embedding = model.lm_head.weight_blocks() if tied else src.arena.place(src.get(EMBEDDING))
         model.model.embed_tokens = QuantEmbedding(embedding)
     return model
+
+
+@torch.inference_mode()
+def quantize_from_gguf(model: CausalLM, gguf: GGUFFile, quantize: str | None = None) -> CausalLM:
+    """Replace the model's linear layers (and, with the kernels, its embedding) with modules built from
+    `gguf`'s tensors, in place: Lantern's kernels when `uses_kernels(gguf)`, else PyTorch's int8 fallback.
+    `quantize` (q8_0, q4_0, q4_1) quantizes the file's float matrices (F16/BF16 files) at load."""
+    use_kernels = uses_kernels(gguf)
+    if not use_kernels and not int8_supported():
+        raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
+                           "this PyTorch build has no CPU int8-weight kernel")
+    return _replace_linears(model, _GGUFSource(gguf, model.config.model_type, use_kernels, quantize))
+
+
+@torch.inference_mode()
+def quantize_from_float(model: CausalLM, tensors: dict[str, torch.Tensor], quantize: str | None = None) -> CausalLM:
+    """Replace the model's linear layers and embedding with Lantern's kernels over `tensors` (an HF folder's
+    weight matrices by HF name, in their stored type), in place: kept in that type, or quantized to
+    `quantize` (q8_0, q4_0, q4_1). Needs the kernels."""
+    if kernels() is None:
+        raise RuntimeError("Lantern's CPU kernels are not available here")
+    return _replace_linears(model, _FloatSource(tensors, quantize))
 
 
 class _Arena:

@@ -20,7 +20,7 @@ PROMPTS = [
 def llm(default_gguf):
     # The exact path (weights dequantized to fp32), as transformers computes; the quantized default is
     # compared with it in tests/test_quantized.py.
-    return LLM(str(default_gguf), quantized=False)
+    return LLM(str(default_gguf), exact=True)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def real(default_gguf):
     # hold to float precision there. The quantized path rounds logits to bf16, and a 1-row product may round
     # differently from a 5-row one (see quantize.py).
     from lanternlm.api import LLM
-    return LLM(str(default_gguf), quantized=False)
+    return LLM(str(default_gguf), exact=True)
 
 
 # ---------------------------------------------------------------------- trace_step

@@ -33,7 +33,7 @@ def logits_of(model, ids):
 def test_f32_gguf_equals_hf_folder_logits(arch, tmp_path):
     hf = make_hf_model(arch, **GGUF_ARCHS[arch])
     write_gguf(hf, tmp_path / "m.gguf", T.F32)
-    loaded = load(tmp_path / "m.gguf", quantized=False)  # the exact path; tests/test_quantized.py covers the other
+    loaded = load(tmp_path / "m.gguf", exact=True)  # the exact path; tests/test_quantized.py covers the other
     # llama.cpp writes Mistral as arch "llama"; everything else keeps its own architecture.
     assert loaded.config.model_type == {"mistral": "llama"}.get(hf.config.model_type, hf.config.model_type)
     ids = torch.randint(3, 320, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def test_quantized_gguf_equals_the_weights_it_encodes(qtype, tmp_path):
     encoded = write_gguf(hf, tmp_path / "m.gguf", qtype)
     ref = make_hf_model("llama")
     ref.load_state_dict(encoded)
-    ours = load(tmp_path / "m.gguf", quantized=False).model
+    ours = load(tmp_path / "m.gguf", exact=True).model
     ids = torch.randint(3, 320, (1, 12), generator=torch.Generator().manual_seed(1))
     assert (logits_of(ours, ids) - logits_of(ref, ids)).abs().max().item() <= 1e-4
     if qtype != T.F16:  # and the quantization really changed the weights: the test is not a no-op
@@ -70,7 +70,7 @@ def test_mixed_k_quant_gguf(tmp_path):
     encoded = write_gguf(hf, path, qtype_for=pick)
     ref = make_hf_model("llama", **size)
     ref.load_state_dict(encoded)
-    loaded = load(path, quantized=False)
+    loaded = load(path, exact=True)
     assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F32"} <= set(loaded.gguf_types)
     ids = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(2))
     ref_logits = logits_of(ref, ids)

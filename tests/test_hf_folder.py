@@ -54,7 +54,7 @@ def test_folder_generates_what_transformers_generates(tmp_path, arch, dtype, sha
     hf, tok = save_folder(tmp_path, arch, dtype, shard)
     if shard:
         assert (tmp_path / "model.safetensors.index.json").is_file()
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), exact=True)  # the reference path (test_bf16_path.py compares the fast one to it)
     assert llm.model.lm_head.weight.dtype == torch.float32  # computed in fp32 on CPU, as transformers does
     messages = [{"role": "user", "content": "Hello world! The quick brown fox"}]
     ids = llm.encode_chat(messages)

@@ -51,17 +51,6 @@ SUPER_SCALES = {T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), 
                 T.Q5_K: {"d": (0.0001, 0.0004), "dmin": (0.0002, 0.0008)}, T.Q6_K: {"d": (0.00002, 0.0001)}}
 
 
-@pytest.fixture(params=[1, 2], ids=["avx2", "avx512"])
-def isa(request):
-    """Run a test on each instruction set the CPU has; restore the best one afterwards."""
-    best = K.set_isa(9)
-    if request.param > best:
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    K.set_isa(request.param)
-    yield request.param
-    K.set_isa(best)
-
-
 def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Valid K-quant blocks (gguf-py has no K-quant quantizer): random bytes, then small fp16 super-block scales
     at the offsets ggml's block struct gives them."""
@@ -166,8 +155,8 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)  # rows of 256
     gguf_writer.write_gguf(hf, tmp_path / "m.gguf", T.Q8_0,
                            qtype_for=lambda name, shape: TYPES_BY_MATRIX.get(name.rsplit(".", 2)[-2], T.F32))
-    quant = LLM(str(tmp_path / "m.gguf"), quantized=True)
-    exact = LLM(str(tmp_path / "m.gguf"), quantized=False)
+    quant = LLM(str(tmp_path / "m.gguf"), exact=False)
+    exact = LLM(str(tmp_path / "m.gguf"), exact=True)
     kinds = {m.kind for m in quant.model.modules() if isinstance(m, QuantLinear)}
     assert {KIND_Q5_MIN, KIND_Q6, KIND_Q5, KIND_Q3} <= kinds  # (lm_head's Q4_K only when it is not tied)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -49,9 +49,9 @@ def test_pytorch_fallback_tracks_the_dequantized_reference(arch, tmp_path, monke
     monkeypatch.setattr(quantize_module, "uses_kernels", lambda gguf: False)
     hf = make_hf_model(arch)
     write_gguf(hf, tmp_path / "m.gguf", T.Q8_0)
-    quant = load(tmp_path / "m.gguf", quantized=True)
-    ref = load(tmp_path / "m.gguf", quantized=False)
-    assert quant.quantized and not ref.quantized
+    quant = load(tmp_path / "m.gguf", exact=False)
+    ref = load(tmp_path / "m.gguf", exact=True)
+    assert not quant.exact and ref.exact
     kinds = {type(m).__name__ for m in quant.model.modules()}
     assert "Int8Linear" in kinds and "Linear" not in kinds and "QuantLinear" not in kinds
     # Measured 2.4-3.1% of the logits' norm here (random weights, bf16 activations through every matmul);
@@ -94,8 +94,8 @@ def test_kernel_path_tracks_the_dequantized_reference(arch, qtype, tmp_path):
     hf = make_hf_model(arch)
     write_gguf(hf, tmp_path / "m.gguf", qtype if qtype != "mixed" else T.Q8_0,
                qtype_for=pick_from(LEGACY_MIX) if qtype == "mixed" else None)
-    quant = load(tmp_path / "m.gguf", quantized=True)
-    ref = load(tmp_path / "m.gguf", quantized=False)
+    quant = load(tmp_path / "m.gguf", exact=False)
+    ref = load(tmp_path / "m.gguf", exact=True)
     kinds = {type(m).__name__ for m in quant.model.modules()}
     assert {"QuantLinear", "QuantEmbedding", "FusedAttention"} <= kinds and "Linear" not in kinds
     # The weights are the file's own values. From 32 rows on (prefill) weights and activations are rounded to
@@ -112,8 +112,8 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
     # and one product rather than the logits.
     hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)  # rows of 256
     write_gguf(hf, tmp_path / "m.gguf", T.Q8_0, qtype_for=pick_from(K_MIX))
-    quant = load(tmp_path / "m.gguf", quantized=True).model
-    ref = load(tmp_path / "m.gguf", quantized=False).model
+    quant = load(tmp_path / "m.gguf", exact=False).model
+    ref = load(tmp_path / "m.gguf", exact=True).model
     x = torch.randn(3, 512)
     for name, module in quant.named_modules():
         if not isinstance(module, QuantLinear):
@@ -138,12 +138,12 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(default_gguf):
-    return LLM(str(default_gguf), quantized=True), LLM(str(default_gguf), quantized=False)
+    return LLM(str(default_gguf), exact=False), LLM(str(default_gguf), exact=True)
 
 
 def test_quantized_default_model_answers(pair):
     quant, _ = pair
-    assert quant.loaded.quantized
+    assert not quant.loaded.exact
     answer = quant.chat([{"role": "user", "content": "What is the capital of France?"}],
                         SamplingParams(temperature=0, max_tokens=30))
     assert "Paris" in answer.text

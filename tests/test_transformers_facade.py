@@ -41,7 +41,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen2(folders):
     path, hf, hf_tok = folders["qwen2"]
-    return (lt.AutoModelForCausalLM.from_pretrained(path, quantized=False), lt.AutoTokenizer.from_pretrained(path),
+    return (lt.AutoModelForCausalLM.from_pretrained(path, exact=True), lt.AutoTokenizer.from_pretrained(path),
             hf, hf_tok)
 
 
@@ -51,9 +51,9 @@ def qwen2(folders):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_equals_transformers_single_and_left_padded(folders, arch):
     path, hf, hf_tok = folders[arch]
-    # quantized=False: Lantern's exact path (float32 weights and cache), the one that equals transformers
+    # exact=True: Lantern's exact path (float32 weights and cache), the one that equals transformers
     model = lt.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="auto",
-                                                    trust_remote_code=True, quantized=False)
+                                                    trust_remote_code=True, exact=True)
     tok = lt.AutoTokenizer.from_pretrained(path, padding_side="left")
     hf_tok.padding_side = "left"
     single = tok(TEXTS[0], return_tensors="pt")
@@ -70,7 +70,7 @@ def test_generate_equals_transformers_single_and_left_padded(folders, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_hidden_states_tree_and_counts_equal_transformers(folders, arch):
     path, hf, _ = folders[arch]
-    model = lt.AutoModelForCausalLM.from_pretrained(path, quantized=False)
+    model = lt.AutoModelForCausalLM.from_pretrained(path, exact=True)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61]])
     out = model(ids, output_hidden_states=True)
     ref = hf(ids, output_hidden_states=True)
@@ -221,10 +221,10 @@ def test_text_generation_pipeline_equals_transformers(qwen2):
 
 def test_feature_extraction_and_auto_model(folders):
     path, hf, hf_tok = folders["llama"]
-    base = lt.AutoModel.from_pretrained(path, quantized=False)
+    base = lt.AutoModel.from_pretrained(path, exact=True)
     ids = hf_tok(TEXTS[0], return_tensors="pt").input_ids
     torch.testing.assert_close(base(ids).last_hidden_state, hf.model(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
-    features = lt.pipeline("feature-extraction", model=str(path), quantized=False)(TEXTS[0])
+    features = lt.pipeline("feature-extraction", model=str(path), exact=True)(TEXTS[0])
     torch.testing.assert_close(torch.tensor(features), hf.model(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
@@ -293,7 +293,7 @@ SEED_004_FIXES = [
 def seed_004_program(library: str, folder: Path, gguf: str, exact: bool) -> list[str]:
     """The seed's blocks with the import line and model id swapped (and the exact path asked for when
     `exact`, the only change to the code itself)."""
-    model_id = f'"{folder}", gguf_file="{gguf}"' + (", quantized=False" if exact else "")
+    model_id = f'"{folder}", gguf_file="{gguf}"' + (", exact=True" if exact else "")
     tokenizer_id = f'"{folder}", gguf_file="{gguf}"'
     program = []
     for block in seed_004_blocks():
@@ -363,7 +363,7 @@ def test_seed_003_steps_on_the_default_model(default_gguf):
     """Seed 003's walk-through in its order: load, chat template, tokenize, generate, slice and decode, the
     hand-written softmax/multinomial loop, print(model), state_dict (exact path: readable weights)."""
     device = "cpu"
-    model = lt.AutoModelForCausalLM.from_pretrained(default_gguf, torch_dtype=torch.float32, quantized=False).to(
+    model = lt.AutoModelForCausalLM.from_pretrained(default_gguf, torch_dtype=torch.float32, exact=True).to(
         device)
     tokenizer = lt.AutoTokenizer.from_pretrained(default_gguf, use_fast=False, trust_remote_code=True)
     llm = model.llm

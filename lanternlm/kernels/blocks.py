@@ -17,6 +17,10 @@ element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e 
   KIND_Q6       24     nibbles, bit-4 plane, bit-5 plane  d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     bit-0, bit-1, bit-2 planes         d*m[half]*(q - 4)         Q3_K
 
+Float kinds (KIND_BF16, KIND_F16, KIND_F32) are no blocks: qs is the plain (N, K) matrix in its stored type
+(HF folders, F16/BF16 GGUFs), d and m are None, and K may be any length. The kernels widen each weight to
+float32 (quant_cpu.cpp, "float weights").
+
 Bit planes keep 5-, 6- and 3-bit values in their own bits (memory per weight about the file's) and cost the
 kernels one masked add per plane. K-quant super-block scales become per-block ones.
 
@@ -25,8 +29,12 @@ Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
 - Q4_K, Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
   rounded to float16 (a relative change of at most 2^-11 per term, far inside 4-bit rounding);
-- every other type (Q2_K, F16, BF16, F32): dequantized, then quantized to 8 bits per block of 32 (scale
-  max|w|/127), an error of at most half a step, max|w|/254, per weight.
+- F16, BF16, F32: the float kind of the same type (the values as stored);
+- every other type (Q2_K): dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an error
+  of at most half a step, max|w|/254, per weight.
+
+Quantization of float weights at load (`quantize`: q8_0, q4_0, q4_1) follows ggml's reference recipes
+(quantize_row_q8_0/q4_0/q4_1_ref), as whole-matrix torch operations.
 """
 
 from __future__ import annotations
@@ -39,15 +47,19 @@ import torch
 
 from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
 
-KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3 = range(7)
+KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32 = range(10)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
-              KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16"}
+              KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
+              KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
+FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
+_FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
-_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K = 2, 3, 6, 7, 8, 11, 12, 13, 14
+_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
+_GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
 _KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
             _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_MIN, _Q5_K: KIND_Q5_MIN, _Q6_K: KIND_Q6}
 
@@ -57,7 +69,7 @@ class Blocks:
     """One weight matrix (out_features, in_features) in split-block layout."""
 
     qs: torch.Tensor
-    d: torch.Tensor
+    d: torch.Tensor | None  # None for the float kinds
     m: torch.Tensor | None
     kind: int
     shape: tuple[int, int]
@@ -67,8 +79,8 @@ class Blocks:
 
     def rows(self, index: torch.Tensor) -> Blocks:
         """The rows at `index` (a permutation or a lookup), as a new Blocks."""
-        return Blocks(self.qs[index], self.d[index], None if self.m is None else self.m[index], self.kind,
-                      (int(index.numel()), self.shape[1]))
+        return Blocks(self.qs[index], None if self.d is None else self.d[index],
+                      None if self.m is None else self.m[index], self.kind, (int(index.numel()), self.shape[1]))
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -76,20 +88,32 @@ class Blocks:
         kind, k = parts[0].kind, parts[0].shape[1]
         if any(p.kind != kind or p.shape[1] != k for p in parts):
             raise ValueError("only blocks of one kind and width can be stacked")
+        d = None if parts[0].d is None else torch.cat([p.d for p in parts])
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
-        return Blocks(torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, kind,
+        return Blocks(torch.cat([p.qs for p in parts]), d, m, kind,
                       (sum(p.shape[0] for p in parts), k))
 
 
+def float_blocks(w: torch.Tensor) -> Blocks:
+    """A bfloat16, float16 or float32 matrix (N, K) as the float kind of its dtype (no copy if contiguous)."""
+    return Blocks(w.contiguous(), None, None, FLOAT_KINDS[w.dtype], tuple(w.shape))
+
+
+def is_float_kind(kind: int) -> bool:
+    return kind in _FLOAT_DTYPES
+
+
 def kind_for(ggml_type: int) -> int:
-    """The block kind a ggml type converts to."""
-    return _KIND_OF.get(ggml_type, KIND_Q8)
+    """The block (or float) kind a ggml type converts to."""
+    return _GGML_FLOATS.get(ggml_type, _KIND_OF.get(ggml_type, KIND_Q8))
 
 
 def blocks_nbytes(ggml_type: int, shape: tuple[int, ...]) -> list[int]:
     """Bytes of each tensor (qs, d, and m when the kind has one) a matrix of this type converts to."""
     n, k = (int(s) for s in shape)
     kind = kind_for(ggml_type)
+    if is_float_kind(kind):
+        return [n * k * _FLOAT_DTYPES[kind].itemsize]
     sizes = [n * (k // 32) * BLOCK_BYTES[kind], n * (k // 32) * 2]
     if kind in _OFFSETS:
         sizes.append(n * (k // 32) * 2)
@@ -101,16 +125,13 @@ def blocks_nbytes(ggml_type: int, shape: tuple[int, ...]) -> list[int]:
 def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
     """Blocks for a 2-D tensor of PyTorch shape (N, K) from its ggml bytes (K must be a multiple of 32)."""
     n, k = (int(s) for s in shape)
+    data = _bytes(raw)
+    if ggml_type in _GGML_FLOATS:  # the values as stored, copied out of the file
+        return float_blocks(data.view(_FLOAT_DTYPES[_GGML_FLOATS[ggml_type]]).reshape(n, k).clone())
     if k % 32:
         raise ValueError(f"in_features {k} is not a multiple of 32")
     if ggml_type not in _KIND_OF:
         return quantize_q8(dequantize(raw, ggml_type, (n, k)))
-    if isinstance(raw, np.ndarray):
-        with warnings.catch_warnings():  # a read-only view of the file: everything below copies out of it
-            warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(raw, dtype=torch.uint8) if raw.size else torch.empty(0, dtype=torch.uint8)
-    else:
-        data = raw
     nb = k // 32
     kind = _KIND_OF[ggml_type]
     if ggml_type in _CONVERT_K:
@@ -130,6 +151,15 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     if "qh" in f:
         qs[:, 16:] = f["qh"]
     return Blocks(torch.from_numpy(qs.reshape(n, nb * BLOCK_BYTES[kind])), d, m, kind, (n, k))
+
+
+def _bytes(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes as a uint8 torch tensor (a view: callers copy out of it)."""
+    if not isinstance(raw, np.ndarray):
+        return raw
+    with warnings.catch_warnings():  # a read-only view of the file: every caller copies out of it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=torch.uint8) if raw.size else torch.empty(0, dtype=torch.uint8)
 
 
 def f16_bits(field: torch.Tensor) -> torch.Tensor:
@@ -201,6 +231,42 @@ def quantize_q8(w: torch.Tensor) -> Blocks:
     return Blocks(q.view(n, k), d, None, KIND_Q8, (n, k))
 
 
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, and 0 where d is 0 (an all-zero block quantizes to zeros)."""
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, nb, 32) values 0..15 -> (n, nb * 16) bytes: byte j holds element j (low) and j + 16 (high)."""
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).reshape(q.shape[0], -1)
+
+
+def quantize_q4_0(w: torch.Tensor) -> Blocks:
+    """Float weights (N, K) -> ggml Q4_0 blocks of 32: d = (the value of largest magnitude) / -8, so that value
+    maps to q = 0 exactly, and q = min(15, floor(w/d + 8.5))."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // 32, 32)
+    at = blocks.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes, as ggml's loop keeps
+    d = blocks.gather(-1, at)[..., 0] / -8.0  # (n, nb)
+    q = torch.floor(blocks * _inverse(d)[..., None] + 8.5).clamp(0, 15)
+    return Blocks(_pack_nibbles(q), d.half(), None, KIND_Q4, (n, k))
+
+
+def quantize_q4_1(w: torch.Tensor) -> Blocks:
+    """Float weights (N, K) -> ggml Q4_1 blocks of 32: offset m = min, d = (max - min) / 15,
+    q = min(15, floor((w - min)/d + 0.5)); a weight is d*q + m."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // 32, 32)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)  # (n, nb)
+    d = (hi - lo) / 15.0
+    q = torch.floor((blocks - lo[..., None]) * _inverse(d)[..., None] + 0.5).clamp(0, 15)
+    return Blocks(_pack_nibbles(q), d.half(), lo.half(), KIND_Q4_MIN, (n, k))
+
+
+QUANTIZERS = {"q8_0": quantize_q8, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}  # --quantize choices
+
+
 def _plane_bits(planes: torch.Tensor) -> torch.Tensor:
     """Bit planes (n, nb, p*4) uint8 -> (n, nb, p, 32) in 0..1, element order."""
     n, nb, width = planes.shape
@@ -212,6 +278,8 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     """The float32 values, computed in torch (the reference the kernels are tested against)."""
     n, k = blocks.shape
     nb, kind = k // 32, blocks.kind
+    if is_float_kind(kind):
+        return blocks.qs.float()
     if kind == KIND_Q8:
         q = blocks.qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)

@@ -386,14 +386,14 @@ torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor
 
 // ---- the whole decoder stack for one decode step, in one call ----
 
-torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
+torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
                       const c10::optional<torch::Tensor>& m, int64_t kind);
 
 namespace {
 
-struct QWeight {  // one QuantLinear: blocks plus an optional bias
-    torch::Tensor qs, d;
-    c10::optional<torch::Tensor> m, bias;
+struct QWeight {  // one QuantLinear: blocks (or a float kind's plain matrix, with no d) plus an optional bias
+    torch::Tensor qs;
+    c10::optional<torch::Tensor> d, m, bias;
     int64_t kind;
     torch::Tensor apply(const torch::Tensor& x) const {
         auto y = qmatmul(x, qs, d, m, kind);
@@ -426,7 +426,7 @@ struct Layer {
 QWeight qweight(const pybind11::dict& w) {
     QWeight q;
     q.qs = w["qs"].cast<torch::Tensor>();
-    q.d = w["d"].cast<torch::Tensor>();
+    if (!w["d"].is_none()) q.d = w["d"].cast<torch::Tensor>();
     if (!w["m"].is_none()) q.m = w["m"].cast<torch::Tensor>();
     if (!w["bias"].is_none()) q.bias = w["bias"].cast<torch::Tensor>();
     q.kind = w["kind"].cast<int64_t>();
@@ -446,9 +446,9 @@ c10::optional<torch::Tensor> optional_tensor(const pybind11::dict& d, const char
 
 }  // namespace
 
-// The decoder layers of a model whose linear layers are all QuantLinear (q/k/v and gate/up fused or not), run
-// for one new token per row without returning to Python between operations. Built once from the modules' tensors
-// (shared, not copied); `forward` takes the hidden states after the embedding and returns them after the
+// The decoder layers of a model whose linear layers are all QuantLinear (block or float kinds; q/k/v and
+// gate/up fused or not), run for one new token per row without returning to Python between operations. Built
+// once from the modules' tensors (shared, not copied); `forward` takes the hidden states after the embedding and returns them after the
 // last layer (before the final norm). Mirrors DecoderLayer/Attention/MLP in model.py op for op.
 class DecodeStack {
 public:

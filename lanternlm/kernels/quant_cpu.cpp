@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -48,7 +49,10 @@ constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + a bit-4 plane, stored of
 constexpr int64_t KIND_Q5 = 4;      // 5-bit, zero point 16 (ggml Q5_0)
 constexpr int64_t KIND_Q6 = 5;      // 6-bit: nibbles + bit-4 and bit-5 planes, zero point 32, multipliers (Q6_K)
 constexpr int64_t KIND_Q3 = 6;      // 3-bit: bit-0, bit-1 and bit-2 planes, zero point 4, multipliers (Q3_K)
-constexpr int64_t KIND_COUNT = 7;
+constexpr int64_t KIND_BF16 = 7;    // plain bfloat16 weights (N, K): HF folders, BF16 GGUFs (see "float weights")
+constexpr int64_t KIND_F16 = 8;     // plain float16 weights (N, K)
+constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
+constexpr int64_t KIND_COUNT = 10;
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
 constexpr int planes(int64_t kind) {
@@ -402,6 +406,189 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
 }  // namespace avx512
 #pragma GCC pop_options
 
+// ---- 2- and 4-byte float weights (HF folders, F16/BF16 GGUFs) ----
+//
+// A float kind's "qs" is the plain (N, K) weight matrix in its stored type: bfloat16, float16 or float32; it
+// has no d or m, and K may be any length. Activations stay float32 and each weight is widened to float32 (a
+// shift for bf16, F16C for fp16) before an FMA, so every product is exact and only the summation order differs
+// from the float32 reference: these kernels are bandwidth-bound (2 bytes read per multiply-add), and the
+// widening is cheaper than the memory traffic it rides on. On CPUs with AVX-512 BF16, bf16 weights times
+// 1-2 activation rows use dpbf16 instead, each activation split into two bf16 parts, hi = bf16(x) and
+// lo = bf16(x - hi) (two dot products per pair of weights, |x - hi - lo| <= 2^-16 |x|): a single bf16
+// activation (2^-9 relative) would be ~100x the int16 rounding the block kinds keep, and the split costs
+// nothing where the weights' bytes, not the arithmetic, set the speed. See bf16_dot() and float_matmul.
+
+namespace {
+
+constexpr bool is_float_kind(int64_t kind) { return kind == KIND_BF16 || kind == KIND_F16 || kind == KIND_F32; }
+constexpr int64_t float_bytes(int64_t kind) { return kind == KIND_F32 ? 4 : 2; }
+
+inline float bf16_value(uint16_t h) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+constexpr int64_t DPBF16_MAX_ROWS = 2;
+
+// Which float-kind kernel the last product used (tests assert it): FLOAT_PATH_*.
+constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
+std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
+
+}  // namespace
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+template <int64_t KIND>
+inline __m256 load8(const void* w, int64_t at) {
+    if (KIND == KIND_BF16) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + at));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (KIND == KIND_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + at)));
+    return _mm256_loadu_ps(static_cast<const float*>(w) + at);
+}
+
+template <int64_t KIND>
+inline float load1(const void* w, int64_t at) {
+    if (KIND == KIND_BF16) return bf16_value(static_cast<const uint16_t*>(w)[at]);
+    if (KIND == KIND_F16) return _cvtsh_ss(static_cast<const uint16_t*>(w)[at]);
+    return static_cast<const float*>(w)[at];
+}
+
+// y[b0..b0+NB-1, n..n+R-1] = x rows . weight rows, 8 lanes at a time, the last K % 8 values one by one.
+template <int64_t KIND, int R, int NB>
+inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
+    const int64_t row_bytes = k * float_bytes(KIND);
+    __m256 acc[R][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        __m256 xv[NB];
+        for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(x + (b0 + b) * k + i);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = load8<KIND>(w + (n + r) * row_bytes, i);
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) {
+            float s = hsum8(acc[r][b]);
+            for (int64_t j = i; j < k; j++) s += load1<KIND>(w + (n + r) * row_bytes, j) * x[(b0 + b) * k + j];
+            y[(b0 + b) * n_out + n + r] = s;
+        }
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
+namespace avx512 {
+
+// 16 weights from element `at` as float32; FULL: all 16 (a plain load), else the lanes of `mask` (the rest 0).
+// Masked loads only for the row's last partial step: every-step masked loads were measured ~2x slower.
+template <int64_t KIND, bool FULL>
+inline __m512 load16(const void* w, int64_t at, __mmask16 mask) {
+    if (KIND == KIND_F32)
+        return FULL ? _mm512_loadu_ps(static_cast<const float*>(w) + at)
+                    : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w) + at);
+    const uint16_t* p = static_cast<const uint16_t*>(w) + at;
+    const __m256i h = FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(mask, p);
+    if (KIND == KIND_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One step of 16 elements from i for R weight rows and NB activation rows.
+template <int64_t KIND, int R, int NB, bool FULL>
+inline void float_step(const uint8_t* w, int64_t row_bytes, int64_t k, const float* x, int64_t b0, int64_t n,
+                       int64_t i, __mmask16 mask, __m512 (&acc)[R][NB]) {
+    __m512 xv[NB];
+    for (int b = 0; b < NB; b++)
+        xv[b] = FULL ? _mm512_loadu_ps(x + (b0 + b) * k + i) : _mm512_maskz_loadu_ps(mask, x + (b0 + b) * k + i);
+    for (int r = 0; r < R; r++) {
+        const __m512 wv = load16<KIND, FULL>(w + (n + r) * row_bytes, i, mask);
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+    }
+}
+
+template <int64_t KIND, int R, int NB>
+inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
+    const int64_t row_bytes = k * float_bytes(KIND);
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) float_step<KIND, R, NB, true>(w, row_bytes, k, x, b0, n, i, 0xFFFF, acc);
+    if (i < k) float_step<KIND, R, NB, false>(w, row_bytes, k, x, b0, n, i, static_cast<__mmask16>((1u << (k - i)) - 1), acc);
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")
+namespace avx512bf16 {
+
+// x (rows, k) float32 -> hi and lo bf16 parts, rows of kp (k rounded up to 32) values, zero-padded.
+void split_rows(const float* x, int64_t rows, int64_t k, int64_t kp, uint16_t* hi, uint16_t* lo) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < kp; i += 16) {
+            const __mmask16 mask = i >= k ? 0 : k - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                                            : static_cast<__mmask16>((1u << (k - i)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(mask, x + r * k + i);
+            const __m256bh h = _mm512_cvtneps_pbh(v);
+            const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+            const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + r * kp + i), (__m256i)h);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + r * kp + i), (__m256i)l);
+        }
+}
+
+// One step of 32 bf16 weights from i: two dpbf16 per (weight row, activation row), lo part first.
+template <int R, int NB, bool FULL>
+inline void bf16_step(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* hi, const uint16_t* lo, int64_t b0,
+                      int64_t n, int64_t i, __mmask32 mask, __m512 (&acc)[R][NB]) {
+    __m512bh xh[NB], xl[NB];
+    for (int b = 0; b < NB; b++) {  // activation rows are zero-padded to kp: always a full load
+        xh[b] = (__m512bh)_mm512_loadu_si512(hi + (b0 + b) * kp + i);
+        xl[b] = (__m512bh)_mm512_loadu_si512(lo + (b0 + b) * kp + i);
+    }
+    for (int r = 0; r < R; r++) {
+        const uint16_t* p = w + (n + r) * k + i;
+        const __m512bh wv = (__m512bh)(FULL ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask, p));
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][b], wv, xl[b]), wv, xh[b]);
+    }
+}
+
+// As avx512::float_tile for bf16 weights, with the activations split into hi and lo bf16 parts.
+template <int R, int NB>
+inline void bf16_tile(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* hi, const uint16_t* lo, int64_t b0,
+                      float* y, int64_t n_out, int64_t n) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) bf16_step<R, NB, true>(w, k, kp, hi, lo, b0, n, i, 0xFFFFFFFFu, acc);
+    if (i < k) bf16_step<R, NB, false>(w, k, kp, hi, lo, b0, n, i, (1u << (k - i)) - 1, acc);
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+#endif
+
 // Calls fn.template operator()<KIND>() for a run-time kind (every kernel is compiled once per kind).
 template <typename Fn>
 inline void with_kind(int64_t kind, Fn&& fn) {
@@ -417,6 +604,46 @@ inline void with_kind(int64_t kind, Fn&& fn) {
     }
 }
 
+// The same for the float kinds.
+template <typename Fn>
+inline void with_float_kind(int64_t kind, Fn&& fn) {
+    switch (kind) {
+        case KIND_BF16: fn(std::integral_constant<int64_t, KIND_BF16>{}); break;
+        case KIND_F16: fn(std::integral_constant<int64_t, KIND_F16>{}); break;
+        case KIND_F32: fn(std::integral_constant<int64_t, KIND_F32>{}); break;
+        default: break;
+    }
+}
+
+// Output rows [n0, n1) against m activation rows: tile(R, NB, b0, n) computes weight rows n..n+R-1 against
+// activation rows b0..b0+NB-1 (R and NB as integral constants). Matrix-vector products take 4 weight rows at
+// a time (4 independent FMA chains hide their latency), small batches 2, each over up to 4 activation rows.
+template <typename Tile>
+void float_rows(int64_t m, int64_t n0, int64_t n1, const Tile& tile) {
+    auto batch = [&](auto r, int64_t n) {
+        int64_t b0 = 0;
+        for (; b0 + 4 <= m; b0 += 4) tile(r, std::integral_constant<int, 4>{}, b0, n);
+        switch (m - b0) {
+            case 3: tile(r, std::integral_constant<int, 3>{}, b0, n); break;
+            case 2: tile(r, std::integral_constant<int, 2>{}, b0, n); break;
+            case 1: tile(r, std::integral_constant<int, 1>{}, b0, n); break;
+            default: break;
+        }
+    };
+    int64_t n = n0;
+    if (m <= 2) {
+        for (; n + 4 <= n1; n += 4) batch(std::integral_constant<int, 4>{}, n);
+    } else {
+        for (; n + 2 <= n1; n += 2) batch(std::integral_constant<int, 2>{}, n);
+    }
+    for (; n < n1; n++) batch(std::integral_constant<int, 1>{}, n);
+}
+
+static bool detect_bf16_dot() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+}
+
 static int detect_isa() {
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
@@ -427,11 +654,26 @@ static int detect_isa() {
 }
 #else
 static int detect_isa() { return 0; }
+static bool detect_bf16_dot() { return false; }
 #endif
 
 static int ISA = detect_isa();
+static bool BF16_DOT = detect_bf16_dot();
 
 int64_t isa() { return ISA; }
+
+// Whether bf16 weights are multiplied with dpbf16 (hi + lo activation parts) rather than widened for FMAs:
+// needs AVX-512 in use (isa() == 2) and a CPU with AVX-512 BF16.
+int64_t bf16_dot() { return ISA == 2 && BF16_DOT; }
+
+// Tests and measurements switch dpbf16 off (0) or back on (1, only where the CPU has it); returns bf16_dot().
+int64_t set_bf16_dot(int64_t on) {
+    BF16_DOT = on && detect_bf16_dot();
+    return bf16_dot();
+}
+
+// The float-kind kernel the last product ran: 0 none yet, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16.
+int64_t last_float_path() { return LAST_FLOAT_PATH.load(); }
 
 // Tests use this to run the AVX2 kernel on an AVX-512 machine; it never raises the level above the CPU's.
 int64_t set_isa(int64_t level) {
@@ -439,15 +681,24 @@ int64_t set_isa(int64_t level) {
     return ISA;
 }
 
-static void check(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
-                  int64_t kind, int64_t k) {
+static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d_opt,
+                  const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k) {
     TORCH_CHECK(ISA > 0, "Lantern's quantized CPU kernels need an x86-64 CPU with AVX2 and FMA");
     TORCH_CHECK(kind >= 0 && kind < KIND_COUNT, "unknown block kind ", kind);
+    if (is_float_kind(kind)) {
+        const auto dtype = kind == KIND_BF16 ? torch::kBFloat16 : kind == KIND_F16 ? torch::kHalf : torch::kFloat32;
+        TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == dtype && qs.dim() == 2 && qs.is_contiguous() &&
+                    qs.size(1) == k, "float weights: (N, K=", k, ") contiguous ", dtype, " on the CPU, got ",
+                    qs.scalar_type(), " ", qs.sizes());
+        return;
+    }
     TORCH_CHECK(k > 0 && k % 32 == 0, "in_features must be a multiple of 32, got ", k);
     TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == (kind == KIND_Q8 ? torch::kInt8 : torch::kUInt8) &&
                 qs.dim() == 2 && qs.is_contiguous(), "qs: 2-D contiguous uint8 (int8 for 8-bit blocks) on the CPU");
     const int64_t n = qs.size(0);
     TORCH_CHECK(qs.size(1) == k / 32 * block_bytes(kind), "qs: wrong row length ", qs.size(1), " for K=", k);
+    TORCH_CHECK(d_opt.has_value(), "d: block scales are required for block kinds");
+    const torch::Tensor& d = *d_opt;
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                 d.size(1) == k / 32, "d: (N, K/32) contiguous float16");
     if (has_offsets(kind)) {
@@ -468,8 +719,48 @@ static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c1
     return w;
 }
 
-// y (..., N) float32 = x (..., K) float32 @ W.T, W given as split blocks.
-torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d,
+// y (rows, N) = x (rows, K) @ W.T for a float kind; x float32 contiguous, W its plain (N, K) matrix.
+static void float_matmul(const float* x, int64_t rows, int64_t k, const torch::Tensor& w, int64_t kind, float* y) {
+#if defined(__x86_64__) || defined(_M_X64)
+    const int64_t n = w.size(0);
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+    // As for blocks: enough output rows per task that a thread's start-up cost stays small against its work.
+    const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, (k + 31) / 32 * rows));
+    // dpbf16 for 1-2 activation rows, where the product is bound by reading the weights; from 3 rows on the
+    // doubled dot products (hi and lo) cost more than widening for FMAs (measured on Zen 4: a 3072x576 product
+    // 31 vs 37 us for one row, 116 vs 94 us for four).
+    if (kind == KIND_BF16 && bf16_dot() && rows <= DPBF16_MAX_ROWS) {
+        const int64_t kp = (k + 31) / 32 * 32;
+        std::vector<uint16_t> hi(rows * kp), lo(rows * kp);
+        avx512bf16::split_rows(x, rows, k, kp, hi.data(), lo.data());
+        const uint16_t* w16 = reinterpret_cast<const uint16_t*>(wp);
+        parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
+            float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
+                avx512bf16::bf16_tile<decltype(r)::value, decltype(nb)::value>(w16, k, kp, hi.data(), lo.data(), b0,
+                                                                               y, n, row);
+            });
+        });
+        LAST_FLOAT_PATH = FLOAT_PATH_DPBF16;
+        return;
+    }
+    const bool wide = ISA == 2;
+    parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
+        with_float_kind(kind, [&](auto kc) {
+            constexpr int64_t KIND = decltype(kc)::value;
+            float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
+                constexpr int R = decltype(r)::value, NB = decltype(nb)::value;
+                if (wide) avx512::float_tile<KIND, R, NB>(wp, k, x, b0, y, n, row);
+                else avx2::float_tile<KIND, R, NB>(wp, k, x, b0, y, n, row);
+            });
+        });
+    });
+    LAST_FLOAT_PATH = wide ? FLOAT_PATH_AVX512 : FLOAT_PATH_AVX2;
+#endif
+}
+
+// y (..., N) float32 = x (..., K) float32 @ W.T, W given as split blocks, or as a plain matrix for the float
+// kinds (qs = W, no d or m).
+torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
                       const c10::optional<torch::Tensor>& m, int64_t kind) {
     TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() >= 1 && x_in.device().is_cpu(),
                 "x: float32 on the CPU");
@@ -480,13 +771,17 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     shape.back() = n;
     auto y = torch::empty(shape, x.options());
     if (rows == 0 || n == 0) return y;
+    if (is_float_kind(kind)) {
+        float_matmul(x.data_ptr<float>(), rows, k, qs, kind, y.data_ptr<float>());
+        return y;
+    }
 #if defined(__x86_64__) || defined(_M_X64)
     const bool wide = ISA == 2;
     XQuant xq(rows, k);
     avx2::quantize_rows(x.data_ptr<float>(), rows, k, xq);
     // Enough output rows per task that a thread's start-up cost stays small against its work.
     const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, k / 32 * rows));
-    const Weights w = weights(qs, d, m, kind);
+    const Weights w = weights(qs, *d, m, kind);
     float* out = y.data_ptr<float>();
     parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
         with_kind(kind, [&](auto kc) {
@@ -500,15 +795,16 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
 }
 
 // The weights as an (N, K) float32 or bfloat16 tensor.
-torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
-                         int64_t kind, int64_t k, torch::ScalarType dtype) {
+torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
+                         const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::ScalarType dtype) {
     check(qs, d, m, kind, k);
     TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
+    if (is_float_kind(kind)) return qs.to(dtype);  // a copy only when the type changes
     auto out = torch::empty({qs.size(0), k}, qs.options().dtype(dtype));
     float* f = dtype == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
     uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
-    const Weights w = weights(qs, d, m, kind);
+    const Weights w = weights(qs, *d, m, kind);
     parallel_rows(qs.size(0), 16, [&](int64_t r0, int64_t r1) {
         with_kind(kind, [&](auto kc) {
             constexpr int64_t KIND = decltype(kc)::value;
@@ -538,9 +834,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             "one token per row: RoPE, cache write and attention over the cache -> (B, H*D)");
     mod.def("isa", &isa, "0: no kernels on this CPU, 1: AVX2+FMA, 2: AVX-512 VNNI");
     mod.def("set_isa", &set_isa, "use a lower instruction set than the CPU's (for tests); returns the level in use");
+    mod.def("bf16_dot", &bf16_dot, "1 when bf16 weights are multiplied with AVX-512 BF16 dpbf16 (hi + lo activations)");
+    mod.def("set_bf16_dot", &set_bf16_dot, "switch dpbf16 for bf16 weights off (0) or on (1, where the CPU has it)");
+    mod.def("last_float_path", &last_float_path,
+            "the kernel of the last float-weight product: 0 none, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16");
     // The products let other Python threads run meanwhile (the server's event loop beside the Engine's
     // thread); they touch no Python object.
-    mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind)",
+    mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind) or a float matrix (qs)",
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
             pybind11::call_guard<pybind11::gil_scoped_release>());

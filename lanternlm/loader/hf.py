@@ -8,7 +8,7 @@ offsets; each tensor is copied once, from the map into its final dtype. Pickled 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, Any]]:
             raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
 
 
-def load_tensors(files: list[Path], dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """All tensors, converted to `dtype` on `device` (one copy out of the memory map)."""
+def load_tensors(files: list[Path], dtype: torch.dtype, device: torch.device | str,
+                 keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors, converted to `dtype` on `device` (one copy out of the memory map); the names `keep` accepts
+    keep their stored floating-point type (the fast path computes from bf16/fp16 matrices as they are)."""
     out = {}
     for name, path, handle in iter_tensors(files):
         try:
@@ -111,5 +113,7 @@ def load_tensors(files: list[Path], dtype: torch.dtype, device: torch.device | s
             raise ModelFileError(path, f"tensor {name!r}: {e}") from None
         if not tensor.is_floating_point():
             raise ModelFileError(path, f"tensor {name!r} has dtype {tensor.dtype}; expected floating point weights")
-        out[name] = tensor.to(device=device, dtype=dtype)
+        target = tensor.dtype if keep is not None and keep(name) else dtype
+        # get_tensor has already copied out of the map; .to() copies again only to convert or move
+        out[name] = tensor.to(device=device, dtype=target)
     return out

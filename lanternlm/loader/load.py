@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig
-from ..errors import ModelFileError
+from ..errors import LanternError, ModelFileError
 from ..fused import fuse_for_cpu
+from ..kernels import kernels, why_unavailable
 from ..model import CausalLM
 from ..models.encoder import EncoderConfig, EncoderModel
-from ..quantize import quantization_available, quantize_from_gguf, uses_kernels
+from ..quantize import QUANTIZE_TYPES, quantization_available, quantize_from_float, quantize_from_gguf, uses_kernels
 from ..text.tokenizer import Tokenizer
 from . import hf
 from .build import build_model, meta_model
@@ -31,6 +32,7 @@ from .quants import type_name
 GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 EMBEDDING = "model.embed_tokens.weight"  # quantized too (from the blocks) when Lantern's kernels run
+HALF_TYPES = ("bfloat16", "float16")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -49,7 +51,8 @@ class LoadedModel:
     gguf_types: dict[str, int] = field(default_factory=dict)  # GGUF tensor types by count, e.g. {"Q4_1": 210}
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
-    quantized: bool = False          # linear layers compute from quantized weights (quantize.py)
+    exact: bool = True               # False: linear layers compute from blocks or 2-byte weights (quantize.py)
+    quantize: str | None = None      # the block type float weights were quantized to at load (q8_0, ...)
     kind: str = "generate"           # "generate" (a decoder) or "embed" (an encoder)
     sentence: SentenceConfig | None = None  # encoders: pooling, normalisation, max length, prompts
 
@@ -74,20 +77,40 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: st
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, quantized: bool | None = None) -> LoadedModel:
-    """Open a model. `quantized` (GGUF only): keep the weights quantized and compute from them (default on
-    CPU when Lantern's kernels or PyTorch's int8-weight kernel can run); False dequantizes everything, the
-    reference path."""
+         device: str | torch.device | None = None, exact: bool | None = None,
+         quantize: str | None = None) -> LoadedModel:
+    """Open a model.
+
+    `exact`: True computes in `dtype` (float32 on CPU) from weights dequantized or widened to it, the reference
+    path that equals transformers. False, the default on CPU (with float32 or "auto" dtype) wherever the
+    kernels run, keeps the weights as stored and computes from them (quantize.py): a GGUF's blocks, an HF
+    folder's bf16/fp16 matrices (Lantern's C++ kernels only), an F16/BF16 GGUF's matrices alike. An HF folder
+    stored in float32 stays on the exact path unless exact=False is asked for: its users expect float32
+    numbers, and the fast path's dense prefill computes in bf16.
+    `quantize` ("q8_0", "q4_0", "q4_1"): quantize float weights (an HF folder's, an F16/BF16 GGUF's) to those
+    blocks at load, as `ollama create -q` does; implies exact=False."""
     path = Path(path).expanduser()
+    if quantize is not None and quantize not in QUANTIZE_TYPES:
+        raise LanternError(f"unknown quantization type {quantize!r}: use one of {', '.join(QUANTIZE_TYPES)}")
+    if quantize and exact:
+        raise LanternError("quantize and exact exclude each other: the exact path computes in float")
     if not path.exists():
         raise ModelFileError(path, "no such file or folder")
     dev = pick_device(device)
+    plain = dev.type == "cpu" and dtype in (None, "auto", torch.float32)  # the fast paths compute in float32
+    on_kernels = plain and kernels() is not None
+    if (quantize or (path.is_dir() and exact is False)) and not on_kernels:
+        raise LanternError(f"{'quantize' if quantize else 'an HF folder with exact=False'} needs the CPU, float32 "
+                           "compute and Lantern's kernels "
+                           f"({why_unavailable() or 'another device or dtype was asked for'})")
     if path.is_dir():
-        return _load_hf(path, dtype, dev)
+        if exact is None and not on_kernels:
+            exact = True
+        return _load_hf(path, dtype, dev, exact, quantize)  # None: decided by the stored type
     if path.suffix.lower() == ".gguf" or _looks_like_gguf(path):
-        if quantized is None:
-            quantized = dev.type == "cpu" and quantization_available() and dtype in (None, "auto", torch.float32)
-        return _load_gguf(path, dtype, dev, quantized)
+        if exact is None:
+            exact = not (plain and quantization_available())
+        return _load_gguf(path, dtype, dev, exact, quantize)
     raise ModelFileError(path, "not a model: expected a Hugging Face folder or a .gguf file")
 
 
@@ -99,7 +122,7 @@ def _looks_like_gguf(path: Path) -> bool:
         return False
 
 
-def _load_hf(folder: Path, dtype, device: torch.device) -> LoadedModel:
+def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quantize: str | None) -> LoadedModel:
     raw = hf.read_config(folder)
     if is_encoder_config(raw):
         compute = pick_dtype(dtype, device, str(raw.get("torch_dtype", raw.get("dtype", "float32"))))
@@ -116,34 +139,63 @@ def _load_hf(folder: Path, dtype, device: torch.device) -> LoadedModel:
     end_ids = set(config.eos_token_id) | set(_as_ids(gen.get("eos_token_id")))
     tokenizer = tokenizer.with_end_ids(end_ids)
     compute = pick_dtype(dtype, device, config.torch_dtype)
-    tensors = hf.load_tensors(files, compute, device)
-    model = build_model(config, tensors, folder, device)
+    if exact is None:
+        exact = config.torch_dtype not in HALF_TYPES and not quantize
+    if exact:
+        tensors = hf.load_tensors(files, compute, device)
+        model = build_model(config, tensors, folder, device)
+    else:
+        # The weight matrices and the embedding stay in their stored type (bf16/fp16; fp32 stays fp32) for
+        # the kernels; norms and biases are float32, as the fast path computes.
+        matrices = _linear_weights(config) | {EMBEDDING}
+        tensors = hf.load_tensors(files, compute, device, keep=lambda name: name in matrices)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+        kept = {name: tensors.pop(name) for name in matrices if name in tensors}
+        model = build_model(config, tensors, folder, device, deferred=matrices)
+        _check_deferred(kept, model, folder)
+        quantize_from_float(model, kept, quantize)
+        fuse_for_cpu(model)
     return LoadedModel(folder, "hf", config, model, tokenizer, tokenizer.chat_template, gen, files,
-                       device=device, dtype=compute)
+                       device=device, dtype=compute, exact=exact, quantize=quantize)
 
 
-def _load_gguf(path: Path, dtype, device: torch.device, quantized: bool) -> LoadedModel:
+def _check_deferred(kept: dict[str, torch.Tensor], model: CausalLM, source: Path) -> None:
+    """The matrices left out of build_model (`kept`) are all there, with the shapes the model expects."""
+    config = model.config
+    shapes = {name: tuple(p.shape) for name, p in meta_model(config).state_dict().items()}
+    for name in sorted(_linear_weights(config) | {EMBEDDING}):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in kept:
+            raise ModelFileError(source, f"missing tensor {name!r}")
+        if tuple(kept[name].shape) != shapes[name]:
+            raise ModelFileError(source, f"tensor {name!r} has shape {tuple(kept[name].shape)}, "
+                                         f"config says {shapes[name]}")
+
+
+def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: str | None) -> LoadedModel:
     with read_gguf(path) as gguf:
         config = gguf_config(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, source=str(path))
         tokenizer = tokenizer.with_end_ids(set(config.eos_token_id))
         compute = pick_dtype(dtype, device, "float16")
         deferred = frozenset()
-        use_kernels = quantized and uses_kernels(gguf)
-        if quantized:  # left for the quantize transform to build from the blocks
-            deferred = _linear_weights(config) | ({EMBEDDING} if use_kernels else frozenset())
+        on_kernels = not exact and uses_kernels(gguf)
+        if not exact:  # left for the quantize transform to build from the blocks
+            deferred = _linear_weights(config) | ({EMBEDDING} if on_kernels else frozenset())
         tensors = gguf_tensors(gguf, config, compute, device, skip=deferred)
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
         model = build_model(config, tensors, path, device, deferred=deferred)
-        if quantized:
-            quantize_from_gguf(model, gguf, use_kernels)
-            if use_kernels:
+        if not exact:
+            quantize_from_gguf(model, gguf, quantize)
+            if on_kernels:
                 fuse_for_cpu(model)
     return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
                        dict(GGUF_GENERATION_DEFAULTS), [path], types,
-                       device=device, dtype=compute, quantized=quantized)
+                       device=device, dtype=compute, exact=exact, quantize=quantize)
 
 
 def _linear_weights(config: ModelConfig) -> frozenset[str]:

@@ -4,7 +4,7 @@ A name is a catalogue name ("smollm2-135m-instruct"), an HF folder, a .gguf file
 `gguf_file=`. Harmless options are accepted: `device_map` picks the device, `torch_dtype`/`dtype` the compute
 dtype (as `LLM(dtype=...)`: on a GGUF, float32 or "auto" keeps the quantized fast path, another dtype
 dequantizes), `trust_remote_code` changes nothing (Lantern never runs code shipped with a model). Lantern's own
-options pass through to `LLM` as given: `quantized=False` (or `exact=True`) for the exact float32 path that
+options pass through to `LLM` as given: `exact=True` for the exact float32 path that
 equals transformers, `quantize=`, `context=`, `kv_dtype=`. Any other option is refused by name.
 """
 
@@ -30,7 +30,7 @@ IGNORED = {
     "use_cache": "generation always uses a KV cache",
     "use_fast": "Lantern's tokenizer is always the fast one (tokenizer.json or the GGUF vocabulary)",
 }
-LANTERN_OPTIONS = {"quantized", "exact", "quantize", "context", "kv_dtype"}
+LANTERN_OPTIONS = {"exact", "quantize", "context", "kv_dtype"}
 MODEL_OPTIONS = {"gguf_file", "device_map", "torch_dtype", "dtype", "attn_implementation", "use_safetensors",
                  "revision"} | set(IGNORED) | LANTERN_OPTIONS
 TOKENIZER_OPTIONS = {"gguf_file", "padding_side", "revision", "clean_up_tokenization_spaces"} | set(IGNORED)

@@ -4,7 +4,7 @@ transformers' model interface.
 `model(input_ids).logits`, `model.model(ids)[0]` (the last hidden state), `model.lm_head(...)`, `model.config`,
 `model.generation_config`, `num_parameters()`, `generate(...)` (see generation.py) and `print(model)` (see
 printing.py). The numbers come from Lantern's model as loaded: the fast path by default on CPU (computing from
-a GGUF's blocks), the exact float32 path with `quantized=False`. `model.llm` is the LLM itself, for
+a GGUF's blocks), the exact float32 path with `exact=True`. `model.llm` is the LLM itself, for
 Lantern's own API and its look-inside views.
 
 Shapes: B batch, T tokens, C hidden size, V vocabulary.

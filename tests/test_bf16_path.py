@@ -1,0 +1,206 @@
+"""HF folders (and F16/BF16 GGUFs) on the fast path: their bf16/fp16/fp32 matrices multiplied as stored by
+Lantern's kernels (the float kinds), and quantized at load with --quantize.
+
+- the float kinds' product equals x @ W.T in float64 within float32 summation error (FMA paths) or the hi + lo
+  bf16 split of the activations (dpbf16), on every instruction set this CPU has; each test asserts the path;
+- Q4_0/Q4_1 blocks made from float weights are ggml's reference recipes, value for value;
+- an HF folder of each tiny architecture loads onto the fast path and decodes the exact path's greedy tokens;
+- `lantern run --quantize q8_0` works on a folder, and an unknown type is a one-line error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from test_cli import lantern
+
+from lanternlm import LLM, LanternError, SamplingParams
+from lanternlm.fused import FusedTransformer
+from lanternlm.kernels import kernels
+from lanternlm.kernels.blocks import (
+    KIND_BF16,
+    KIND_F16,
+    KIND_F32,
+    KIND_Q4,
+    KIND_Q4_MIN,
+    KIND_Q8,
+    dequantize_blocks,
+    float_blocks,
+    quantize_q4_0,
+    quantize_q4_1,
+)
+from lanternlm.quantize import QuantEmbedding, QuantLinear
+
+from gguf_writer import write_gguf
+from test_hf_folder import save_folder
+from tiny_models import ARCHS
+
+pytestmark = pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
+
+PATH_AVX2, PATH_AVX512, PATH_DPBF16 = 1, 2, 3  # kernels().last_float_path()
+PROMPT = "Hello world! The quick brown fox"
+
+
+def float_paths() -> list[tuple[int, int, int]]:
+    """(isa, dpbf16 on, expected path) for every float-kind kernel this CPU can run."""
+    k = kernels()
+    paths = [(1, 0, PATH_AVX2)]
+    if k.set_isa(2) == 2:
+        paths.append((2, 0, PATH_AVX512))
+        if k.set_bf16_dot(1):
+            paths.append((2, 1, PATH_DPBF16))
+    return paths
+
+
+@pytest.fixture
+def restore_isa():
+    k = kernels()
+    isa, dot = k.isa(), k.bf16_dot()
+    yield
+    k.set_isa(2)
+    k.set_bf16_dot(dot)
+    k.set_isa(isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k,rows", [(37, 75, 1), (5, 16, 3), (130, 576, 2), (9, 33, 5), (64, 1, 4), (3, 100, 2)])
+def test_float_kind_product_on_every_path(dtype, n, k, rows, restore_isa):
+    torch.manual_seed(n * k + rows)
+    w = (torch.randn(n, k) * 0.2).to(dtype)
+    x = torch.randn(rows, k)
+    ref = (x.double() @ w.double().t())
+    scale = x.double().abs() @ w.double().abs().t()  # what rounding errors are relative to
+    blocks = float_blocks(w)
+    assert blocks.kind == {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}[dtype]
+    for isa, dot, path in float_paths():
+        kernels().set_isa(isa)
+        kernels().set_bf16_dot(dot)
+        y = kernels().qmatmul(x, blocks.qs, None, None, blocks.kind)
+        ran = kernels().last_float_path()
+        # dpbf16 runs for bf16 weights and 1-2 activation rows; otherwise the FMA kernel of the same width
+        dpbf16 = dtype == torch.bfloat16 and rows <= 2
+        assert ran == (path if path != PATH_DPBF16 or dpbf16 else PATH_AVX512)
+        # FMA: exact products, float32 sums (~K * 2^-24 of the scale). dpbf16: x = hi + lo to 2^-16 relative.
+        tol = 2.0 ** -14 if ran == PATH_DPBF16 else 2.0 ** -19
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        assert torch.all((y.double() - ref).abs() <= tol * scale + 1e-7), (isa, dot, (y.double() - ref).abs().max())
+        # a leading batch shape, as the model calls it
+        y3 = kernels().qmatmul(x[None], blocks.qs, None, None, blocks.kind)
+        assert torch.equal(y3[0], y)
+
+
+def test_float_kind_dequantize_and_bad_input():
+    w = torch.randn(7, 45).bfloat16()
+    assert torch.equal(kernels().dequantize(w, None, None, KIND_BF16, 45, torch.float32), w.float())
+    assert kernels().dequantize(w, None, None, KIND_BF16, 45, torch.bfloat16).data_ptr() == w.data_ptr()
+    assert torch.equal(dequantize_blocks(float_blocks(w)), w.float())
+    with pytest.raises(RuntimeError, match="float weights"):
+        kernels().qmatmul(torch.randn(2, 45), w.half(), None, None, KIND_BF16)  # the dtype is the kind's
+    with pytest.raises(RuntimeError, match="float weights"):
+        kernels().qmatmul(torch.randn(2, 44), w, None, None, KIND_BF16)
+
+
+def ggml_q4_0(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q4_0_ref for one block, dequantized: the loop as ggml writes it."""
+    amax, vmax = 0.0, 0.0
+    for v in x:
+        if amax < abs(v):
+            amax, vmax = abs(v), v
+    d = np.float32(vmax) / np.float32(-8)
+    inv = np.float32(1) / d if d else np.float32(0)
+    q = [min(15, int(np.float32(v) * inv + np.float32(8.5))) for v in x]
+    return np.float32(np.float16(d)) * (np.array(q, dtype=np.float32) - 8)
+
+
+def ggml_q4_1(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.float32(x.min()), np.float32(x.max())
+    d = (hi - lo) / np.float32(15)
+    inv = np.float32(1) / d if d else np.float32(0)
+    q = [min(15, int((np.float32(v) - lo) * inv + np.float32(0.5))) for v in x]
+    return np.float32(np.float16(d)) * np.array(q, dtype=np.float32) + np.float32(np.float16(lo))
+
+
+@pytest.mark.parametrize("quantize,ref,kind", [(quantize_q4_0, ggml_q4_0, KIND_Q4), (quantize_q4_1, ggml_q4_1, KIND_Q4_MIN)])
+def test_4bit_quantization_is_ggml_reference(quantize, ref, kind):
+    torch.manual_seed(0)
+    w = torch.randn(3, 96)
+    w[1, 32:64] = 0.0  # an all-zero block quantizes to zeros
+    w[2, :32] = 0.5  # a constant block
+    blocks = quantize(w)
+    assert blocks.kind == kind
+    got = dequantize_blocks(blocks).numpy()
+    want = np.stack([np.concatenate([ref(w[r, i:i + 32].numpy()) for i in range(0, 96, 32)]) for r in range(3)])
+    np.testing.assert_array_equal(got, want)
+    assert torch.equal(kernels().dequantize(blocks.qs, blocks.d, blocks.m, kind, 96, torch.float32), torch.from_numpy(got))
+
+
+def greedy(llm: LLM, n: int = 24) -> list[int]:
+    return llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)).token_ids
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bf16_folder_on_the_fast_path_decodes_the_exact_tokens(arch, tmp_path):
+    save_folder(tmp_path, arch, torch.bfloat16)
+    # float32 keys and values on both sides: the fast path's default bf16 cache is a rounding of its own that
+    # flips near-tied picks of these random models; here the weights' path alone is compared.
+    fast = LLM(str(tmp_path), kv_dtype=torch.float32)
+    exact = LLM(str(tmp_path), exact=True, kv_dtype=torch.float32)
+    assert not fast.loaded.exact and exact.loaded.exact
+    linears = [m for m in fast.model.modules() if isinstance(m, QuantLinear)]
+    assert linears and {m.kind for m in linears} == {KIND_BF16}
+    assert isinstance(fast.model.model.embed_tokens, QuantEmbedding)
+    assert not any(type(m) is torch.nn.Linear for m in fast.model.modules())
+    assert greedy(fast) == greedy(exact)
+    assert isinstance(fast.model.model, FusedTransformer) and fast.model.model._stack is not None  # one C++ call
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.float16, KIND_F16), (torch.float32, KIND_F32)])
+def test_fp16_and_fp32_folders_keep_their_type(dtype, kind, tmp_path):
+    save_folder(tmp_path, "qwen2", dtype)
+    # a float32 folder stays on the exact path unless asked: its users expect float32 numbers
+    assert LLM(str(tmp_path)).loaded.exact == (dtype == torch.float32)
+    fast = LLM(str(tmp_path), exact=False, kv_dtype=torch.float32)
+    assert {m.kind for m in fast.model.modules() if isinstance(m, QuantLinear)} == {kind}
+    assert greedy(fast) == greedy(LLM(str(tmp_path), exact=True))
+
+
+@pytest.mark.parametrize("qtype,kind", [("q8_0", KIND_Q8), ("q4_1", KIND_Q4_MIN)])
+def test_quantize_at_load(qtype, kind, tmp_path):
+    save_folder(tmp_path, "llama", torch.bfloat16, hidden_size=64, intermediate_size=128)
+    llm = LLM(str(tmp_path), quantize=qtype)
+    kinds = {name: m.kind for name, m in llm.model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds.pop("lm_head") == KIND_Q8  # the head stays at 8 bits, as llama.cpp keeps its output matrix
+    assert set(kinds.values()) == {kind}
+    assert len(greedy(llm, 8)) == 8
+    with pytest.raises(LanternError, match="unknown quantization type 'q3_x'"):
+        LLM(str(tmp_path), quantize="q3_x")
+    with pytest.raises(LanternError, match="exclude"):
+        LLM(str(tmp_path), quantize="q8_0", exact=True)
+    assert LLM(str(tmp_path), exact=True).loaded.exact
+
+
+def test_bf16_gguf_takes_the_folder_path(tmp_path):
+    from tiny_models import make_hf_model
+
+    hf = make_hf_model("qwen2").to(torch.bfloat16)
+    write_gguf(hf, tmp_path / "m.gguf", T.BF16)
+    fast = LLM(str(tmp_path / "m.gguf"), kv_dtype=torch.float32)
+    assert {m.kind for m in fast.model.modules() if isinstance(m, QuantLinear)} == {KIND_BF16}
+    exact = LLM(str(tmp_path / "m.gguf"), exact=True)
+    ids = [5, 9, 13, 40]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert fast.generate(ids, sp).token_ids == exact.generate(ids, sp).token_ids
+    q8 = LLM(str(tmp_path / "m.gguf"), quantize="q8_0")
+    assert {m.kind for m in q8.model.modules() if isinstance(m, QuantLinear)} == {KIND_Q8}
+
+
+def test_cli_quantize(tmp_path):
+    save_folder(tmp_path, "qwen2", torch.bfloat16)
+    r = lantern("run", "-m", str(tmp_path), "--quantize", "q8_0", "--temperature", "0", "--max-tokens", "5", PROMPT)
+    assert r.returncode == 0, r.stderr
+    r = lantern("run", "-m", str(tmp_path), "--quantize", "q3", "--max-tokens", "5", PROMPT)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown quantization type 'q3'" in lines[0] and "q8_0" in lines[0], r.stderr
