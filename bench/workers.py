@@ -59,7 +59,7 @@ class LanternRunner:
         # quantized: whether Lantern computes from the GGUF's quantized weights or dequantized them at load.
         from lanternlm.kernels import isa_name
         self.info = {"dtype": str(dtype).removeprefix("torch."),
-                     "quantized": getattr(self.llm.loaded, "quantized", False), "torch": torch.__version__,
+                     "quantized": not self.llm.loaded.exact, "torch": torch.__version__,
                      "kernels": isa_name()}  # Lantern's C++ kernels in use: avx512-vnni, avx2 or none
 
     def prefill(self, ids: list[int]) -> None:
