@@ -271,9 +271,14 @@ def run(engine: str, path: str, threads: int, repeats: int, streams: list[int]) 
         print(f"  {engine}: pp{n} {result[f'pp{n}_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     result[f"tg{DECODE_TOKENS}_tok_s"] = decode_rate(runner, repeats)
     print(f"  {engine}: tg{DECODE_TOKENS} {result[f'tg{DECODE_TOKENS}_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-    prompt_tokens = runner.first_chat_token(CHAT)
-    result["ttft_s"] = timed(lambda: runner.first_chat_token(CHAT), repeats)
-    result["ttft_prompt_tokens"] = prompt_tokens
+    try:
+        prompt_tokens = runner.first_chat_token(CHAT)
+    except Exception as e:  # e.g. Lantern on a file with no chat template (llama.cpp falls back to its own)
+        result["ttft_s"], result["ttft_error"] = None, f"{type(e).__name__}: {e}"
+        print(f"  {engine}: no TTFT ({result['ttft_error']})", file=sys.stderr, flush=True)
+    else:
+        result["ttft_s"] = timed(lambda: runner.first_chat_token(CHAT), repeats)
+        result["ttft_prompt_tokens"] = prompt_tokens
     result.update(memory_mb())  # before the concurrency runs, whose bigger caches are Lantern-only
     if engine == "lantern" and streams:
         streams_rate(runner, 1, 8)  # warm-up of the engine path
