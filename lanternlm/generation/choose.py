@@ -104,8 +104,9 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     steps (a sequence's trace shows many of the same tokens).
 
     Cost: it runs once per token while serving with the trace on, so every pass over the V logits counts.
-    Probabilities come from one logsumexp per stage (p = exp(logit - lse)) and the top lists from a top-k of
-    the logits (the same order as the probabilities'), not from a softmax and a sort of each stage.
+    Per stage: one count of the kept tokens, one top-k of the logits (the probabilities' order) and one
+    log_softmax for the stage's logsumexp (p = exp(logit - lse)); a stage that keeps one token needs none of
+    the last two.
     """
     top_k = _positive_int(top_k, "top_k")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
@@ -115,10 +116,9 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     names = {} if names is None else names
 
     all_stages = stages(raw, params, prompt_ids, output_ids, constraint)
-    stage_list, lses, lse, count, x = [], [], None, None, None
-    for name, stage_x in all_stages:
-        previous_x, previous_lse, previous_count = x, lse, count
-        x = stage_x
+    stage_list, raw_lse, lse, count = [], None, None, None
+    for name, x in all_stages:
+        previous_lse, previous_count = lse, count
         count = int(torch.count_nonzero(x > -math.inf))  # NaN is not > -inf: an all-NaN row counts 0
         if count == 0:
             raise LanternError("the logits contain NaN; the model produced invalid numbers" if torch.isnan(x).any()
@@ -126,24 +126,21 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
         if count == 1:  # greedy's last stage (or a constraint that leaves one token): nothing to sort or sum
             best = int(x.argmax())
             lse = float(x[best])
-            if math.isnan(lse):
-                raise LanternError("the logits contain NaN; the model produced invalid numbers")
             top = [{**_name(tokenizer, best, names), "logit": lse, "prob": 1.0}]
         else:
             values, order = torch.topk(x, min(top_k, count))  # most probable first (logits order as probs do)
             # log_softmax is one fused pass; lse = logit - logprob at any finite position (NaN in, NaN out).
             lse = float(values[0]) - float(x.log_softmax(-1)[order[0]])
-            if math.isnan(lse):
-                raise LanternError("the logits contain NaN; the model produced invalid numbers")
             top = [{**_name(tokenizer, i, names), "logit": v, "prob": math.exp(v - lse)}
                    for v, i in zip(values.tolist(), order.tolist())]
+        if math.isnan(lse):
+            raise LanternError("the logits contain NaN; the model produced invalid numbers")
         # Stages either change values and keep every token (bias, penalties, temperature) or keep some tokens
         # unchanged and remove the rest (constraint, top_k, top_p, min_p, greedy): the same count means all the
         # mass stays, and the survivors' old mass is their logsumexp, which is this stage's own.
-        kept_mass = 1.0 if previous_x is None or count == previous_count else math.exp(lse - previous_lse)
+        kept_mass = 1.0 if previous_lse is None or count == previous_count else math.exp(lse - previous_lse)
         stage_list.append({"name": name, "kept": count, "kept_mass": kept_mass, "top": top})
-        lses.append(lse)
-    raw_lse = lses[0]
+        raw_lse = lse if raw_lse is None else raw_lse  # the input stage's: the raw distribution's
     candidates = [{**entry, "logprob": entry["logit"] - raw_lse} for entry in stage_list[0]["top"]]
     final_x, final_lse = x, lse
 
