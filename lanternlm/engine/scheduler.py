@@ -92,20 +92,20 @@ class Scheduler:
             return []
         first = waiting[0]
         if first.scoring:  # scoring keeps (chunk, vocab) float32 logits: 128 x 262k x 4 B = 134 MB
-            return [(first, min(len(first.target) - first.computed, budget, SCORING_CHUNK))]
+            return [(first, min(first.unprefilled, budget, SCORING_CHUNK))]
         batch = [first]
-        width = min(len(first.target) - first.computed, budget)
+        width = min(first.unprefilled, budget)
         for seq in waiting[1:]:
             if seq.scoring:
                 continue
-            want = max(width, min(len(seq.target) - seq.computed, budget))
+            want = max(width, min(seq.unprefilled, budget))
             if (len(batch) + 1) * want > budget:
                 want = budget // (len(batch) + 1)  # the longer prompts get a shorter chunk now, the rest later
                 if want < width:
                     break
             batch.append(seq)
             width = want
-        return [(s, min(len(s.target) - s.computed, width)) for s in batch]
+        return [(s, min(s.unprefilled, width)) for s in batch]
 
     def decoding(self) -> list[Sequence]:
         """The sequences that decode this step, each with room for its next token; preempts the youngest

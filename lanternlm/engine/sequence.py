@@ -58,8 +58,13 @@ class Sequence:
         self.target = list(self.prompt_ids)
 
     @property
+    def unprefilled(self) -> int:
+        """Tokens of `target` still to prefill."""
+        return len(self.target) - self.computed
+
+    @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.target)
+        return self.unprefilled > 0
 
     @property
     def scoring(self) -> bool:
