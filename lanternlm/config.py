@@ -193,7 +193,8 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                   source: str = "gguf") -> "ModelConfig":
-        """Build the config from GGUF metadata (keys `{arch}.*`) and the tensor shapes (PyTorch order)."""
+        """Build the config from GGUF metadata (keys `{arch}.*`) and the tensor shapes (PyTorch order) by HF name
+        (gguf_model.gguf_config maps the file's tensor names)."""
         arch = meta.get("general.architecture")
         model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                       "gemma3": "gemma3_text"}.get(arch)
@@ -214,9 +215,9 @@ class ModelConfig:
             kv = int(kv[0])
         layers = int(get("block_count", required=True))
         head_dim = int(get("attention.key_length", hidden // heads))
-        embd = tensor_shapes.get("token_embd.weight")
+        embd = tensor_shapes.get("model.embed_tokens.weight")
         if embd is None:
-            raise ConfigError(f"{source}: no token_embd.weight tensor")
+            raise ConfigError(f"{source}: no token embedding tensor (token_embd.weight)")
         vocab = int(get("vocab_size", embd[0]))
         ffn = get("feed_forward_length", required=True)
         ffn = int(ffn if isinstance(ffn, int) else ffn[0])
@@ -267,10 +268,10 @@ class ModelConfig:
             max_position_embeddings=max_pos,
             rms_norm_eps=eps,
             hidden_act="gelu_pytorch_tanh" if is_gemma else "silu",
-            tie_word_embeddings="output.weight" not in tensor_shapes,
-            qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
-            o_bias="blk.0.attn_output.bias" in tensor_shapes,
-            qk_norm="blk.0.attn_q_norm.weight" in tensor_shapes,
+            tie_word_embeddings="lm_head.weight" not in tensor_shapes,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensor_shapes,
+            o_bias="model.layers.0.self_attn.o_proj.bias" in tensor_shapes,
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in tensor_shapes,
             fused_qkv=model_type == "phi3",
             norm_weight_offset=1.0 if is_gemma else 0.0,
             embed_scale=math.sqrt(hidden) if is_gemma else None,

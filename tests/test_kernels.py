@@ -25,7 +25,7 @@ from gguf.quants import quantize as gguf_quantize
 from lanternlm.config import ModelConfig
 from lanternlm.fused import FusedAttention, fuse_for_cpu
 from lanternlm.kernels import kernels, why_unavailable
-from lanternlm.kernels.blocks import KIND_F16, KIND_Q4, KIND_Q4_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8
+from lanternlm.kernels.blocks import KIND_BF16, KIND_F16, KIND_Q4, KIND_Q4_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8
 from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
@@ -115,6 +115,55 @@ def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
     ref = x.double() @ w.double().t()
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double())
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.BF16])
+def test_products_do_not_depend_on_the_thread_or_the_split(qtype):
+    """The Engine computes on a thread of its own (the kernels' pool, whose threads claim chunks of rows as they
+    get a core) and the API on the main thread (PyTorch's OpenMP team): both, with 1 or 2 threads, give the same
+    bits, so the server and `lantern run` pick the same tokens. Shapes with N not a multiple of 4 put the row tiles'
+    edge inside a chunk."""
+    import threading
+    products = []
+    for n, k, rows in [(37, 576, 1), (1539, 576, 1), (577, 1536, 3), (4101, 64, 8), (13, 608, 2)]:
+        if qtype == T.BF16:
+            w = torch.randn(n, k).to(torch.bfloat16)
+            args = (w, None, None, KIND_BF16)
+        else:
+            raw, _ = ggml_blocks(qtype, n, k, seed=n)
+            b = from_ggml(raw, qtype, (n, k))
+            args = (b.qs, b.d, b.m, b.kind)
+        products.append((torch.randn(rows, k, generator=torch.Generator().manual_seed(n)), args))
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results[("main", count)] = [K.qmatmul(x, *args) for x, args in products]
+            box = []
+            worker = threading.Thread(target=lambda: box.append([K.qmatmul(x, *args) for x, args in products]))
+            worker.start()
+            worker.join()
+            results[("thread", count)] = box[0]
+    finally:
+        torch.set_num_threads(threads)
+    first = results[("main", 1)]
+    for key, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, first)), key
+
+
+def test_quantize_q8_in_cpp_equals_the_torch_recipe(isa):
+    """The C++ one-pass Q8_0 quantizer (used to requantize types computed as 8-bit blocks, and for --quantize
+    q8_0) gives the torch recipe's bits: zero blocks, exact .5 ties (round to even), an outlier."""
+    from lanternlm.kernels.blocks import quantize_q8, quantize_q8_torch
+    w = torch.randn(61, 608, generator=torch.Generator().manual_seed(3)) * torch.rand(61, 1) * 4
+    w[0, :32] = 0
+    w[1, 7] = 1e5
+    w[2, :32] = torch.arange(-16, 16) * 0.5 + 0.25  # with max|x| 63.5, d = 0.5 and every x / d ends in .5
+    w[2, 0] = 63.5
+    got, want = quantize_q8(w), quantize_q8_torch(w)
+    assert got.kind == want.kind == KIND_Q8
+    assert torch.equal(got.qs, want.qs) and torch.equal(got.d, want.d)
 
 
 def test_qmatmul_zero_rows_and_zero_activations():

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
 from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
 
 KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32 = range(10)
@@ -222,7 +223,16 @@ _CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, 
 
 
 def quantize_q8(w: torch.Tensor) -> Blocks:
-    """Float weights (N, K) -> 8-bit blocks of 32: scale max|w|/127 rounded to float16, q = round(w/scale)."""
+    """Float weights (N, K) -> 8-bit blocks of 32: scale max|w|/127 rounded to float16, q = round(w/scale).
+    The C++ kernels do it in one pass where they are built, bit for bit as quantize_q8_torch."""
+    if w.device.type == "cpu" and kernels(quiet=True) is not None:
+        qs, d = kernels().quantize_q8(w.float())
+        return Blocks(qs, d, None, KIND_Q8, tuple(w.shape))
+    return quantize_q8_torch(w)
+
+
+def quantize_q8_torch(w: torch.Tensor) -> Blocks:
+    """quantize_q8 as whole-tensor torch operations (six passes over the weights)."""
     n, k = w.shape
     blocks = w.float().reshape(n, k // 32, 32)
     d = (blocks.abs().amax(-1) / 127.0).half()

@@ -1,6 +1,7 @@
-// How Lantern's kernels split work across threads: parallel_rows(n, grain, fn) splits [0, n) into one
-// contiguous range per thread. On the process's first thread it uses PyTorch's OpenMP team; on any other
-// thread, a small persistent pool of its own (the calling thread takes the first range).
+// How Lantern's kernels split work across threads: parallel_rows(n, grain, fn) splits [0, n) into contiguous
+// ranges of at least `grain` rows. On the process's first thread it uses PyTorch's OpenMP team (one range per
+// thread); on any other thread, a small persistent pool of its own, whose threads (the caller included) claim
+// up to four ranges per thread one at a time, so a thread the OS has not scheduled holds no one up.
 //
 // Why two: called from a thread other than the first (the serving Engine's), each OpenMP region woke its
 // team from sleep, adding ~45 us per call on the project's 2-core VM (a 3072x576 product: 39 us from the
@@ -33,34 +34,52 @@ public:
     ~Pool() { resize(0); }
 
     void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-        const int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1)));
-        if (want <= 1 || n <= 0) {
+        grain = std::max<int64_t>(grain, 1);
+        const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+        if (threads <= 1 || n <= 0) {
             if (n > 0) fn(0, n);
             return;
         }
         std::lock_guard<std::mutex> caller(call_mutex_);  // one parallel call at a time
-        if (static_cast<int64_t>(workers_.size()) != want - 1) resize(want - 1);
+        if (static_cast<int64_t>(workers_.size()) != threads - 1) resize(threads - 1);
+        // Up to CHUNKS_PER_THREAD chunks per thread, each at least `grain` rows, claimed one at a time
+        const int64_t chunk = std::max(grain, (n + threads * CHUNKS_PER_THREAD - 1) / (threads * CHUNKS_PER_THREAD));
+        const int64_t chunks = (n + chunk - 1) / chunk;
         fn_ = &fn;
         n_ = n;
-        parts_ = want;
-        pending_.store(want - 1, std::memory_order_relaxed);
+        chunk_ = chunk;
+        done_.store(0, std::memory_order_relaxed);
+        const uint64_t id = ++calls_;
+        work_.store(id << 32 | static_cast<uint64_t>(chunks) << 16, std::memory_order_release);
         {
             std::lock_guard<std::mutex> lock(sleep_mutex_);
-            generation_.fetch_add(1, std::memory_order_release);
+            generation_.store(id, std::memory_order_release);
         }
         wake_.notify_all();
-        part(0);
-        while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+        help(id);
+        while (done_.load(std::memory_order_acquire) != chunks) _mm_pause();
     }
 
 private:
-    void part(int64_t index) {
-        const int64_t chunk = (n_ + parts_ - 1) / parts_;
-        const int64_t begin = index * chunk, end = std::min(n_, begin + chunk);
-        if (begin < end) (*fn_)(begin, end);
+    // Chunks are claimed from one word: call id (32 bits) | chunk count (16) | next chunk (16). A thread that
+    // wakes late finds another call's id, or no chunk left, and claims nothing, so the caller never waits for
+    // a thread the OS has not scheduled: it does the chunks itself (a static split waited a whole time slice,
+    // ~4 ms, whenever another process held the second core).
+    void help(uint64_t id) {
+        uint64_t w = work_.load(std::memory_order_acquire);
+        while (true) {
+            const uint64_t next = w & 0xFFFF, count = (w >> 16) & 0xFFFF;
+            if ((w >> 32) != id || next >= count) return;
+            if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+            // A claimed chunk keeps the caller waiting for done_, so fn_ and n_ belong to this call.
+            const int64_t begin = static_cast<int64_t>(next) * chunk_, end = std::min(n_, begin + chunk_);
+            (*fn_)(begin, end);
+            done_.fetch_add(1, std::memory_order_acq_rel);
+            w = work_.load(std::memory_order_acquire);
+        }
     }
 
-    void worker(int64_t index, uint64_t seen) {
+    void worker(uint64_t seen) {
         while (true) {
             // spin for a while (~0.2 ms) for the next call, then sleep until one comes
             uint64_t now = generation_.load(std::memory_order_acquire);
@@ -76,8 +95,7 @@ private:
             }
             seen = now;
             if (stop_.load(std::memory_order_acquire)) return;
-            if (index < parts_) part(index);
-            pending_.fetch_sub(1, std::memory_order_acq_rel);
+            help(now);
         }
     }
 
@@ -86,7 +104,7 @@ private:
             stop_.store(true, std::memory_order_release);
             {
                 std::lock_guard<std::mutex> lock(sleep_mutex_);
-                generation_.fetch_add(1, std::memory_order_release);
+                generation_.store(++calls_, std::memory_order_release);
             }
             wake_.notify_all();
             for (auto& t : workers_) t.join();
@@ -94,17 +112,20 @@ private:
             stop_.store(false, std::memory_order_release);
         }
         const uint64_t seen = generation_.load(std::memory_order_acquire);
-        for (size_t i = 0; i < count; i++) workers_.emplace_back(&Pool::worker, this, static_cast<int64_t>(i + 1), seen);
+        for (size_t i = 0; i < count; i++) workers_.emplace_back(&Pool::worker, this, seen);
     }
 
+    static constexpr int64_t CHUNKS_PER_THREAD = 4;
     std::vector<std::thread> workers_;
     std::mutex call_mutex_, sleep_mutex_;
     std::condition_variable wake_;
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int64_t> pending_{0};
+    uint64_t calls_ = 0;                    // ids of calls (and of resizes), under call_mutex_
+    std::atomic<uint64_t> generation_{0};   // the latest id: workers wake when it changes
+    std::atomic<uint64_t> work_{0};         // see help()
+    std::atomic<int64_t> done_{0};          // chunks finished in the current call
     std::atomic<bool> stop_{false};
     const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-    int64_t n_ = 0, parts_ = 1;
+    int64_t n_ = 0, chunk_ = 1;
 };
 
 // Never destroyed: workers must not be joined during interpreter shutdown. A forked child has none of the

@@ -1,6 +1,7 @@
 // Lantern's CPU kernels for linear layers whose weights stay quantized in 32-element blocks.
 //
-// Built at run time by lanternlm/kernels/__init__.py through torch.utils.cpp_extension and cached there.
+// Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
+// that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
 // changing a value (K-quant scales become per-block float16 ones, or stay int8 multipliers per 16 elements):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
@@ -39,6 +40,14 @@
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
+// parallel_rows over output rows, split only at multiples of 4: the products take rows in tiles of 4 (or 2) from
+// the start of their range, with single rows at its end, and a tile's rounding differs from single rows'. Aligned
+// splits make every row's result the same whatever the thread count or split, so the Engine's threads and the
+// main thread's OpenMP team give the same bits.
+inline void parallel_tiles(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    parallel_rows((n + 3) / 4, (grain + 3) / 4, [&](int64_t t0, int64_t t1) { fn(4 * t0, std::min(n, 4 * t1)); });
+}
+
 namespace {
 
 // Block kinds (kernels/blocks.py has the same numbers and the ggml types each comes from).
@@ -76,6 +85,7 @@ struct Weights {
     const uint16_t* d;
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
+    int64_t n;                 // rows (N)
 };
 
 // Quantized activations for `rows` rows of K values, blocks padded to a multiple of 16 with zeros.
@@ -254,6 +264,35 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
     }
 }
 
+// One block of 32 floats -> the 8-bit kind: d = float16(max|x| / 127), q = round(x / d) to even, clamped to
+// +-127, the same bits as blocks.quantize_q8 (ggml's Q8_0 recipe): x * (1 / d) in float32, as it computes.
+inline void quantize_q8_block(const float* x, int8_t* q, uint16_t* d_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const uint16_t h = _cvtss_sh(_mm_cvtss_f32(m) / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const float d = _cvtsh_ss(h);
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i i32[4];
+    for (int j = 0; j < 4; j++) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i32[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    // packs work within 128-bit lanes: the bytes come out in 4-byte groups ordered 0, 2, 4, 6, 1, 3, 5, 7,
+    // which one permute of 32-bit groups puts back
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    *d_out = h;
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -290,6 +329,22 @@ inline __m512i load_block(const uint8_t* row, const int8_t* mult, int64_t i) {
     return w;
 }
 
+// Prefetch the next tile's weight rows (row .. row+R-1) at blocks g .. g+15, so that they are in cache by the
+// time that tile starts: each thread streams R rows plus their scales from memory at once, more streams than
+// the hardware prefetchers follow ahead far enough (a 1B model's decode sweep, 16 layers from DRAM: see
+// bench/README.md).
+template <int64_t KIND, int R>
+inline void prefetch_rows(const Weights& w, int64_t nb, int64_t row, int64_t g) {
+    const int64_t row_bytes = nb * block_bytes(KIND);
+    for (int r = 0; r < R && row + r < w.n; r++) {
+        const char* q = reinterpret_cast<const char*>(w.qs + (row + r) * row_bytes + g * block_bytes(KIND));
+        for (int64_t c = 0; c < 16 * block_bytes(KIND); c += 64) _mm_prefetch(q + c, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w.d + (row + r) * nb + g), _MM_HINT_T0);
+        if (has_offsets(KIND)) _mm_prefetch(reinterpret_cast<const char*>(w.offsets + (row + r) * nb + g), _MM_HINT_T0);
+        if (has_multipliers(KIND)) _mm_prefetch(reinterpret_cast<const char*>(w.mult + (row + r) * 2 * nb + 2 * g), _MM_HINT_T0);
+    }
+}
+
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
@@ -307,6 +362,7 @@ inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0
     for (int64_t g = 0; g < nb; g += 16) {
         const int left = static_cast<int>(std::min<int64_t>(16, nb - g));
         const __mmask16 lm = static_cast<__mmask16>((1u << left) - 1);
+        if (b0 == 0) prefetch_rows<KIND, R>(wt, nb, n + R, g);
         // Each block's scale d * dx, kept in memory so every block broadcasts its own with a load (a
         // register permute per block cost a shuffle-port operation, measured slower).
         alignas(64) float scale[R][NB][16];
@@ -713,7 +769,7 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
 static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
                        int64_t kind) {
     Weights w{static_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
-              nullptr, nullptr};
+              nullptr, nullptr, qs.size(0)};
     if (has_offsets(kind)) w.offsets = reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>());
     if (has_multipliers(kind)) w.mult = m->data_ptr<int8_t>();
     return w;
@@ -734,7 +790,7 @@ static void float_matmul(const float* x, int64_t rows, int64_t k, const torch::T
         std::vector<uint16_t> hi(rows * kp), lo(rows * kp);
         avx512bf16::split_rows(x, rows, k, kp, hi.data(), lo.data());
         const uint16_t* w16 = reinterpret_cast<const uint16_t*>(wp);
-        parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
+        parallel_tiles(n, grain, [&](int64_t n0, int64_t n1) {
             float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
                 avx512bf16::bf16_tile<decltype(r)::value, decltype(nb)::value>(w16, k, kp, hi.data(), lo.data(), b0,
                                                                                y, n, row);
@@ -744,7 +800,7 @@ static void float_matmul(const float* x, int64_t rows, int64_t k, const torch::T
         return;
     }
     const bool wide = ISA == 2;
-    parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
+    parallel_tiles(n, grain, [&](int64_t n0, int64_t n1) {
         with_float_kind(kind, [&](auto kc) {
             constexpr int64_t KIND = decltype(kc)::value;
             float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
@@ -783,7 +839,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, k / 32 * rows));
     const Weights w = weights(qs, *d, m, kind);
     float* out = y.data_ptr<float>();
-    parallel_rows(n, grain, [&](int64_t n0, int64_t n1) {
+    parallel_tiles(n, grain, [&](int64_t n0, int64_t n1) {
         with_kind(kind, [&](auto kc) {
             constexpr int64_t KIND = decltype(kc)::value;
             if (wide) avx512::rows_all<KIND>(w, k, xq, rows, out, n, n0, n1);
@@ -816,6 +872,29 @@ torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Ten
     return out;
 }
 
+// Float32 weights (N, K) -> the 8-bit kind's (qs int8 (N, K), d float16 (N, K/32)), as blocks.quantize_q8:
+// one pass over the weights, where PyTorch's whole-tensor operations take six (the bulk of loading a file whose
+// types are computed as 8-bit blocks, and of `--quantize q8_0`).
+std::vector<torch::Tensor> quantize_q8(const torch::Tensor& w_in) {
+    TORCH_CHECK(w_in.scalar_type() == torch::kFloat32 && w_in.dim() == 2 && w_in.device().is_cpu(),
+                "w: (N, K) float32 on the CPU");
+    TORCH_CHECK(w_in.size(1) % 32 == 0, "w: K must be a multiple of 32");
+    TORCH_CHECK(ISA >= 1, "quantize_q8 needs AVX2");
+    const torch::Tensor w = w_in.contiguous();
+    const int64_t n = w.size(0), k = w.size(1), nb = k / 32;
+    auto qs = torch::empty({n, k}, w.options().dtype(torch::kInt8));
+    auto d = torch::empty({n, nb}, w.options().dtype(torch::kHalf));
+#if defined(__x86_64__) || defined(_M_X64)
+    const float* x = w.data_ptr<float>();
+    int8_t* q = qs.data_ptr<int8_t>();
+    uint16_t* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+    parallel_rows(n, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0 * nb; i < r1 * nb; i++) avx2::quantize_q8_block(x + 32 * i, q + 32 * i, dp + i);
+    });
+#endif
+    return {qs, d};
+}
+
 // decode_cpu.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
 torch::Tensor gated_act(const torch::Tensor& x, int64_t act);
@@ -841,6 +920,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     // The products let other Python threads run meanwhile (the server's event loop beside the Engine's
     // thread); they touch no Python object.
     mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind) or a float matrix (qs)",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("quantize_q8", &quantize_q8, "(N, K) float32 -> (qs int8 (N, K), d float16 (N, K/32)), ggml's Q8_0 recipe",
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
             pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -68,7 +68,9 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """ModelConfig from metadata, plus llama.cpp's RoPE factor tensors when present."""
-    shapes = {name: info.shape for name, info in gguf.tensors.items()}
+    # By HF name, as the config knows them: the names it reads (embedding, lm_head, q/o biases, q norm) are the
+    # same in every family's table.
+    shapes = {hf: info.shape for name, info in gguf.tensors.items() if (hf := hf_name(name, "llama"))}
     try:
         config = ModelConfig.from_gguf(gguf.metadata, shapes, source=str(gguf.path))
     except ConfigError as e:
