@@ -47,7 +47,7 @@ from .kernels.blocks import (
     from_ggml,
     is_float_kind,
     kind_for,
-    quantize_q8,
+    requantize_q8,
 )
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import hf_name, unpermute_rows
@@ -197,8 +197,7 @@ class _GGUFSource:
         blocks = from_ggml(self.gguf.raw(gguf_name), info.ggml_type, info.shape)  # copies out of the file
         self.gguf.release(gguf_name)
         if blocks.kind in REQUANTIZED_KINDS:
-            values = kernels().dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, blocks.shape[1], torch.float32)
-            blocks = quantize_q8(values)
+            blocks = requantize_q8(blocks)
         if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
             blocks = blocks.rows(unpermute_rows(torch.arange(blocks.shape[0]), heads))
         if self.quantize and is_float_kind(blocks.kind):
@@ -208,9 +207,10 @@ class _GGUFSource:
 
 class _FloatSource:
     """An HF folder's weight matrices (bf16, fp16 or fp32 tensors, by HF name) as float-kind Blocks in their
-    own type, or quantized to `quantize`'s blocks. Each tensor leaves `tensors` as it is taken."""
+    own type, or quantized to `quantize`'s blocks. Each tensor leaves `tensors` (a dict, or loader.hf.LazyTensors,
+    which reads it only then) as it is taken."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], quantize: str | None):
+    def __init__(self, tensors, quantize: str | None):
         self.tensors, self.quantize, self.use_kernels = tensors, quantize, True
         sizes = [_quantized_nbytes(w, quantize) for n, w in tensors.items() if w.dim() == 2]
         self.arena = _Arena(sum(_Arena.slot(n) for s in sizes for n in s))
@@ -313,9 +313,9 @@ def quantize_from_gguf(model: CausalLM, gguf: GGUFFile, quantize: str | None = N
 
 
 @torch.inference_mode()
-def quantize_from_float(model: CausalLM, tensors: dict[str, torch.Tensor], quantize: str | None = None) -> CausalLM:
+def quantize_from_float(model: CausalLM, tensors, quantize: str | None = None) -> CausalLM:
     """Replace the model's linear layers and embedding with Lantern's kernels over `tensors` (an HF folder's
-    weight matrices by HF name, in their stored type), in place: kept in that type, or quantized to
+    weight matrices by HF name, in their stored type: a dict, or loader.hf.LazyTensors), in place: kept in that type, or quantized to
     `quantize` (q8_0, q4_0, q4_1). Needs the kernels."""
     if kernels() is None:
         raise RuntimeError("Lantern's CPU kernels are not available here")

@@ -146,3 +146,24 @@ def test_malformed_folder_gives_one_clear_error(good_folder, tmp_path, case):
     assert message in str(err)
     assert str(path) in str(err)  # names the file or folder
     assert "\n" not in str(err)
+
+
+def test_lazy_tensors_read_each_matrix_only_when_taken(tmp_path):
+    """The fast path's matrices come from loader.hf.LazyTensors: shapes and dtypes up front without the data
+    (meta tensors), each tensor's values when it is popped (through a handle of its own, so its mapped pages go
+    when it does), and a non-float tensor is one clear error."""
+    from safetensors.torch import save_file
+
+    from lanternlm.loader.hf import LazyTensors
+    a, b = torch.randn(3, 64).to(torch.bfloat16), torch.randn(5, 32, dtype=torch.float16)
+    save_file({"a.weight": a, "b.weight": b, "norm.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+    lazy = LazyTensors([tmp_path / "model.safetensors"], frozenset({"a.weight", "b.weight"}))
+    meta = dict(lazy.items())
+    assert set(meta) == {"a.weight", "b.weight"} and all(t.device.type == "meta" for t in meta.values())
+    assert (meta["a.weight"].shape, meta["a.weight"].dtype) == ((3, 64), torch.bfloat16)
+    assert "a.weight" in lazy and "norm.weight" not in lazy
+    assert torch.equal(lazy.pop("a.weight"), a) and "a.weight" not in lazy
+    assert torch.equal(lazy.pop("b.weight"), b) and dict(lazy.items()) == {}
+    save_file({"ids": torch.arange(4)}, tmp_path / "ints.safetensors")
+    with pytest.raises(ModelFileError, match="ids.*I64.*floating point"):
+        LazyTensors([tmp_path / "ints.safetensors"], frozenset({"ids"}))

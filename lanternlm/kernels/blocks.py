@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import kernels
 from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
+from . import kernels
 
 KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32 = range(10)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
@@ -222,13 +222,38 @@ def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 _CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k}
 
 
+# Rows converted at a time when a whole matrix would need a float32 copy: ~16 MB of float32 for K = 896 (a 151k x
+# 896 embedding at once is 545 MB, which set the peak RSS of loading a 0.5B file).
+CHUNK_ELEMENTS = 1 << 22
+
+
 def quantize_q8(w: torch.Tensor) -> Blocks:
     """Float weights (N, K) -> 8-bit blocks of 32: scale max|w|/127 rounded to float16, q = round(w/scale).
-    The C++ kernels do it in one pass where they are built, bit for bit as quantize_q8_torch."""
-    if w.device.type == "cpu" and kernels(quiet=True) is not None:
-        qs, d = kernels().quantize_q8(w.float())
-        return Blocks(qs, d, None, KIND_Q8, tuple(w.shape))
-    return quantize_q8_torch(w)
+    The C++ kernels do it in one pass where they are built (a chunk of rows at a time, so a bf16 matrix never
+    exists whole in float32), bit for bit as quantize_q8_torch."""
+    if w.device.type != "cpu" or kernels(quiet=True) is None:
+        return quantize_q8_torch(w)
+    return _q8_by_rows(w.shape, lambda r0, r1: w[r0:r1].float())
+
+
+def requantize_q8(blocks: Blocks) -> Blocks:
+    """Blocks of another kind (or a float kind) -> 8-bit blocks, through float32 a chunk of rows at a time (C++
+    kernels only)."""
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        part = Blocks(blocks.qs[r0:r1], None if blocks.d is None else blocks.d[r0:r1],
+                      None if blocks.m is None else blocks.m[r0:r1], blocks.kind, (r1 - r0, blocks.shape[1]))
+        return kernels().dequantize(part.qs, part.d, part.m, part.kind, part.shape[1], torch.float32)
+    return _q8_by_rows(blocks.shape, rows)
+
+
+def _q8_by_rows(shape: tuple[int, int], rows) -> Blocks:
+    n, k = shape
+    qs, d = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 32, dtype=torch.float16)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qs[r0:r1], d[r0:r1] = kernels().quantize_q8(rows(r0, r1))
+    return Blocks(qs, d, None, KIND_Q8, (n, k))
 
 
 def quantize_q8_torch(w: torch.Tensor) -> Blocks:

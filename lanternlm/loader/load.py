@@ -149,12 +149,11 @@ def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quan
         # The weight matrices and the embedding stay in their stored type (bf16/fp16; fp32 stays fp32) for
         # the kernels; norms and biases are float32, as the fast path computes.
         matrices = _linear_weights(config) | {EMBEDDING}
-        tensors = hf.load_tensors(files, compute, device, keep=lambda name: name in matrices)
-        if config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-        kept = {name: tensors.pop(name) for name in matrices if name in tensors}
+        tensors = hf.load_tensors(files, compute, device, skip=matrices | {"lm_head.weight"})
+        # some tied checkpoints store the lm_head's copy anyway: it is not read
+        kept = hf.LazyTensors(files, matrices - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
         model = build_model(config, tensors, folder, device, deferred=matrices)
-        _check_deferred(kept, model, folder)
+        _check_deferred(dict(kept.items()), model, folder)
         quantize_from_float(model, kept, quantize)
         fuse_for_cpu(model)
     return LoadedModel(folder, "hf", config, model, tokenizer, tokenizer.chat_template, gen, files,
