@@ -85,7 +85,6 @@ struct Weights {
     const uint16_t* d;
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
-    int64_t n;                 // rows (N)
 };
 
 // Quantized activations for `rows` rows of K values, blocks padded to a multiple of 16 with zeros.
@@ -329,22 +328,6 @@ inline __m512i load_block(const uint8_t* row, const int8_t* mult, int64_t i) {
     return w;
 }
 
-// Prefetch the next tile's weight rows (row .. row+R-1) at blocks g .. g+15, so that they are in cache by the
-// time that tile starts: each thread streams R rows plus their scales from memory at once, more streams than
-// the hardware prefetchers follow ahead far enough (a 1B model's decode sweep, 16 layers from DRAM: see
-// bench/README.md).
-template <int64_t KIND, int R>
-inline void prefetch_rows(const Weights& w, int64_t nb, int64_t row, int64_t g) {
-    const int64_t row_bytes = nb * block_bytes(KIND);
-    for (int r = 0; r < R && row + r < w.n; r++) {
-        const char* q = reinterpret_cast<const char*>(w.qs + (row + r) * row_bytes + g * block_bytes(KIND));
-        for (int64_t c = 0; c < 16 * block_bytes(KIND); c += 64) _mm_prefetch(q + c, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w.d + (row + r) * nb + g), _MM_HINT_T0);
-        if (has_offsets(KIND)) _mm_prefetch(reinterpret_cast<const char*>(w.offsets + (row + r) * nb + g), _MM_HINT_T0);
-        if (has_multipliers(KIND)) _mm_prefetch(reinterpret_cast<const char*>(w.mult + (row + r) * 2 * nb + 2 * g), _MM_HINT_T0);
-    }
-}
-
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
@@ -362,7 +345,6 @@ inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0
     for (int64_t g = 0; g < nb; g += 16) {
         const int left = static_cast<int>(std::min<int64_t>(16, nb - g));
         const __mmask16 lm = static_cast<__mmask16>((1u << left) - 1);
-        if (b0 == 0) prefetch_rows<KIND, R>(wt, nb, n + R, g);
         // Each block's scale d * dx, kept in memory so every block broadcasts its own with a load (a
         // register permute per block cost a shuffle-port operation, measured slower).
         alignas(64) float scale[R][NB][16];
@@ -769,7 +751,7 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
 static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
                        int64_t kind) {
     Weights w{static_cast<const uint8_t*>(qs.data_ptr()), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
-              nullptr, nullptr, qs.size(0)};
+              nullptr, nullptr};
     if (has_offsets(kind)) w.offsets = reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>());
     if (has_multipliers(kind)) w.mult = m->data_ptr<int8_t>();
     return w;
