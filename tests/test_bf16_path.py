@@ -194,6 +194,10 @@ def test_bf16_gguf_takes_the_folder_path(tmp_path):
     assert fast.generate(ids, sp).token_ids == exact.generate(ids, sp).token_ids
     q8 = LLM(str(tmp_path / "m.gguf"), quantize="q8_0")
     assert {m.kind for m in q8.model.modules() if isinstance(m, QuantLinear)} == {KIND_Q8}
+    # a file whose matrices are quantized already: --quantize is refused, not silently ignored
+    write_gguf(hf, tmp_path / "q4.gguf", T.Q4_1)
+    with pytest.raises(LanternError, match=r"q4.gguf: --quantize q8_0 quantizes float weights.*Q4_1 already"):
+        LLM(str(tmp_path / "q4.gguf"), quantize="q8_0")
 
 
 def test_cli_quantize(tmp_path):
