@@ -19,6 +19,11 @@ VENV_PYTHON = VENV_DIR / "bin" / "python"
 # Written only after every install step succeeded; its text is the install plan, so changing the plan
 # below makes the next run install again.
 READY_STAMP = VENV_DIR / ".bench-ready"
+# The second stage (HTTP): Lantern's server needs its runtime dependencies, the bench's client needs openai. A
+# stamp of its own, so that adding it to an existing venv does not rerun the first stage (which rebuilds
+# Lantern's kernels in place).
+SERVE_STAMP = VENV_DIR / ".bench-serve-ready"
+CLIENT = ["openai>=1.30", "httpx"]
 
 # torch is always pinned: an unpinned torch resolves to a CUDA build and several GB of wheels.
 TORCH = "torch==2.13.0"
@@ -44,6 +49,14 @@ def install_plan() -> list[tuple[list[str], dict[str, str]]]:
         (["install", "--no-cache-dir", "--no-binary", "llama-cpp-python", "llama-cpp-python"],
          {"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "FORCE_CMAKE": "1"}),
     ]
+
+
+def serve_plan() -> list[str]:
+    """pip arguments of the HTTP stage: the repo's runtime dependencies (from pyproject.toml: `lantern serve`
+    needs fastapi, uvicorn, ...), torch pinned again, and the openai client."""
+    import tomllib
+    deps = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    return ["install", TORCH, *(d for d in deps if not d.replace(" ", "").startswith("torch")), *CLIENT]
 
 
 def _plan_text() -> str:
@@ -74,12 +87,27 @@ def ensure_venv() -> None:
     READY_STAMP.write_text(_plan_text())
 
 
-def reexec_in_venv(argv: list[str]) -> None:
-    """Replace this process with `python -m bench argv...` run by the venv's interpreter."""
+def ensure_serve_stage() -> None:
+    """The HTTP stage in bench/.venv (see SERVE_STAMP), installed unless done already."""
+    plan = " ".join(serve_plan()) + "\n"
+    if SERVE_STAMP.is_file() and SERVE_STAMP.read_text() == plan:
+        return
+    log = VENV_DIR / "install.log"
+    say(f"installing Lantern's server dependencies and the openai client into {VENV_DIR} (log: {log})")
+    with open(log, "a") as out:
+        done = subprocess.run([str(VENV_PYTHON), "-m", "pip", *serve_plan()], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: 'pip {' '.join(serve_plan())}' failed (exit {done.returncode}); see {log}")
+    SERVE_STAMP.write_text(plan)
+
+
+def reexec_in_venv(argv: list[str], module: str = "bench") -> None:
+    """Replace this process with `python -m MODULE argv...` run by the venv's interpreter."""
     ensure_venv()
+    ensure_serve_stage()
     say(f"re-running inside {VENV_DIR}")
     os.chdir(REPO_DIR)
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), "-m", "bench", *argv])
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), "-m", module, *argv])
 
 
 def say(message: str) -> None:

@@ -9,6 +9,11 @@ llama-cpp-python in bench/.venv), so the type mix is exactly what llama.cpp's Q4
 - `smollm2-135m-f16.gguf`: the default model's weights (dequantized from its Q4_1 file) as F16, which should
   take the same path as an HF folder; and `smollm2-135m-q4_k_m.gguf` from it. Its hidden size, 576, is not a
   multiple of 256, so most tensors fall back to Q5_0/Q8_0, as in the real Q4_K_M files of many small models.
+- `smollm2-135m-bf16/`: the default model's weights (its Q4_1 file, dequantized by transformers) as a bf16
+  Hugging Face folder (config, safetensors, tokenizer with its chat template): the folder table's model
+  (Lantern with and without `--quantize q8_0`, and vLLM's CPU backend, which loads HF folders, not GGUF files).
+- `smollm2-135m-q8_0.gguf`: the same weights quantized to Q8_0 by llama.cpp, its peer for Lantern's
+  `--quantize q8_0` in the folder table.
 - `qwen2-0.5b-shape-q4_k_m.gguf`: Qwen2-0.5B's shapes (hidden 896, 24 layers, 151,936 tokens).
 - `gemma3-270m-shape-q4_k_m.gguf`: Gemma-3-270M's shapes (hidden 640, 18 layers, 262,144 tokens, head_dim
   256, sliding windows of 512 on 5 of every 6 layers).
@@ -31,6 +36,9 @@ import numpy as np
 HERE = Path(__file__).parent
 OUT = HERE / "files"
 VENV_PYTHON = HERE / ".venv" / "bin" / "python"
+FOLDER = OUT / "smollm2-135m-bf16"          # the HF folder of the default model's weights
+# The GGUF file llama.cpp runs in the folder table (an HF folder is not something llama.cpp loads):
+FOLDER_PEER_GGUF = {FOLDER.name: OUT / "smollm2-135m-q8_0.gguf"}
 
 # (name, architecture, shapes, vocabulary file, tied embeddings)
 SHAPES = {
@@ -151,19 +159,61 @@ def write_default_f16(path: Path) -> None:
     w.close()
 
 
+def write_default_folder(folder: Path) -> None:
+    """The default model's Q4_1 weights as a bf16 Hugging Face folder, with the tokenizer and its chat template.
+
+    transformers reads the GGUF (dequantizing to float32) and writes safetensors in bfloat16; written to a
+    temporary folder first, so an interrupted run leaves no half folder behind."""
+    import shutil
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    from lanternlm.store import resolve
+
+    gguf_file = Path(resolve("smollm2-135m-instruct"))
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    if not tokenizer.chat_template:  # transformers carries it over from the GGUF; make sure
+        from gguf import GGUFReader
+        tokenizer.chat_template = GGUFReader(gguf_file).fields["tokenizer.chat_template"].contents()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                 dtype=torch.float32)
+    # A model loaded from a GGUF counts as quantized and refuses save_pretrained: copy its weights into a plain
+    # model built from the same config, in bfloat16.
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    tmp.rename(folder)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
 QUANTIZE = """
 import ctypes, sys, llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.ftype = getattr(llama_cpp, sys.argv[3])
 params.nthread = 2
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
 """
 
 
-def quantize(src: Path, dst: Path) -> None:
+def quantize(src: Path, dst: Path, ftype: str = "LLAMA_FTYPE_MOSTLY_Q4_K_M") -> None:
     if not VENV_PYTHON.exists():
         raise SystemExit("bench/.venv is missing: run `python -m bench` once to build it (llama-cpp-python)")
-    subprocess.run([str(VENV_PYTHON), "-c", QUANTIZE, str(src), str(dst)], check=True,
+    subprocess.run([str(VENV_PYTHON), "-c", QUANTIZE, str(src), str(dst), ftype], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -175,7 +225,8 @@ def histogram(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="one of: smollm2, " + ", ".join(SHAPES))
+    ap.add_argument("--only", default=None, help="one of: smollm2 (its F16, Q4_K_M, Q8_0 files and HF folder), "
+                    + ", ".join(SHAPES))
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     made = []
@@ -186,7 +237,12 @@ def main() -> None:
         q = OUT / "smollm2-135m-q4_k_m.gguf"
         if not q.exists():
             quantize(f16, q)
-        made += [f16, q]
+        q8 = OUT / "smollm2-135m-q8_0.gguf"
+        if not q8.exists():
+            quantize(f16, q8, "LLAMA_FTYPE_MOSTLY_Q8_0")
+        if not FOLDER.is_dir():
+            write_default_folder(FOLDER)
+        made += [f16, q, q8, FOLDER]
     vocab = None
     for name, (arch, shapes, vocab_file, tied) in SHAPES.items():
         if args.only not in (None, name):
@@ -200,7 +256,10 @@ def main() -> None:
             f16.unlink()  # only the quantized file is measured; the F16 one is the default model's
         made.append(q)
     for path in made:
-        print(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB; {histogram(path)}")
+        if path.is_dir():
+            print(f"{path.name}/: {folder_size(path) / 2**20:.0f} MiB; an HF folder (bf16 safetensors)")
+        else:
+            print(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB; {histogram(path)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """One engine's measurements, run in a process of its own so its peak RSS is its own.
 
-    python -m bench.workers {lantern,llamacpp,transformers} --model FILE.gguf --threads 2 --out result.json
+    python -m bench.workers {lantern,lantern-q8,llamacpp,transformers} --model FILE --threads 2 --out result.json
+
+FILE is a .gguf file, or (Lantern) a Hugging Face folder; `lantern-q8` is Lantern with `quantize="q8_0"`.
 
 Every engine gets the same workloads through the same small interface (a runner): load, prefill N
 tokens into an empty cache, greedy-decode N tokens, and the first token of a chat. Timing, warm-up and
@@ -25,6 +27,7 @@ DECODE_TOKENS = 128
 CONTEXT = 1024          # every engine's KV capacity: enough for pp512 and for tg128 after a short prompt
 DECODE_PROMPT = 8       # tokens before tg128, so decoding starts from an almost empty cache (as llama-bench)
 STREAM_PROMPT = 16      # prompt tokens of each concurrent stream
+LONG_SLACK = 64         # KV positions beyond prompt + DECODE_TOKENS for the long-context run
 # About 50 tokens once the model's chat template has wrapped it (the worker records the exact count).
 CHAT = [
     {"role": "system", "content": "You are a concise assistant. Answer in one short sentence."},
@@ -44,23 +47,30 @@ def token_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 
 class LanternRunner:
-    def __init__(self, path: str, threads: int):
+    quantize: str | None = None
+
+    def __init__(self, path: str, threads: int, context: int = CONTEXT):
         import torch
         torch.set_num_threads(threads)
         from lanternlm import LLM
         from lanternlm.model import KVCache
         self.torch = torch
-        self.llm = LLM(path, context=CONTEXT)
+        self.llm = LLM(path, context=context, quantize=self.quantize)
         self.vocab = self.llm.config.vocab_size
+        self.trained_context = self.llm.config.max_position_embeddings
         # One cache reused by every prefill: a prefill writes positions 0..T-1 and reads only those back.
         # The cache in the model's compute dtype, as Lantern's own generate() and Engine make it.
         dtype = self.llm.model.dtype
         self.cache = KVCache(self.llm.config, slots=1, max_len=CONTEXT, dtype=dtype, device=self.llm.device)
-        # quantized: whether Lantern computes from the GGUF's quantized weights or dequantized them at load.
-        from lanternlm.kernels import isa_name
+        # quantized: whether Lantern computes from the stored weights (a GGUF's blocks, an HF folder's 2-byte
+        # matrices, or blocks made at load with `quantize`) or from weights dequantized/widened at load.
+        from lanternlm.kernels import build_info, isa_name
+        loaded = self.llm.loaded
         self.info = {"dtype": str(dtype).removeprefix("torch."),
-                     "quantized": not self.llm.loaded.exact, "torch": torch.__version__,
-                     "kernels": isa_name()}  # Lantern's C++ kernels in use: avx512-vnni, avx2 or none
+                     "quantized": not loaded.exact, "torch": torch.__version__,
+                     "format": loaded.format, "quantize": loaded.quantize,
+                     "kernels": isa_name(),  # Lantern's C++ kernels in use: avx512-vnni, avx2 or none
+                     "kernels_origin": (build_info() or {}).get("origin")}  # prebuilt, or built at run time
 
     def prefill(self, ids: list[int]) -> None:
         torch = self.torch
@@ -81,14 +91,20 @@ class LanternRunner:
         return len(self.llm.encode_chat(messages))
 
 
+class LanternQ8Runner(LanternRunner):
+    """Lantern with `quantize="q8_0"`: an HF folder's (or F16/BF16 GGUF's) weights made Q8_0 blocks at load."""
+    quantize = "q8_0"
+
+
 class LlamaCppRunner:
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, context: int = CONTEXT):
         import llama_cpp
         # flash_attn on, as llama.cpp itself defaults to on CPU (llama-cpp-python passes off unless asked);
         # it is ~8% faster on prefill here, and the peer should run at its own best.
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=CONTEXT, n_batch=512, n_ubatch=512, n_threads=threads,
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=512, n_ubatch=512, n_threads=threads,
                                    n_threads_batch=threads, flash_attn=True, verbose=False)
         self.vocab = self.llm.n_vocab()
+        self.trained_context = self.llm._model.n_ctx_train()  # the context length in the file's metadata
         self.info = {"llama_cpp_python": llama_cpp.__version__, "flash_attn": True}
 
     def prefill(self, ids: list[int]) -> None:
@@ -115,7 +131,7 @@ class LlamaCppRunner:
 
 
 class TransformersRunner:
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, context: int = CONTEXT):
         import torch
         torch.set_num_threads(threads)
         import transformers
@@ -162,10 +178,13 @@ class TransformersRunner:
         return int(enc["input_ids"].shape[1])
 
 
-RUNNERS = {"lantern": LanternRunner, "llamacpp": LlamaCppRunner, "transformers": TransformersRunner}
+RUNNERS = {"lantern": LanternRunner, "lantern-q8": LanternQ8Runner, "llamacpp": LlamaCppRunner,
+           "transformers": TransformersRunner}
 # Imported (and timed) before the load clock starts, so load_s is the model's load alone.
-LIBRARIES = {"lantern": ["torch", "lanternlm"], "llamacpp": ["llama_cpp"],
+LIBRARIES = {"lantern": ["torch", "lanternlm"], "lantern-q8": ["torch", "lanternlm"], "llamacpp": ["llama_cpp"],
              "transformers": ["torch", "transformers", "transformers.models.llama.modeling_llama"]}
+# Engines measured at long context (tg128 after a prompt of --long tokens).
+LONG_ENGINES = ("lantern", "lantern-q8", "llamacpp")
 
 
 # --------------------------------------------------------------------------- timing
@@ -196,10 +215,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def decode_rate(runner, repeats: int) -> float:
-    """Tokens/s between the first and the last of DECODE_TOKENS tokens: decode steps only, no prefill."""
-    ids = token_ids(DECODE_PROMPT, runner.vocab, seed=7)
-    runner.decode_times(ids, 8)  # warm-up
+def decode_rate(runner, repeats: int, prompt: int = DECODE_PROMPT, warm_up: bool = True) -> float:
+    """Tokens/s between the first and the last of DECODE_TOKENS tokens after a prompt of `prompt` tokens: decode
+    steps only, no prefill."""
+    ids = token_ids(prompt, runner.vocab, seed=7)
+    if warm_up:
+        runner.decode_times(ids, 8)
     rates = []
     for _ in range(repeats):
         times = runner.decode_times(ids, DECODE_TOKENS)
@@ -254,7 +275,27 @@ def streams_rate(runner: LanternRunner, streams: int, max_tokens: int) -> dict:
             "decode_tok_s": after / (state["last"] - all_started) if state["last"] > all_started else None}
 
 
-def run(engine: str, path: str, threads: int, repeats: int, streams: list[int]) -> dict:
+def long_key(prompt: int) -> str:
+    """The long-context column's name: tg128@4k for a 4096-token prompt."""
+    return f"tg{DECODE_TOKENS}@{prompt // 1024}k" if prompt % 1024 == 0 else f"tg{DECODE_TOKENS}@{prompt}"
+
+
+def long_context(engine: str, path: str, threads: int, repeats: int, prompt: int) -> dict:
+    """tg128 after a prompt of `prompt` random tokens (the same ids for every engine), in an engine made with a
+    context of prompt + DECODE_TOKENS + LONG_SLACK. Each repeat prefills the prompt again (not timed); the
+    ordinary tg128 has already warmed the decode path, so there is no extra warm-up."""
+    need = prompt + DECODE_TOKENS + LONG_SLACK
+    runner = RUNNERS[engine](path, threads, context=need)
+    out = {"long_prompt_tokens": prompt}
+    if runner.trained_context < prompt + DECODE_TOKENS:
+        out["long_note"] = (f"skipped: the model's context is {runner.trained_context} tokens, "
+                            f"less than {prompt} + {DECODE_TOKENS}")
+        return out
+    out["long_tok_s"] = decode_rate(runner, repeats, prompt=prompt, warm_up=False)
+    return out
+
+
+def run(engine: str, path: str, threads: int, repeats: int, streams: list[int], long: int = 0) -> dict:
     result = {"engine": engine, "threads": threads}
     start = time.perf_counter()
     for module in LIBRARIES[engine]:
@@ -280,13 +321,26 @@ def run(engine: str, path: str, threads: int, repeats: int, streams: list[int]) 
         result["ttft_s"] = timed(lambda: runner.first_chat_token(CHAT), repeats)
         result["ttft_prompt_tokens"] = prompt_tokens
     result.update(memory_mb())  # before the concurrency runs, whose bigger caches are Lantern-only
-    if engine == "lantern" and streams:
+    if engine.startswith("lantern") and streams:
         streams_rate(runner, 1, 8)  # warm-up of the engine path
         result["streams"] = []
         for n in streams:
             row = streams_rate(runner, n, DECODE_TOKENS)
             result["streams"].append(row)
             print(f"  {engine}: {n} streams {row['aggregate_tok_s']:.1f} tok/s aggregate", file=sys.stderr, flush=True)
+    if long and engine in LONG_ENGINES:
+        del runner  # one model in memory at a time (peak RSS was recorded above)
+        import gc
+        gc.collect()
+        result["long_key"] = long_key(long)
+        try:
+            result.update(long_context(engine, path, threads, repeats, long))
+        except Exception as e:  # the figures above still count
+            result["long_note"] = f"failed: {type(e).__name__}: {e}"
+        if "long_tok_s" in result:
+            print(f"  {engine}: {result['long_key']} {result['long_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        else:
+            print(f"  {engine}: {result['long_key']} {result['long_note']}", file=sys.stderr, flush=True)
     return result
 
 
@@ -297,11 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", default="")
+    parser.add_argument("--long", type=int, default=0, help="tg128 after a prompt of this many tokens (0: skip)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",") if s]
     try:
-        result = run(args.engine, args.model, args.threads, args.repeats, streams)
+        result = run(args.engine, args.model, args.threads, args.repeats, streams, args.long)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
     except Exception as e:  # reported as one line in the table; the other engines still run
         Path(args.out).write_text(json.dumps({"engine": args.engine, "error": f"{type(e).__name__}: {e}"}))
         raise SystemExit(1)
