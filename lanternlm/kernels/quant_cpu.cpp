@@ -119,10 +119,9 @@ inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// One block of 32 floats -> 32 int16 (round to nearest even), dx = max|x| / 32767 and dx * sum(q).
-inline void quantize_block(const float* x, int16_t* out, float* d_out, float* s_out) {
+// A block of 32 floats into v[0..3], and its max |x|.
+inline float load_max_abs(const float* x, __m256 v[4]) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
     for (int j = 0; j < 4; j++) {
         v[j] = _mm256_loadu_ps(x + 8 * j);
@@ -131,7 +130,13 @@ inline void quantize_block(const float* x, int16_t* out, float* d_out, float* s_
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float maxabs = _mm_cvtss_f32(m);
+    return _mm_cvtss_f32(m);
+}
+
+// One block of 32 floats -> 32 int16 (round to nearest even), dx = max|x| / 32767 and dx * sum(q).
+inline void quantize_block(const float* x, int16_t* out, float* d_out, float* s_out) {
+    __m256 v[4];
+    const float maxabs = load_max_abs(x, v);
     const __m256 inv = _mm256_set1_ps(maxabs != 0.0f ? 32767.0f / maxabs : 0.0f);
     __m256i sum = _mm256_setzero_si256();
     for (int j = 0; j < 4; j += 2) {
@@ -266,17 +271,8 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
 // One block of 32 floats -> the 8-bit kind: d = float16(max|x| / 127), q = round(x / d) to even, clamped to
 // +-127, the same bits as blocks.quantize_q8 (ggml's Q8_0 recipe): x * (1 / d) in float32, as it computes.
 inline void quantize_q8_block(const float* x, int8_t* q, uint16_t* d_out) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; j++) {
-        v[j] = _mm256_loadu_ps(x + 8 * j);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const uint16_t h = _cvtss_sh(_mm_cvtss_f32(m) / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const uint16_t h = _cvtss_sh(load_max_abs(x, v) / 127.0f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const float d = _cvtsh_ss(h);
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
