@@ -240,9 +240,8 @@ def requantize_q8(blocks: Blocks) -> Blocks:
     """Blocks of another kind (or a float kind) -> 8-bit blocks, through float32 a chunk of rows at a time (C++
     kernels only)."""
     def rows(r0: int, r1: int) -> torch.Tensor:
-        part = Blocks(blocks.qs[r0:r1], None if blocks.d is None else blocks.d[r0:r1],
-                      None if blocks.m is None else blocks.m[r0:r1], blocks.kind, (r1 - r0, blocks.shape[1]))
-        return kernels().dequantize(part.qs, part.d, part.m, part.kind, part.shape[1], torch.float32)
+        d, m = (None if t is None else t[r0:r1] for t in (blocks.d, blocks.m))
+        return kernels().dequantize(blocks.qs[r0:r1], d, m, blocks.kind, blocks.shape[1], torch.float32)
     return _q8_by_rows(blocks.shape, rows)
 
 

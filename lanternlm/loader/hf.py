@@ -115,7 +115,8 @@ def load_tensors(files: list[Path], dtype: torch.dtype, device: torch.device | s
             raise ModelFileError(path, f"tensor {name!r}: {e}") from None
         if not tensor.is_floating_point():
             raise ModelFileError(path, f"tensor {name!r} has dtype {tensor.dtype}; expected floating point weights")
-        # get_tensor returns a view of the map; .to() makes the copy (and converts or moves)
+        # get_tensor returns a view of the map; .to() copies only to convert or move (a tensor stored in `dtype`
+        # stays a view of the map)
         out[name] = tensor.to(device=device, dtype=dtype)
     return out
 

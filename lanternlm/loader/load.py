@@ -177,6 +177,12 @@ def _check_deferred(kept: dict[str, torch.Tensor], model: CausalLM, source: Path
 def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: str | None) -> LoadedModel:
     with read_gguf(path) as gguf, ThreadPoolExecutor(1, thread_name_prefix="lantern-tokenizer") as side:
         config = gguf_config(gguf)
+        matrices = {type_name(i.ggml_type) for i in gguf.tensors.values() if len(i.shape) == 2}
+        if quantize and not matrices & {"F32", "F16", "BF16"}:
+            # checked before anything is read. Blocks quantized again would only add error, and doing nothing
+            # would leave the flag a silent no-op.
+            raise LanternError(f"{path.name}: --quantize {quantize} quantizes float weights (an HF folder, an "
+                               f"F16/BF16/F32 GGUF); this file's matrices are {', '.join(sorted(matrices))} already")
         # The tokenizer is built from the metadata while the weights load: its vocabulary and merges are Python
         # and Rust work on one core (~0.3 s for 151k tokens), the weights' conversions are C++ and torch work
         # that lets it run.
@@ -190,11 +196,6 @@ def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: s
         types: dict[str, int] = {}
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
-        matrices = {type_name(i.ggml_type) for i in gguf.tensors.values() if len(i.shape) == 2}
-        if quantize and not matrices & {"F32", "F16", "BF16"}:
-            # blocks quantized again would only add error, and doing nothing would leave the flag a silent no-op
-            raise LanternError(f"{path.name}: --quantize {quantize} quantizes float weights (an HF folder, an "
-                               f"F16/BF16/F32 GGUF); this file's matrices are {', '.join(sorted(matrices))} already")
         model = build_model(config, tensors, path, device, deferred=deferred)
         if not exact:
             quantize_from_gguf(model, gguf, quantize)
