@@ -152,6 +152,38 @@ def test_products_do_not_depend_on_the_thread_or_the_split(qtype):
         assert all(torch.equal(a, b) for a, b in zip(got, first)), key
 
 
+def test_serial_torch_ops_is_this_threads_alone(monkeypatch):
+    """serial_torch_ops makes PyTorch's ops on the calling thread serial and restores its count after; another
+    thread, and the process-wide default a new thread starts with, keep theirs. Chooser.choose (the one path
+    that picks tokens: API, Engine, trace) runs inside it."""
+    import threading
+
+    from lanternlm.generation import choose as choose_module
+    from lanternlm.generation.choose import Chooser
+    from lanternlm.generation.sampling import SamplingParams
+    from lanternlm.kernels import serial_torch_ops
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = {}
+        with serial_torch_ops():
+            seen["inside"] = torch.get_num_threads()
+            other = threading.Thread(target=lambda: seen.setdefault("other thread", torch.get_num_threads()))
+            other.start()
+            other.join()
+        seen["after"] = torch.get_num_threads()
+        assert seen == {"inside": 1, "other thread": 2, "after": 2}
+
+        real_sample = choose_module.sample
+        monkeypatch.setattr(choose_module, "sample",
+                            lambda *a: seen.setdefault("while choosing", torch.get_num_threads()) and real_sample(*a))
+        token, _ = Chooser(SamplingParams(temperature=0), None).choose(torch.tensor([0.0, 3.0, 1.0]), [], [], None)
+        assert (token, seen["while choosing"], torch.get_num_threads()) == (1, 1, 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_quantize_q8_in_cpp_equals_the_torch_recipe(isa):
     """The C++ one-pass Q8_0 quantizer (used to requantize types computed as 8-bit blocks, and for --quantize
     q8_0) gives the torch recipe's bits: zero blocks, exact .5 ties (round to even), an outlier."""

@@ -258,6 +258,14 @@ def test_input_errors():
         sample(torch.full((5,), -math.inf), SamplingParams(temperature=1.0), None)
     with pytest.raises(LanternError, match="NaN"):
         sample(torch.tensor([0.0, math.nan]), SamplingParams(temperature=1.0), None)
+    # Greedy finds a NaN through the arg-max itself (NaN wins it), wherever it sits and through keep_argmax
+    for at in (0, 3, VOCAB - 1):
+        nan_row = random_logits(at)
+        nan_row[at] = math.nan
+        with pytest.raises(LanternError, match="NaN"):
+            sample(nan_row, SamplingParams(temperature=0), None)
+        with pytest.raises(LanternError, match="NaN"):
+            sample(process_logits(nan_row, SamplingParams(temperature=0), [], []), SamplingParams(temperature=0), None)
 
 
 # --- Parameters.

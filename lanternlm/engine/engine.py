@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LanternError
+from ..kernels import serial_torch_ops
 from ..generation.choose import Chooser
 from ..generation.generate import ContextLengthError, OutputStream, plan_lengths
 from ..generation.guide import GuideSpec
@@ -234,7 +235,8 @@ class Engine:
         self.stats.generation_tokens_total += 1
         event = Event(seq.request_id, step, trace=trace)
         if seq.logprobs is not None:  # of the model's own distribution, before sampling transforms (as vLLM)
-            [(event.logprob, _, event.top_logprobs)] = token_logprobs(logits[None], [token], seq.logprobs)
+            with serial_torch_ops():  # one row: see Chooser.choose
+                [(event.logprob, _, event.top_logprobs)] = token_logprobs(logits[None], [token], seq.logprobs)
         if len(seq.stream.output_ids) == 1:
             event.cached_tokens = seq.cached_tokens
             if seq.prompt_logprobs is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LanternError
+from ..kernels import serial_torch_ops
 from ..text.tokenizer import Tokenizer
 from .guide import Guide
 from .sampling import SamplingParams, inverse_cdf_draw, process_logits, sample, stages
@@ -35,14 +36,16 @@ class Chooser:
     names: dict[int, dict] = field(default_factory=dict, repr=False)  # trace_step's memo of token names
 
     def choose(self, logits: torch.Tensor, prompt_ids, output_ids, tokenizer: Tokenizer) -> tuple[int, dict | None]:
-        """The next token from the model's raw logits row (V,), and its trace (None unless asked for)."""
+        """The next token from the model's raw logits row (V,), and its trace (None unless asked for). The row's
+        ops are microseconds each, too small to gain from a second thread: they run serially."""
         constraint = self.guide.mask() if self.guide is not None else None
-        if self.trace_top_k:
-            token, trace = trace_step(logits, self.params, prompt_ids, output_ids, self.generator, tokenizer,
-                                      self.trace_top_k, constraint, self.names)
-        else:
-            processed = process_logits(logits.float(), self.params, prompt_ids, output_ids, constraint)
-            token, trace = sample(processed, self.params, self.generator), None
+        with serial_torch_ops():
+            if self.trace_top_k:
+                token, trace = trace_step(logits, self.params, prompt_ids, output_ids, self.generator, tokenizer,
+                                          self.trace_top_k, constraint, self.names)
+            else:
+                processed = process_logits(logits.float(), self.params, prompt_ids, output_ids, constraint)
+                token, trace = sample(processed, self.params, self.generator), None
         if self.guide is not None:
             self.guide.accept(token)
         return token, trace

@@ -363,6 +363,9 @@ def process_logits(logits, params: SamplingParams, prompt_ids, output_ids,
     return stages(logits, params, prompt_ids, output_ids, constraint)[-1][1]
 
 
+_NAN = "the logits contain NaN; the model produced invalid numbers"
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Draw a token id from *processed* logits (the output of :func:`process_logits`).
 
@@ -373,13 +376,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise LanternError(f"logits must be one row of shape (vocab_size,), got {shape}")
-    if torch.isnan(logits).any():
-        raise LanternError("the logits contain NaN; the model produced invalid numbers")
     if params.greedy:
-        token = int(logits.argmax())
-        if logits[token] == -math.inf:
+        token = int(logits.argmax())  # a NaN anywhere wins the arg-max, so one pass also finds it
+        best = float(logits[token])
+        if math.isnan(best):
+            raise LanternError(_NAN)
+        if best == -math.inf:
             raise LanternError("no token is left to choose: every logit is -inf after processing")
         return token
+    if torch.isnan(logits).any():
+        raise LanternError(_NAN)
     probs = logits.float().softmax(dim=-1).cpu()
     if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
         raise LanternError("no token is left to sample: every logit is -inf after processing")

@@ -33,6 +33,8 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -186,3 +188,21 @@ def isa_name() -> str:
     """The instruction set the kernels run with on this CPU, or 'none'."""
     module = kernels(quiet=True)
     return {0: "none", 1: "avx2", 2: "avx512-vnni"}[module.isa() if module else 0]
+
+
+@contextmanager
+def serial_torch_ops() -> Iterator[None]:
+    """Inside the block, PyTorch's own ops on the calling thread run on that thread alone (its OpenMP thread count
+    is 1, then restored; other threads and the kernels' own splitting are unaffected). For per-token work on a
+    vocabulary row (sampling, logprobs): a few microseconds each, where a parallel op can cost a worker's wake-up,
+    tens of microseconds, and more on a thread other than the first (pool.cpp, set_torch_threads). A no-op where
+    the kernels are not loaded."""
+    module = kernels(quiet=True)
+    if module is None:
+        yield
+        return
+    before = module.set_torch_threads(1)
+    try:
+        yield
+    finally:
+        module.set_torch_threads(before)

@@ -13,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -149,4 +150,14 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
     } else {
         pool().run(n, grain, fn);
     }
+}
+
+// The calling thread's OpenMP thread count for PyTorch's own ops (torch.set_num_threads would change every new
+// thread's and MKL's too); returns the previous count. Small per-token ops (sampling over a vocabulary row) run
+// serially with 1: libgomp throttles its spinning to near nothing once a second thread (the Engine's) has a team
+// of its own beside the first thread's, and every parallel op then waits for a sleeping worker to wake.
+int64_t set_torch_threads(int64_t n) {
+    const int64_t before = at::get_num_threads();  // first: PyTorch's once-per-thread setup, which sets the count
+    omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, n)));
+    return before;
 }

@@ -882,6 +882,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                double scale, int64_t window);
 
 void register_decode_stack(pybind11::module& mod);
+int64_t set_torch_threads(int64_t n);  // pool.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     register_decode_stack(mod);
@@ -889,6 +890,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("gated_act", &gated_act, "act(gate) * up for x = [gate | up]; act 0 SiLU, 1 GELU-tanh");
     mod.def("decode_attention", &decode_attention,
             "one token per row: RoPE, cache write and attention over the cache -> (B, H*D)");
+    mod.def("set_torch_threads", &set_torch_threads,
+            "the calling thread's thread count for PyTorch's own (OpenMP) ops; returns the previous one");
     mod.def("isa", &isa, "0: no kernels on this CPU, 1: AVX2+FMA, 2: AVX-512 VNNI");
     mod.def("set_isa", &set_isa, "use a lower instruction set than the CPU's (for tests); returns the level in use");
     mod.def("bf16_dot", &bf16_dot, "1 when bf16 weights are multiplied with AVX-512 BF16 dpbf16 (hi + lo activations)");
