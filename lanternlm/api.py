@@ -29,7 +29,7 @@ from .generation.generate import Step, generate
 from .generation.grammar import GrammarCompiler
 from .generation.guide import GuideSpec
 from .generation.sampling import SamplingParams
-from .loader.load import load
+from .load import load
 from .store import catalogue_entry, recommended_generation_config, resolve
 from .text.chat import ChatTemplate, no_template_error
 from .text.constraint import GrammarSpec

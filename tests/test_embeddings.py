@@ -16,7 +16,7 @@ import torch
 
 from lanternlm import LLM, LanternError, SamplingParams, store
 from lanternlm.embedding import EmbeddingInputError, InputTooLongError
-from lanternlm.loader.load import GGUF_GENERATION_DEFAULTS
+from lanternlm.load import GGUF_GENERATION_DEFAULTS
 
 from test_hf_folder import save_folder
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from lanternlm.loader.load import load
+from lanternlm.load import load
 
 from gguf_writer import write_gguf
 from tiny_models import make_hf_model

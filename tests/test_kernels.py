@@ -340,7 +340,7 @@ def fuse_qkv(model) -> None:
 def test_decode_stack_equals_the_module_path(arch, tmp_path):
     # The one-call C++ decoder stack against the same quantized model run module by module. "llama-k-quants"
     # is laid out like a Q4_K_M file: Q4_K q/k next to a Q6_K v, so q, k and v stay separate products.
-    from lanternlm.loader.load import load
+    from lanternlm.load import load
 
     from gguf_writer import write_gguf
     if arch == "llama-k-quants":

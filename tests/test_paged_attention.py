@@ -292,7 +292,7 @@ def test_decode_stack_forward_paged_equals_forward(arch, tmp_path):
     from gguf import GGMLQuantizationType as T
 
     from lanternlm.fused import _decode_stack
-    from lanternlm.loader.load import load
+    from lanternlm.load import load
 
     from gguf_writer import write_gguf
     from tiny_models import make_hf_model

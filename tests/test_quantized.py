@@ -11,8 +11,8 @@ from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import kernels
 from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q8, dequantize_blocks
-from lanternlm.loader import load as load_module
-from lanternlm.loader.load import load
+from lanternlm import load as load_module
+from lanternlm.load import load
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, Int8Linear, QuantLinear
 

@@ -1,7 +1,9 @@
 """Open a model the way people have it: a Hugging Face folder or a single .gguf file.
 
 Returns everything the rest of Lantern needs in one bundle: config, built model, tokenizer, chat template
-and generation defaults. Picks the device (CUDA when present) and the compute dtype.
+and generation defaults. Picks the device (CUDA when present) and the compute dtype, and is the one place
+that decides which transforms (quantize.py, fused.py) a built model gets. It sits above `loader/` (the
+formats) and the transforms, so neither imports the other's package back.
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelConfig
-from ..errors import LanternError, ModelFileError
-from ..fused import fuse_for_cpu
-from ..kernels import kernels, why_unavailable
-from ..model import CausalLM
-from ..models.encoder import EncoderConfig, EncoderModel
-from ..quantize import QUANTIZE_TYPES, quantization_available, quantize_from_float, quantize_from_gguf, uses_kernels
-from ..text.tokenizer import Tokenizer
-from . import hf
-from .build import build_model, meta_model
-from .encoder import SentenceConfig, is_encoder_config, load_encoder
-from .gguf import read_gguf
-from .gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
-from .quants import type_name
+from .config import ConfigError, ModelConfig
+from .errors import LanternError, ModelFileError
+from .fused import fuse_for_cpu
+from .kernels import kernels, why_unavailable
+from .loader import hf
+from .loader.build import build_model, meta_model
+from .loader.encoder import SentenceConfig, is_encoder_config, load_encoder
+from .loader.gguf import read_gguf
+from .loader.gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
+from .loader.quants import type_name
+from .model import CausalLM
+from .models.encoder import EncoderConfig, EncoderModel
+from .quantize import QUANTIZE_TYPES, quantization_available, quantize_from_float, quantize_from_gguf, uses_kernels
+from .text.tokenizer import Tokenizer
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
 # own runtime (its common defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), so those are the
