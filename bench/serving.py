@@ -65,11 +65,10 @@ def server_command(engine: str, model: str, port: int, threads: int, slots: int)
     if engine in ("lantern", "lantern-q8"):
         cmd = [sys.executable, "-m", "lanternlm", "serve", "-m", model, "--host", common["host"],
                "--port", common["port"], "--served-model-name", SERVED_NAME, "--max-batch", str(slots),
-               "--max-queue", str(2 * slots), "--context", str(CONTEXT)]
+               "--max-queue", str(2 * slots), "--context", str(CONTEXT), "--threads", str(threads)]
         if engine == "lantern-q8":
             cmd += ["--quantize", "q8_0"]
-        # `lantern serve` has no thread option: torch's thread count (and so the kernels' pool) follows these.
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # also for the kernel build
         return cmd, env, {"server": "lantern serve"}
     if engine == "llamacpp":
         binary = peers.ensure_llama_cpp() / "llama-server"

@@ -96,6 +96,24 @@ def add_model(p):
                         "from the weights as stored (a GGUF's blocks, an HF folder's bf16 matrices)")
     p.add_argument("--quantize", default=None, metavar="TYPE",
                    help="quantize an HF folder's (or an F16/BF16 GGUF's) weights at load: q8_0, q4_0 or q4_1")
+    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="CPU threads for the model's compute (default: PyTorch's, one per core), as llama.cpp's -t")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def thread_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {text!r}")
+    return n
 
 
 def add_sampling(p):
@@ -307,6 +325,11 @@ def open_model(args):
     except NotPulledError:  # a catalogue model not fetched yet: fetch it first, as `ollama run` does
         print(f"{name} is not on this machine yet: pulling it", file=sys.stderr)
         pull(name)
+    if getattr(args, "threads", None):
+        import torch
+
+        # Before the load: the kernels' split, PyTorch's ops and threads started later (the Engine's) follow it.
+        torch.set_num_threads(args.threads)
     return LLM(name, dtype=args.dtype, device=args.device, exact=True if args.exact else None,
                quantize=getattr(args, "quantize", None))
 
@@ -421,7 +444,8 @@ def stream_out(steps, verbose: bool, prompt_len: int, started: float,
         decode = (count - 1) / (end - first) if first and count > 1 and end > first else 0.0
         ttft = (first - started) if first else 0.0
         print(f"\n[prompt {prompt_len} tokens, generated {count} tokens, finish {reason}, "
-              f"time to first token {ttft:.3f} s, decode {decode:.1f} tokens/s]", file=sys.stderr)
+              f"time to first token {ttft:.3f} s, decode {decode:.1f} tokens/s on {torch_threads()} threads]",
+              file=sys.stderr)
     return printer.answer, reason
 
 

@@ -37,6 +37,11 @@ def test_run_reads_stdin_and_verbose_goes_to_stderr(model_arg):
     assert r.returncode == 0, r.stderr
     assert "generated 8 tokens" in r.stderr or "finish stop" in r.stderr
     assert "tokens/s" in r.stderr and "tokens/s" not in r.stdout
+    one = lantern("run", *model_arg, "--temperature", "0", "--max-tokens", "8", "-v", "--threads", "1",
+                  "What is the capital of France?")
+    assert one.returncode == 0 and "on 1 threads]" in one.stderr, one.stderr
+    assert one.stdout == lantern("run", *model_arg, "--temperature", "0", "--max-tokens", "8",
+                                 "What is the capital of France?").stdout  # the same answer on 1 thread
 
 
 def test_run_flags_seed_repeats_and_raw_mode(model_arg):
@@ -129,6 +134,7 @@ def test_seeds_qwen2_arithmetic():
     (("run", "-m", "/nonexistent/model.gguf", "hi"), "unknown model"),
     (("run", "--temperature", "-1", "hi"), "temperature"),
     (("run", "--max-tokens", "abc", "hi"), "invalid int value"),
+    (("run", "--threads", "0", "hi"), "threads >= 1"),
     (("inspect", "-m", str(Path(__file__).resolve().parent.parent / "pyproject.toml")), "not a model"),
     (("rm", "no-such-model"), "unknown model"),
     (("frobnicate",), "invalid choice"),
