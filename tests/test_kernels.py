@@ -120,7 +120,7 @@ def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.BF16])
 def test_products_do_not_depend_on_the_thread_or_the_split(qtype):
     """The Engine computes on a thread of its own (the kernels' pool, whose threads claim chunks of rows as they
-    get a core) and the API on the main thread (PyTorch's OpenMP team): both, with 1 or 2 threads, give the same
+    get a core) and the API on the main thread (the same pool): both, with 1 or 2 threads, give the same
     bits, so the server and `lantern run` pick the same tokens. Shapes with N not a multiple of 4 put the row tiles'
     edge inside a chunk."""
     import threading
@@ -382,8 +382,8 @@ def test_decode_stack_equals_the_module_path(arch, tmp_path):
 
 
 def test_products_from_another_thread_equal_the_main_threads():
-    # The process's first thread runs kernels on PyTorch's OpenMP team, other threads (the serving Engine's)
-    # on Lantern's own pool: both must give the same numbers, for every row split.
+    # The process's first thread and another (the serving Engine's) share Lantern's pool (pool.cpp): both must
+    # give the same numbers, for every row split, and the pool's workers must serve either caller.
     import threading
     raw, _ = ggml_blocks(T.Q4_1, 3000, 576, seed=9)
     b = from_ggml(raw, T.Q4_1, (3000, 576))

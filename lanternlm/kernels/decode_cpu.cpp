@@ -62,8 +62,12 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
     const float* xp = xc.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    for (int64_t r = 0; r < rows; r++)
-        rms_row(xp + r * n, wp, static_cast<float>(offset), static_cast<float>(eps), op + r * n, n);
+    // Rows split over PyTorch's threads when there are many (a prefill; a decode step's few rows stay on one):
+    // these ops sit between oneDNN matmuls, whose threads they share (see dequantize in quant_cpu.cpp).
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++)
+            rms_row(xp + r * n, wp, static_cast<float>(offset), static_cast<float>(eps), op + r * n, n);
+    });
     return out;
 }
 
@@ -78,20 +82,22 @@ torch::Tensor gated_act(const torch::Tensor& x, int64_t act) {
     const int64_t rows = xc.numel() / two_i;
     const float* xp = xc.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    for (int64_t r = 0; r < rows; r++) {
-        const float* g = xp + r * two_i;
-        const float* u = g + inter;
-        float* o = op + r * inter;
-        if (act == 0) {
-            for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-        } else {
-            for (int64_t i = 0; i < inter; i++) {
-                const float v = g[i];
-                const float t = std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v));
-                o[i] = 0.5f * v * (1.0f + t) * u[i];
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {  // rows split as in rms_norm
+            const float* g = xp + r * two_i;
+            const float* u = g + inter;
+            float* o = op + r * inter;
+            if (act == 0) {
+                for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+            } else {
+                for (int64_t i = 0; i < inter; i++) {
+                    const float v = g[i];
+                    const float t = std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v));
+                    o[i] = 0.5f * v * (1.0f + t) * u[i];
+                }
             }
         }
-    }
+    });
     return out;
 }
 

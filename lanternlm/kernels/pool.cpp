@@ -1,22 +1,24 @@
-// How Lantern's kernels split work across threads: parallel_rows(n, grain, fn) splits [0, n) into contiguous
-// ranges of at least `grain` rows. On the process's first thread it uses PyTorch's OpenMP team (one range per
-// thread); on any other thread, a small persistent pool of its own, whose threads (the caller included) claim
-// up to four ranges per thread one at a time, so a thread the OS has not scheduled holds no one up.
+// How Lantern's products and decode kernels split work across threads: parallel_rows(n, grain, fn) splits [0, n)
+// into contiguous ranges of at least `grain` rows, run by a small persistent pool whose threads (the caller
+// included) claim up to four ranges per thread one at a time, so a thread the OS has not scheduled holds no one
+// up: the others take the rest of the ranges.
 //
-// Why two: called from a thread other than the first (the serving Engine's), each OpenMP region woke its
-// team from sleep, adding ~45 us per call on the project's 2-core VM (a 3072x576 product: 39 us from the
-// main thread, 86 us from another) and halving the Engine's decode speed. On the first thread, a pool of
-// its own fought PyTorch's OpenMP workers, which spin after PyTorch's own parallel ops, and halved plain
-// generation instead. The pool's workers spin briefly between calls (a decode step makes hundreds of calls
-// microseconds apart), then sleep, so they cost nothing while idle. The thread count follows
-// torch.get_num_threads().
+// Why not PyTorch's OpenMP team: its static split waits for every thread, and with another process holding a
+// core each product waited a whole time slice (~4 ms); greedy decode on the project's 2-core VM beside one busy
+// process ran at 35-40 tokens/s through OpenMP and 60-77 through the pool. Called from a thread other than the
+// first (the serving Engine's), an OpenMP region also woke its team from sleep on every call (+45 us per
+// product). The pool's workers spin briefly between calls (a decode step makes hundreds of calls microseconds
+// apart), then sleep, so they cost nothing while idle. The thread count follows torch.get_num_threads().
+//
+// The dense phases (a prefill: oneDNN matmuls with dequantize, RMSNorm and the gated activation between them)
+// keep PyTorch's OpenMP threads instead (at::parallel_for in those kernels): there the two sets of spinning
+// threads on the same cores slowed a 64-token prefill by a third. They now share the cores only at the switch
+// between a prefill and decoding.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <pthread.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -143,13 +145,7 @@ Pool& pool() {
 }  // namespace
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-    // The process's first thread shares PyTorch's OpenMP team (whose workers spin between PyTorch's own
-    // parallel ops and would otherwise take a core from ours); other threads use the pool.
-    if (static_cast<pid_t>(syscall(SYS_gettid)) == getpid()) {
-        at::parallel_for(0, n, grain, fn);
-    } else {
-        pool().run(n, grain, fn);
-    }
+    pool().run(n, grain, fn);
 }
 
 // The calling thread's OpenMP thread count for PyTorch's own ops (torch.set_num_threads would change every new

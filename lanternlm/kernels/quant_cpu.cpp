@@ -42,8 +42,8 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 
 // parallel_rows over output rows, split only at multiples of 4: the products take rows in tiles of 4 (or 2) from
 // the start of their range, with single rows at its end, and a tile's rounding differs from single rows'. Aligned
-// splits make every row's result the same whatever the thread count or split, so the Engine's threads and the
-// main thread's OpenMP team give the same bits.
+// splits make every row's result the same whatever the thread count or split (the pool's chunks are claimed
+// dynamically), so the Engine, the API and 1 or 2 threads give the same bits.
 inline void parallel_tiles(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     parallel_rows((n + 3) / 4, (grain + 3) / 4, [&](int64_t t0, int64_t t1) { fn(4 * t0, std::min(n, 4 * t1)); });
 }
@@ -839,7 +839,9 @@ torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Ten
     uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     const Weights w = weights(qs, *d, m, kind);
-    parallel_rows(qs.size(0), 16, [&](int64_t r0, int64_t r1) {
+    // PyTorch's own threads, not the pool (pool.cpp): a dense forward alternates this with oneDNN's matmuls,
+    // and two sets of spinning threads on the same cores slowed a 64-token prefill by a third.
+    at::parallel_for(0, qs.size(0), 16, [&](int64_t r0, int64_t r1) {
         with_kind(kind, [&](auto kc) {
             constexpr int64_t KIND = decltype(kc)::value;
             if (ISA == 2) avx512::dequantize_rows<KIND>(w, k, r0, r1, f, h);
