@@ -40,8 +40,8 @@
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
-// parallel_rows over output rows, split only at multiples of 4: the products take rows in tiles of 4 (or 2) from
-// the start of their range, with single rows at its end, and a tile's rounding differs from single rows'. Aligned
+// parallel_rows over output rows, split only at multiples of 4: batched products take rows in tiles of 2 from the
+// start of their range, with a single row at its end, and a tile's rounding differs from single rows'. Aligned
 // splits make every row's result the same whatever the thread count or split (the pool's chunks are claimed
 // dynamically), so the Engine, the API and 1 or 2 threads give the same bits.
 inline void parallel_tiles(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -396,13 +396,14 @@ inline void rows_block(const Weights& w, int64_t k, const XQuant& xq, int64_t m,
 template <int64_t KIND>
 void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0,
               int64_t n1) {
-    // Tiles measured on the project's VM: 4 rows for 4-bit matvecs, 2 for small batches; 8-bit weight rows
-    // are as fast one at a time (4 at once was twice as slow on the 49152x576 lm_head). The 3-, 5- and 6-bit
-    // kinds take the 4-bit tiles.
+    // Matrix-vector products (1-2 activation rows) take one weight row at a time: the hardware prefetcher
+    // follows one sequential stream far better than several interleaved rows (Zen 4 VM, one thread streaming
+    // fp16 rows from DRAM: 23 GB/s one row at a time, 10 for 4 rows; 40 vs 12 in 2 MiB pages). All products of
+    // a 1B Q4_K/Q6_K file at one row: 35.7 ms in tiles of 4 rows, 27.1 ms one by one; SmolLM2 Q4_1 5.0 either
+    // way. Small batches take weight rows in pairs, each weight block widened once for both (one by one was
+    // no faster at 8 rows and slower from 16); 8-bit rows always one at a time.
     int64_t n = n0;
-    if (KIND != KIND_Q8 && m <= 2) {
-        for (; n + 4 <= n1; n += 4) rows_block<KIND, 4>(w, k, xq, m, y, n_out, n);
-    } else if (KIND != KIND_Q8) {
+    if (KIND != KIND_Q8 && m > 2) {
         for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(w, k, xq, m, y, n_out, n);
     }
     for (; n < n1; n++) rows_block<KIND, 1>(w, k, xq, m, y, n_out, n);
@@ -466,6 +467,10 @@ inline float bf16_value(uint16_t h) {
 
 constexpr int64_t DPBF16_MAX_ROWS = 2;
 
+// Independent accumulator sets in a float tile: with one or two outputs, one chain of FMAs (or dpbf16 pairs)
+// per output would wait on its own latency, so steps alternate between two sets.
+constexpr int FLOAT_CHAINS(int R, int NB) { return R * NB <= 2 ? 2 : 1; }
+
 // Which float-kind kernel the last product used (tests assert it): FLOAT_PATH_*.
 constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
 std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
@@ -500,21 +505,28 @@ inline float load1(const void* w, int64_t at) {
 template <int64_t KIND, int R, int NB>
 inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t row_bytes = k * float_bytes(KIND);
-    __m256 acc[R][NB];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= k; i += 8) {
+    constexpr int S = FLOAT_CHAINS(R, NB);
+    __m256 acc[S][R][NB];
+    for (int c = 0; c < S; c++)
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) acc[c][r][b] = _mm256_setzero_ps();
+    auto step = [&](int64_t i, __m256 (&a)[R][NB]) {
         __m256 xv[NB];
         for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(x + (b0 + b) * k + i);
         for (int r = 0; r < R; r++) {
             const __m256 wv = load8<KIND>(w + (n + r) * row_bytes, i);
-            for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+            for (int b = 0; b < NB; b++) a[r][b] = _mm256_fmadd_ps(wv, xv[b], a[r][b]);
         }
-    }
+    };
+    int64_t i = 0;
+    for (; i + 8 * S <= k; i += 8 * S)
+        for (int c = 0; c < S; c++) step(i + 8 * c, acc[c]);
+    for (; i + 8 <= k; i += 8) step(i, acc[0]);
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) {
-            float s = hsum8(acc[r][b]);
+            __m256 t = acc[0][r][b];
+            for (int c = 1; c < S; c++) t = _mm256_add_ps(t, acc[c][r][b]);
+            float s = hsum8(t);
             for (int64_t j = i; j < k; j++) s += load1<KIND>(w + (n + r) * row_bytes, j) * x[(b0 + b) * k + j];
             y[(b0 + b) * n_out + n + r] = s;
         }
@@ -556,14 +568,22 @@ inline void float_step(const uint8_t* w, int64_t row_bytes, int64_t k, const flo
 template <int64_t KIND, int R, int NB>
 inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t row_bytes = k * float_bytes(KIND);
-    __m512 acc[R][NB];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    constexpr int S = FLOAT_CHAINS(R, NB);
+    __m512 acc[S][R][NB];
+    for (int c = 0; c < S; c++)
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) acc[c][r][b] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) float_step<KIND, R, NB, true>(w, row_bytes, k, x, b0, n, i, 0xFFFF, acc);
-    if (i < k) float_step<KIND, R, NB, false>(w, row_bytes, k, x, b0, n, i, static_cast<__mmask16>((1u << (k - i)) - 1), acc);
+    for (; i + 16 * S <= k; i += 16 * S)
+        for (int c = 0; c < S; c++) float_step<KIND, R, NB, true>(w, row_bytes, k, x, b0, n, i + 16 * c, 0xFFFF, acc[c]);
+    for (; i + 16 <= k; i += 16) float_step<KIND, R, NB, true>(w, row_bytes, k, x, b0, n, i, 0xFFFF, acc[0]);
+    if (i < k) float_step<KIND, R, NB, false>(w, row_bytes, k, x, b0, n, i, static_cast<__mmask16>((1u << (k - i)) - 1), acc[0]);
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+        for (int b = 0; b < NB; b++) {
+            __m512 t = acc[0][r][b];
+            for (int c = 1; c < S; c++) t = _mm512_add_ps(t, acc[c][r][b]);
+            y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(t);
+        }
 }
 
 }  // namespace avx512
@@ -608,14 +628,22 @@ inline void bf16_step(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* 
 template <int R, int NB>
 inline void bf16_tile(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* hi, const uint16_t* lo, int64_t b0,
                       float* y, int64_t n_out, int64_t n) {
-    __m512 acc[R][NB];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    constexpr int S = FLOAT_CHAINS(R, NB);
+    __m512 acc[S][R][NB];
+    for (int c = 0; c < S; c++)
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) acc[c][r][b] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= k; i += 32) bf16_step<R, NB, true>(w, k, kp, hi, lo, b0, n, i, 0xFFFFFFFFu, acc);
-    if (i < k) bf16_step<R, NB, false>(w, k, kp, hi, lo, b0, n, i, (1u << (k - i)) - 1, acc);
+    for (; i + 32 * S <= k; i += 32 * S)
+        for (int c = 0; c < S; c++) bf16_step<R, NB, true>(w, k, kp, hi, lo, b0, n, i + 32 * c, 0xFFFFFFFFu, acc[c]);
+    for (; i + 32 <= k; i += 32) bf16_step<R, NB, true>(w, k, kp, hi, lo, b0, n, i, 0xFFFFFFFFu, acc[0]);
+    if (i < k) bf16_step<R, NB, false>(w, k, kp, hi, lo, b0, n, i, (1u << (k - i)) - 1, acc[0]);
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+        for (int b = 0; b < NB; b++) {
+            __m512 t = acc[0][r][b];
+            for (int c = 1; c < S; c++) t = _mm512_add_ps(t, acc[c][r][b]);
+            y[(b0 + b) * n_out + n + r] = _mm512_reduce_add_ps(t);
+        }
 }
 
 }  // namespace avx512bf16
@@ -650,8 +678,10 @@ inline void with_float_kind(int64_t kind, Fn&& fn) {
 }
 
 // Output rows [n0, n1) against m activation rows: tile(R, NB, b0, n) computes weight rows n..n+R-1 against
-// activation rows b0..b0+NB-1 (R and NB as integral constants). Matrix-vector products take 4 weight rows at
-// a time (4 independent FMA chains hide their latency), small batches 2, each over up to 4 activation rows.
+// activation rows b0..b0+NB-1 (R and NB as integral constants). Matrix-vector products take one weight row at
+// a time (one sequential stream for the prefetcher; see rows_all: bf16 and fp16 matrices at one row went from
+// 12.6 and 14.4 ms to 8.0 and 7.9 ms for SmolLM2's 121 products), small batches 2, each over up to 4
+// activation rows.
 template <typename Tile>
 void float_rows(int64_t m, int64_t n0, int64_t n1, const Tile& tile) {
     auto batch = [&](auto r, int64_t n) {
@@ -665,9 +695,7 @@ void float_rows(int64_t m, int64_t n0, int64_t n1, const Tile& tile) {
         }
     };
     int64_t n = n0;
-    if (m <= 2) {
-        for (; n + 4 <= n1; n += 4) batch(std::integral_constant<int, 4>{}, n);
-    } else {
+    if (m > 2) {
         for (; n + 2 <= n1; n += 2) batch(std::integral_constant<int, 2>{}, n);
     }
     for (; n < n1; n++) batch(std::integral_constant<int, 1>{}, n);
