@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LanternError
-from ..kernels import serial_torch_ops
 from ..generation.choose import Chooser
 from ..generation.generate import ContextLengthError, OutputStream, plan_lengths
 from ..generation.guide import GuideSpec
 from ..generation.sampling import SamplingParams, make_generator, token_logprobs
+from ..kernels import serial_torch_ops
 from ..model import CausalLM
 from ..models.kv_cache import BLOCK_SIZE, PagedKVCache
 from ..text.tokenizer import Tokenizer
