@@ -57,7 +57,7 @@ class Events:
         """The next event; raises ClientGone or RequestTimeout instead when the request ends early."""
         if self.gone.done():  # events still queued have nobody to go to
             raise ClientGone()
-        item = self.queue.get_nowait() if not self.queue.empty() else await self.queue.get()
+        item = await self.queue.get()  # no suspension when an event is already waiting
         if item is _GONE:
             raise ClientGone()
         if item is _TIMEOUT:
