@@ -158,12 +158,15 @@ def uses_kernels(gguf: GGUFFile) -> bool:
                                          for info in gguf.tensors.values() if len(info.shape) == 2)
 
 
-# Kinds whose native product is still slower here than the 8-bit one, so a model computes them as 8-bit
-# blocks (requantized at load, at most half an 8-bit step per weight) until their kernels are tuned. Measured
-# on the 2-core Zen 4 VM, idle: one row through a 896x4864 Q6_K matrix 0.166 ms native vs 0.089 ms as 8-bit, a
-# 4864x896 Q5_0 one 0.100 vs 0.084 ms; end to end, random weights at Qwen2-0.5B shapes in Q4_K_M decoded 39
-# tok/s native vs 58 as 8-bit (q/k in Q5_0 next to v in Q8_0 also stop fusing into one product).
-REQUANTIZED_KINDS = (KIND_Q5, KIND_Q5_MIN, KIND_Q6, KIND_Q3)
+# Kinds whose native product is still much slower here than the 8-bit one, so a model computes them as 8-bit
+# blocks (requantized at load, at most half an 8-bit step per weight). Their bits carry a multiplier per 16
+# weights, which costs the kernel a widening multiply per block. Measured on the 2-core Zen 4 VM, idle, greedy
+# tg128 best of 3 (2026-12-06): random weights at Qwen2-0.5B shapes in Q4_K_M 62 tok/s all native vs 65 with
+# Q6_K as 8-bit; a 1B Llama-shape Q4_K_M 32 vs 35. The 5-bit kinds stay in their own bits: against 8-bit
+# blocks they cost 4-5% of decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68,
+# SmolLM2's Q4_K_M 163 vs 171) and nothing on the 1B file, and they load in about half the time (0.5B shapes
+# 0.93-0.98 s vs 1.28-1.60 s) into ~110 MB less memory.
+REQUANTIZED_KINDS = (KIND_Q6, KIND_Q3)
 _Q8_0 = 8
 
 

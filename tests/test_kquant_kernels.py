@@ -136,6 +136,23 @@ def test_product_equals_the_float32_product_of_the_dequantized_weights(isa, qtyp
         assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double()), (qtype.name, k)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_mixed_kind_parts_in_one_call_give_the_bits_of_separate_products(isa, rows):
+    # q, k, v of a K-quant mix in three types (as Q4_K_M files keep them): qmatmul_parts quantizes x once and
+    # runs every part's rows in one parallel region; each part must come out as its own qmatmul's bits.
+    k = 256
+    parts = [from_ggml(*ggml_tensor(qtype, n, k, seed=n)[:1], qtype, (n, k))
+             for qtype, n in ((T.Q5_0, 37), (T.Q8_0, 6), (T.Q4_K, 13), (T.Q6_K, 5))]
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    got = K.qmatmul_parts(x, [b.qs for b in parts], [b.d for b in parts], [b.m for b in parts],
+                          [b.kind for b in parts])
+    want = torch.cat([K.qmatmul(x, b.qs, b.d, b.m, b.kind) for b in parts], -1)
+    assert got.shape == (rows, 37 + 6 + 13 + 5)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="one entry per part"):
+        K.qmatmul_parts(x, [parts[0].qs], [parts[0].d, parts[1].d], [parts[0].m], [parts[0].kind])
+
+
 def test_malformed_multipliers_are_refused():
     raw, _ = ggml_tensor(T.Q6_K, 4, 256, seed=0)
     b = from_ggml(raw, T.Q6_K, (4, 256))
@@ -153,8 +170,8 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     # gguf_writer writes K-quant blocks from random bytes; give them the small scales of k_blocks, so the
     # network is not chaotic and its float32 logits are a meaningful reference.
     monkeypatch.setattr(gguf_writer, "random_k_blocks", k_blocks)
-    # Models compute these kinds as 8-bit blocks for now (quantize.REQUANTIZED_KINDS: slower native kernels);
-    # here the model runs them natively, through the fused decode stack, as it will once they are tuned.
+    # Models compute Q6_K and Q3_K as 8-bit blocks for now (quantize.REQUANTIZED_KINDS: slower native kernels);
+    # here the model runs every kind natively, through the fused decode stack.
     monkeypatch.setattr(lanternlm.quantize, "REQUANTIZED_KINDS", ())
     hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)  # rows of 256
     gguf_writer.write_gguf(hf, tmp_path / "m.gguf", T.Q8_0,

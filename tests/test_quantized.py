@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q8, dequantize_blocks
 from lanternlm import load as load_module
 from lanternlm.load import load
 from lanternlm.model import KVCache
@@ -132,9 +132,9 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
         bound = xi.abs().amax() / 65534 * got.abs().sum(1) + 1e-5 * (xi.abs() @ got.abs().t())
         assert torch.all((module(xi) - xi @ got.t()).abs() <= bound), name
     kinds = {m.kind for m in quant.modules() if isinstance(m, QuantLinear)}
-    # Q4_K in its own bits; Q5_K and Q6_K computed as 8-bit blocks (quantize.REQUANTIZED_KINDS: their native
-    # kernels are slower still), like the Q8_0 head.
-    assert kinds == {KIND_Q4_MIN, KIND_Q8}
+    # Q4_K and Q5_K in their own bits; Q6_K computed as 8-bit blocks (quantize.REQUANTIZED_KINDS: its native
+    # kernel is slower still), like the Q8_0 head.
+    assert kinds == {KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q8}
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 

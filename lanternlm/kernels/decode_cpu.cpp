@@ -394,6 +394,9 @@ torch::Tensor decode_attention_paged(const torch::Tensor& q, const torch::Tensor
 
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
                       const c10::optional<torch::Tensor>& m, int64_t kind);
+torch::Tensor qmatmul_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& qs,
+                            const std::vector<c10::optional<torch::Tensor>>& d,
+                            const std::vector<c10::optional<torch::Tensor>>& m, const std::vector<int64_t>& kinds);
 
 namespace {
 
@@ -409,11 +412,35 @@ struct QWeight {  // one QuantLinear: blocks (or a float kind's plain matrix, wi
 };
 
 // One product, or several whose outputs are concatenated (q, k, v or gate, up kept apart when their blocks
-// differ in kind, as in Q4_K_M files).
+// differ in kind, as in Q4_K_M files): block kinds in one qmatmul_parts call, float kinds one by one.
 struct QWeights {
     std::vector<QWeight> parts;
+    std::vector<torch::Tensor> qs;
+    std::vector<c10::optional<torch::Tensor>> d, m;
+    std::vector<int64_t> kinds;
+    bool blocks = false;  // every part has a block kind (float kinds have no scales d)
+
+    void add(QWeight w) {
+        qs.push_back(w.qs);
+        d.push_back(w.d);
+        m.push_back(w.m);
+        kinds.push_back(w.kind);
+        parts.push_back(std::move(w));
+        blocks = std::all_of(parts.begin(), parts.end(), [](const QWeight& p) { return p.d.has_value(); });
+    }
+
     torch::Tensor apply(const torch::Tensor& x) const {
         if (parts.size() == 1) return parts[0].apply(x);
+        if (blocks) {
+            auto y = qmatmul_parts(x, qs, d, m, kinds);
+            int64_t at = 0;
+            for (const auto& p : parts) {
+                const int64_t n = p.qs.size(0);
+                if (p.bias) y.narrow(-1, at, n).add_(*p.bias);
+                at += n;
+            }
+            return y;
+        }
         std::vector<torch::Tensor> outs;
         for (const auto& p : parts) outs.push_back(p.apply(x));
         return torch::cat(outs, -1);
@@ -441,7 +468,7 @@ QWeight qweight(const pybind11::dict& w) {
 
 QWeights qweights(const pybind11::list& parts) {
     QWeights q;
-    for (const auto& part : parts) q.parts.push_back(qweight(part.cast<pybind11::dict>()));
+    for (const auto& part : parts) q.add(qweight(part.cast<pybind11::dict>()));
     return q;
 }
 

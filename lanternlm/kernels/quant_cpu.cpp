@@ -856,6 +856,58 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     return y;
 }
 
+// y (..., N_0 + N_1 + ...) = x @ [W_0; W_1; ...].T for block matrices of different kinds: q, k and v (or
+// gate and up) that a K-quant mix keeps in different types (Q5_0 q/k beside Q8_0 v). x is quantized once and
+// all parts' rows make one parallel region, so a small part (k, v: 128 rows at 0.5B shapes, under one task's
+// grain) does not leave a thread idle in a region of its own. Each part is tiled from its own first row, as
+// a qmatmul of its own would be: the same bits.
+torch::Tensor qmatmul_parts(const torch::Tensor& x_in, const std::vector<torch::Tensor>& qs,
+                            const std::vector<c10::optional<torch::Tensor>>& d,
+                            const std::vector<c10::optional<torch::Tensor>>& m, const std::vector<int64_t>& kinds) {
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() >= 1 && x_in.device().is_cpu(),
+                "x: float32 on the CPU");
+    const size_t parts = qs.size();
+    TORCH_CHECK(parts > 0 && d.size() == parts && m.size() == parts && kinds.size() == parts,
+                "qs, d, m and kinds: one entry per part");
+    const torch::Tensor x = x_in.contiguous();
+    const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0;
+    std::vector<int64_t> offset(parts + 1, 0), first_tile(parts + 1, 0);
+    std::vector<Weights> w;
+    for (size_t p = 0; p < parts; p++) {
+        TORCH_CHECK(!is_float_kind(kinds[p]), "qmatmul_parts takes block kinds only");
+        check(qs[p], d[p], m[p], kinds[p], k);
+        w.push_back(weights(qs[p], *d[p], m[p], kinds[p]));
+        offset[p + 1] = offset[p] + qs[p].size(0);
+        first_tile[p + 1] = first_tile[p] + (qs[p].size(0) + 3) / 4;
+    }
+    auto shape = x.sizes().vec();
+    shape.back() = offset[parts];
+    auto y = torch::empty(shape, x.options());
+    if (rows == 0 || offset[parts] == 0) return y;
+#if defined(__x86_64__) || defined(_M_X64)
+    const bool wide = ISA == 2;
+    XQuant xq(rows, k);
+    avx2::quantize_rows(x.data_ptr<float>(), rows, k, xq);
+    const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, k / 32 * rows));  // as in qmatmul
+    float* out = y.data_ptr<float>();
+    const int64_t n_out = offset[parts];
+    parallel_rows(first_tile[parts], (grain + 3) / 4, [&](int64_t t0, int64_t t1) {
+        for (size_t p = 0; p < parts; p++) {
+            const int64_t lo = std::max(t0, first_tile[p]), hi = std::min(t1, first_tile[p + 1]);
+            if (lo >= hi) continue;
+            const int64_t n = offset[p + 1] - offset[p];
+            const int64_t n0 = 4 * (lo - first_tile[p]), n1 = std::min(n, 4 * (hi - first_tile[p]));
+            with_kind(kinds[p], [&](auto kc) {
+                constexpr int64_t KIND = decltype(kc)::value;
+                if (wide) avx512::rows_all<KIND>(w[p], k, xq, rows, out + offset[p], n_out, n0, n1);
+                else avx2::rows_all<KIND>(w[p], k, xq, rows, out + offset[p], n_out, n0, n1);
+            });
+        }
+    });
+#endif
+    return y;
+}
+
 // The weights as an (N, K) float32 or bfloat16 tensor.
 torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
                          const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::ScalarType dtype) {
@@ -931,6 +983,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     // The products let other Python threads run meanwhile (the server's event loop beside the Engine's
     // thread); they touch no Python object.
     mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind) or a float matrix (qs)",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("qmatmul_parts", &qmatmul_parts, "x (..., K) float32 @ [W_0; W_1; ...].T for block matrices of "
+            "different kinds (lists qs, d, m, kinds) -> (..., N_0 + N_1 + ...), x quantized once, one parallel region",
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("quantize_q8", &quantize_q8, "(N, K) float32 -> (qs int8 (N, K), d float16 (N, K/32)), ggml's Q8_0 recipe",
             pybind11::call_guard<pybind11::gil_scoped_release>());
