@@ -26,7 +26,8 @@ from .loader.gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .loader.quants import type_name
 from .model import CausalLM
 from .models.encoder import EncoderConfig, EncoderModel
-from .quantize import QUANTIZE_TYPES, quantization_available, quantize_from_float, quantize_from_gguf, uses_kernels
+from .store import cache_dir
+from .quantize import QUANTIZE_TYPES, gguf_weights, quantization_available, quantize_from_float, quantize_from_gguf
 from .text.tokenizer import Tokenizer
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
@@ -185,13 +186,16 @@ def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: s
             # would leave the flag a silent no-op.
             raise LanternError(f"{path.name}: --quantize {quantize} quantizes float weights (an HF folder, an "
                                f"F16/BF16/F32 GGUF); this file's matrices are {', '.join(sorted(matrices))} already")
-        # The tokenizer is built from the metadata while the weights load: its vocabulary and merges are Python
-        # and Rust work on one core (~0.3 s for 151k tokens), the weights' conversions are C++ and torch work
-        # that lets it run.
-        pending = side.submit(Tokenizer.from_gguf_metadata, gguf.metadata, source=str(path))
+        # The tokenizer is built from the metadata on a side thread: its vocabulary and merges are Python and Rust
+        # work that holds the GIL (~0.26 s for 151k tokens). Meanwhile this thread reserves the weights' memory and
+        # has the kernel fault it in (gguf_weights: one system call that releases the GIL, ~0.2 s for 0.5 GB on the
+        # project's VM), which the copies out of the file would otherwise pay page by page.
+        pending = side.submit(Tokenizer.from_gguf_metadata, gguf.metadata, source=str(path),
+                              cache_dir=cache_dir() / "tokenizers")
+        weights = None if exact else gguf_weights(gguf, config.model_type, quantize)
         compute = pick_dtype(dtype, device, "float16")
         deferred = frozenset()
-        on_kernels = not exact and uses_kernels(gguf)
+        on_kernels = weights is not None and weights.use_kernels
         if not exact:  # left for the quantize transform to build from the blocks
             deferred = _linear_weights(config) | ({EMBEDDING} if on_kernels else frozenset())
         tensors = gguf_tensors(gguf, config, compute, device, skip=deferred)
@@ -200,7 +204,7 @@ def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: s
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
         model = build_model(config, tensors, path, device, deferred=deferred)
         if not exact:
-            quantize_from_gguf(model, gguf, quantize)
+            quantize_from_gguf(model, weights)
             if on_kernels:
                 fuse_for_cpu(model)
         tokenizer = pending.result().with_end_ids(set(config.eos_token_id))

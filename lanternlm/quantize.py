@@ -27,6 +27,7 @@ Two implementations, picked by what the machine has:
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 
 import torch
@@ -43,11 +44,12 @@ from .kernels.blocks import (
     QUANTIZERS,
     Blocks,
     blocks_nbytes,
+    field_specs,
     float_blocks,
     from_ggml,
     is_float_kind,
     kind_for,
-    requantize_q8,
+    q8_by_rows,
 )
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import hf_name, unpermute_rows
@@ -56,6 +58,7 @@ from .model import CausalLM
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FLOAT_GGML_TYPES = (0, 1, 30)  # F32, F16, BF16: float kinds, any in_features
 QUANTIZE_TYPES = tuple(QUANTIZERS)  # what `quantize` (--quantize) accepts
+CHUNK_BYTES = 16 << 20  # a matrix bigger than this in the file is read into place a chunk of rows at a time
 DENSE_FROM_ROWS = 32  # from this many input rows on (prefill, big batches), dequantize to bf16 for a dense matmul
 
 
@@ -175,9 +178,11 @@ def _loaded_type(ggml_type: int) -> int:
     return _Q8_0 if kind_for(ggml_type) in REQUANTIZED_KINDS else ggml_type
 
 
-class _GGUFSource:
+class GGUFWeights:
     """The GGUF's weight matrices, asked for by HF name, as Blocks (kernels) or float tensors (Int8Linear),
-    Q/K rows un-permuted. Float matrices (F16/BF16 files) are quantized when `quantize` names a type."""
+    Q/K rows un-permuted. Float matrices (F16/BF16 files) are quantized when `quantize` names a type. With the
+    kernels, each matrix is copied out of the file once, straight into the arena (q/k/v or gate/up of one kind
+    straight into their fused matrix)."""
 
     def __init__(self, gguf: GGUFFile, model_type: str, use_kernels: bool, quantize: str | None):
         self.gguf, self.use_kernels, self.quantize = gguf, use_kernels, quantize
@@ -196,16 +201,66 @@ class _GGUFSource:
         if not self.use_kernels:
             w = self.gguf.tensor(gguf_name)
             return unpermute_rows(w, heads) if heads and self.permuted else w
+        return self._blocks(name, heads, self.arena.alloc)
+
+    def get_group(self, names: list[str], heads: list[int | None]) -> list[Blocks | torch.Tensor]:
+        """The matrices `names` (q/k/v, gate/up) as one fused matrix when their kinds agree, else each apart."""
+        infos = [self.gguf.tensors[self.names[n]] for n in names]
+        kinds = {kind_for(_loaded_type(i.ggml_type)) for i in infos}
+        if not self.use_kernels or self.quantize or len(kinds) != 1:
+            return fused_or_apart(self, [self.get(n, h) for n, h in zip(names, heads)])
+        fused, allocs = self.arena.group(kinds.pop(), [int(i.shape[0]) for i in infos], int(infos[0].shape[1]))
+        for name, h, alloc in zip(names, heads, allocs):
+            self._blocks(name, h, alloc)
+        return [fused]
+
+    def _blocks(self, name: str, heads: int | None, alloc) -> Blocks:
+        gguf_name = self.names[name]
         info = self.gguf.tensors[gguf_name]
-        blocks = from_ggml(self.gguf.raw(gguf_name), info.ggml_type, info.shape)  # copies out of the file
-        self.gguf.release(gguf_name)
-        if blocks.kind in REQUANTIZED_KINDS:
-            blocks = requantize_q8(blocks)
+        raw = self.gguf.raw(gguf_name)
         if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
-            blocks = blocks.rows(unpermute_rows(torch.arange(blocks.shape[0]), heads))
-        if self.quantize and is_float_kind(blocks.kind):
-            blocks = quantize_matrix(blocks.qs, self.quantize, name)
+            raw = raw.reshape(info.shape[0], -1)[unpermute_rows(torch.arange(info.shape[0]), heads).numpy()].reshape(-1)
+        if kind_for(info.ggml_type) in REQUANTIZED_KINDS:
+            blocks = self._requantized(gguf_name, raw, alloc)
+        elif self.quantize and info.ggml_type in FLOAT_GGML_TYPES:
+            blocks = quantize_matrix(from_ggml(raw, info.ggml_type, info.shape).qs, self.quantize, name)
+        elif raw.nbytes > CHUNK_BYTES and alloc == self.arena.alloc:
+            blocks = self._in_chunks(gguf_name, raw)
+        else:
+            blocks = from_ggml(raw, info.ggml_type, info.shape, alloc)  # copied out of the file, into place
+        self.gguf.release(gguf_name)
         return blocks
+
+    def _in_chunks(self, gguf_name: str, raw) -> Blocks:
+        """A big matrix (the embedding) copied into place a chunk of rows at a time, each chunk's file pages let
+        go of as soon as it is copied: they would otherwise all be resident at the end of the copy (145 MB for
+        a 0.5B model's Q8_0 embedding)."""
+        info = self.gguf.tensors[gguf_name]
+        n, k = (int(s) for s in info.shape)
+        by_row = raw.reshape(n, -1)
+        step = max(1, CHUNK_BYTES // by_row.shape[1])
+        starts = range(0, n, step)
+        counts = [min(step, n - r0) for r0 in starts]
+        fused, allocs = self.arena.group(kind_for(info.ggml_type), counts, k)
+        for r0, count, alloc in zip(starts, counts, allocs):
+            from_ggml(by_row[r0:r0 + count].reshape(-1), info.ggml_type, (count, k), alloc)
+            self.gguf.release(gguf_name, r0 * by_row.shape[1], (r0 + count) * by_row.shape[1])
+        return fused
+
+    def _requantized(self, gguf_name: str, raw, alloc) -> Blocks:
+        """8-bit blocks of a matrix in a REQUANTIZED_KINDS type, a chunk of rows at a time: neither the whole
+        matrix in its own kind nor the file's pages of more than one chunk are held at once (a 151k-row Q6_K
+        embedding is 111 MB of each, which set the peak memory of a 0.5B load)."""
+        info = self.gguf.tensors[gguf_name]
+        n, k = (int(s) for s in info.shape)
+        by_row = raw.reshape(n, -1)
+        row_bytes = by_row.shape[1]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            b = from_ggml(by_row[r0:r1].reshape(-1), info.ggml_type, (r1 - r0, k))
+            self.gguf.release(gguf_name, r0 * row_bytes, r1 * row_bytes)
+            return kernels().dequantize(b.qs, b.d, b.m, b.kind, k, torch.float32)
+        return q8_by_rows((n, k), rows, alloc)
 
 
 class _FloatSource:
@@ -224,6 +279,19 @@ class _FloatSource:
     def get(self, name: str, heads: int | None = None) -> Blocks:
         w = self.tensors.pop(name)
         return quantize_matrix(w, self.quantize, name) if self.quantize else float_blocks(w)
+
+    def get_group(self, names: list[str], heads: list[int | None]) -> list[Blocks]:
+        return fused_or_apart(self, [self.get(n, h) for n, h in zip(names, heads)])
+
+
+def fused_or_apart(src, parts: list[Blocks | torch.Tensor]) -> list[Blocks | torch.Tensor]:
+    """[one matrix stacking `parts`] when they can be one product, else `parts`: blocks of different kinds (e.g. a
+    Q4_K_M file's Q6_K v next to Q4_K q/k) stay separate modules."""
+    if src.use_kernels and len({p.kind for p in parts}) > 1:
+        return parts
+    if not src.use_kernels:
+        return [torch.cat(parts)]
+    return [Blocks.cat(parts)]
 
 
 def quantize_matrix(w: torch.Tensor, quantize: str, name: str = "") -> Blocks:
@@ -251,16 +319,11 @@ def _bias(module: nn.Module, names: list[str]) -> torch.Tensor | None:
     return None if biases[0] is None else torch.cat([b.detach() for b in biases])
 
 
-def _linear(src, parts: list[Blocks | torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
+def _linear(src, weight: Blocks | torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     bias = None if bias is None else bias.detach()
     if not src.use_kernels:
-        return Int8Linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
-    return QuantLinear(src.arena.place(Blocks.cat(parts) if len(parts) > 1 else parts[0]), bias)
-
-
-def _fusable(src, parts: list[Blocks | torch.Tensor]) -> bool:
-    """Blocks of different kinds (e.g. a Q4_K_M file's Q6_K v next to Q4_K q/k) stay separate modules."""
-    return not src.use_kernels or len({p.kind for p in parts}) == 1
+        return Int8Linear(weight, bias)
+    return QuantLinear(src.arena.place(weight), bias)
 
 
 def _replace_linears(model: CausalLM, src) -> CausalLM:
@@ -270,32 +333,32 @@ def _replace_linears(model: CausalLM, src) -> CausalLM:
     for i, layer in enumerate(model.model.layers):
         pre, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
         if cfg.fused_qkv:
-            attn.qkv_proj = _linear(src, [src.get(pre + "self_attn.qkv_proj.weight")], attn.qkv_proj.bias)
+            attn.qkv_proj = _linear(src, src.get(pre + "self_attn.qkv_proj.weight"), attn.qkv_proj.bias)
         else:
-            qkv = [src.get(pre + "self_attn.q_proj.weight", cfg.num_attention_heads),
-                   src.get(pre + "self_attn.k_proj.weight", cfg.num_key_value_heads),
-                   src.get(pre + "self_attn.v_proj.weight")]
-            if _fusable(src, qkv):
-                attn.qkv_proj = _linear(src, qkv, _bias(attn, ["q_proj", "k_proj", "v_proj"]))
+            names = ["q_proj", "k_proj", "v_proj"]
+            qkv = src.get_group([f"{pre}self_attn.{n}.weight" for n in names],
+                                [cfg.num_attention_heads, cfg.num_key_value_heads, None])
+            if len(qkv) == 1:
+                attn.qkv_proj = _linear(src, qkv[0], _bias(attn, names))
                 del attn.q_proj, attn.k_proj, attn.v_proj
                 attn.fused = True
             else:
-                attn.q_proj, attn.k_proj, attn.v_proj = (_linear(src, [w], getattr(attn, n).bias) for w, n in
-                                                         zip(qkv, ["q_proj", "k_proj", "v_proj"]))
-        attn.o_proj = _linear(src, [src.get(pre + "self_attn.o_proj.weight")], attn.o_proj.bias)
+                attn.q_proj, attn.k_proj, attn.v_proj = (_linear(src, w, getattr(attn, n).bias)
+                                                         for w, n in zip(qkv, names))
+        attn.o_proj = _linear(src, src.get(pre + "self_attn.o_proj.weight"), attn.o_proj.bias)
         if cfg.fused_qkv:
-            mlp.gate_up_proj = _linear(src, [src.get(pre + "mlp.gate_up_proj.weight")], None)
+            mlp.gate_up_proj = _linear(src, src.get(pre + "mlp.gate_up_proj.weight"), None)
         else:
-            gate_up = [src.get(pre + "mlp.gate_proj.weight"), src.get(pre + "mlp.up_proj.weight")]
-            if _fusable(src, gate_up):
-                mlp.gate_up_proj = _linear(src, gate_up, None)
+            gate_up = src.get_group([pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"], [None, None])
+            if len(gate_up) == 1:
+                mlp.gate_up_proj = _linear(src, gate_up[0], None)
                 del mlp.gate_proj, mlp.up_proj
                 mlp.fused = True
             else:
-                mlp.gate_proj, mlp.up_proj = (_linear(src, [w], None) for w in gate_up)
-        mlp.down_proj = _linear(src, [src.get(pre + "mlp.down_proj.weight")], None)
+                mlp.gate_proj, mlp.up_proj = (_linear(src, w, None) for w in gate_up)
+        mlp.down_proj = _linear(src, src.get(pre + "mlp.down_proj.weight"), None)
     tied = HEAD not in src
-    model.lm_head = _linear(src, [src.get(EMBEDDING if tied else HEAD)], None)
+    model.lm_head = _linear(src, src.get(EMBEDDING if tied else HEAD), None)
     if src.use_kernels:
         # The embedding shares the tied head's blocks (one copy in memory), or gets its own.
         embedding = model.lm_head.weight_blocks() if tied else src.arena.place(src.get(EMBEDDING))
@@ -303,16 +366,23 @@ def _replace_linears(model: CausalLM, src) -> CausalLM:
     return model
 
 
-@torch.inference_mode()
-def quantize_from_gguf(model: CausalLM, gguf: GGUFFile, quantize: str | None = None) -> CausalLM:
-    """Replace the model's linear layers (and, with the kernels, its embedding) with modules built from
-    `gguf`'s tensors, in place: Lantern's kernels when `uses_kernels(gguf)`, else PyTorch's int8 fallback.
-    `quantize` (q8_0, q4_0, q4_1) quantizes the file's float matrices (F16/BF16 files) at load."""
+def gguf_weights(gguf: GGUFFile, model_type: str, quantize: str | None = None) -> GGUFWeights:
+    """The source quantize_from_gguf builds linear layers from: Lantern's kernels when `uses_kernels(gguf)` (then
+    the memory for every matrix is reserved and faulted in now, in one system call that lets other Python threads
+    run: the loader builds the tokenizer meanwhile), else PyTorch's int8 fallback. `quantize` (q8_0, q4_0, q4_1)
+    quantizes the file's float matrices (F16/BF16 files) at load."""
     use_kernels = uses_kernels(gguf)
     if not use_kernels and not int8_supported():
         raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
                            "this PyTorch build has no CPU int8-weight kernel")
-    return _replace_linears(model, _GGUFSource(gguf, model.config.model_type, use_kernels, quantize))
+    return GGUFWeights(gguf, model_type, use_kernels, quantize)
+
+
+@torch.inference_mode()
+def quantize_from_gguf(model: CausalLM, weights: GGUFWeights) -> CausalLM:
+    """Replace the model's linear layers (and, with the kernels, its embedding) with modules built from the GGUF's
+    tensors (`gguf_weights`), in place."""
+    return _replace_linears(model, weights)
 
 
 @torch.inference_mode()
@@ -345,21 +415,50 @@ class _Arena:
     def slot(cls, nbytes: int) -> int:
         return (nbytes + cls.ALIGN - 1) // cls.ALIGN * cls.ALIGN
 
+    def alloc(self, field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` and `dtype` inside the buffer (a new one outside if it would not fit: the size
+        estimate missed something, so stay correct and lose only the page size). `field` is from_ggml's."""
+        n = math.prod(shape) * dtype.itemsize
+        if self.offset + self.slot(n) > self.end:
+            return torch.empty(shape, dtype=dtype)
+        view = self.buffer[self.offset:self.offset + n].view(dtype).view(shape)
+        self.offset += self.slot(n)
+        return view
+
+    def holds(self, t: torch.Tensor) -> bool:
+        start = self.buffer.data_ptr()
+        return start <= t.data_ptr() < start + self.buffer.numel()
+
     def place(self, blocks: Blocks) -> Blocks:
-        """A copy of `blocks` inside the buffer (or `blocks` itself if it would not fit)."""
-        if self.offset + sum(self.slot(t.numel() * t.element_size()) for t in blocks.tensors()) > self.end:
-            return blocks  # the size estimate missed something: stay correct, lose only the page size
+        """`blocks` inside the buffer: as they are when they are there already, else a copy."""
+        if all(self.holds(t) for t in blocks.tensors()):
+            return blocks
+        return Blocks(*(None if t is None else self._copy(t) for t in (blocks.qs, blocks.d, blocks.m)),
+                      blocks.kind, blocks.shape)
 
-        def put(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            n = t.numel() * t.element_size()
-            view = self.buffer[self.offset:self.offset + n].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            self.offset += self.slot(n)
-            return view
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.alloc("", tuple(t.shape), t.dtype)
+        out.copy_(t)
+        return out
 
-        return Blocks(put(blocks.qs), put(blocks.d), put(blocks.m), blocks.kind, blocks.shape)
+    def group(self, kind: int, rows: list[int], k: int):
+        """A fused matrix of `kind` stacking parts of `rows[i]` rows each, allocated here, and one allocator per
+        part that hands out its rows of each field (from_ggml's `alloc`): the parts are read straight into it."""
+        specs = field_specs(kind, sum(rows), k)
+        fields = {name: self.alloc(name, shape, dtype) for name, (shape, dtype) in specs.items()}
+        fused = Blocks(fields["qs"], fields.get("d"), fields.get("m"), kind, (sum(rows), k))
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+
+        def part(start: int, count: int):
+            def alloc(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                out = fields[field][start:start + count]
+                if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+                    raise ValueError(f"a fused matrix's {field} is {tuple(out.shape)} {out.dtype}, the part "
+                                     f"asks for {tuple(shape)} {dtype}")
+                return out
+            return alloc
+
+        return fused, [part(s, r) for s, r in zip(starts, rows)]
 
 
 def _advise_huge_pages(address: int, length: int) -> None:
@@ -368,5 +467,6 @@ def _advise_huge_pages(address: int, length: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; a hint only
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 23)  # MADV_POPULATE_WRITE (Linux 5.14+)
     except (OSError, AttributeError):
         pass

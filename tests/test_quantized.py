@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as T
 
 from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
+from lanternlm.kernels import blocks as blocks_module
 from lanternlm.kernels import kernels
 from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q8, dequantize_blocks
 from lanternlm import load as load_module
@@ -45,7 +46,6 @@ def test_int8_linear_within_its_error_of_the_exact_product(rows, bias):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3"])
 def test_pytorch_fallback_tracks_the_dequantized_reference(arch, tmp_path, monkeypatch):
     # Where Lantern's kernels cannot run (no compiler, no AVX2), linear layers fall back to Int8Linear.
-    monkeypatch.setattr(load_module, "uses_kernels", lambda gguf: False)
     monkeypatch.setattr(quantize_module, "uses_kernels", lambda gguf: False)
     hf = make_hf_model(arch)
     write_gguf(hf, tmp_path / "m.gguf", T.Q8_0)
@@ -136,6 +136,32 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path):
     # kernel is slower still), like the Q8_0 head.
     assert kinds == {KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q8}
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
+
+
+@pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
+def test_matrices_read_in_chunks_of_rows_are_the_matrices_read_whole(tmp_path, monkeypatch):
+    # Big matrices (the embedding) are copied into place, and Q6_K ones requantized, a chunk of rows at a time so
+    # that the file's pages can be let go of as they are copied: the blocks must be the same bits as in one go.
+    hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    write_gguf(hf, tmp_path / "m.gguf", T.Q8_0, qtype_for=pick_from(K_MIX))
+    whole = load(tmp_path / "m.gguf", exact=False).model
+    monkeypatch.setattr(quantize_module, "CHUNK_BYTES", 3000)  # a few rows per chunk, and a ragged last one
+    monkeypatch.setattr(blocks_module, "CHUNK_ELEMENTS", 700)
+    calls = []
+    in_chunks = quantize_module.GGUFWeights._in_chunks
+    monkeypatch.setattr(quantize_module.GGUFWeights, "_in_chunks",
+                        lambda self, name, raw: calls.append(name) or in_chunks(self, name, raw))
+    chunked = load(tmp_path / "m.gguf", exact=False).model
+    assert "token_embd.weight" in calls  # the chunked path really ran
+    pairs = [(name, a.weight_blocks(), b.weight_blocks()) for (name, a), b in
+             zip(whole.named_modules(), chunked.modules()) if hasattr(a, "weight_blocks")]
+    assert any(name.endswith("embed_tokens") for name, _, _ in pairs)
+    for name, a, b in pairs:
+        assert a.kind == b.kind and a.shape == b.shape, name
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y), name
+    ids = torch.tensor([[5, 17, 90, 3, 44]])
+    assert torch.equal(whole(ids).logits, chunked(ids).logits)
 
 
 @pytest.fixture(scope="module")

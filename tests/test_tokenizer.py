@@ -194,6 +194,34 @@ def test_gguf_sentencepiece_matches_sentencepiece(style, gguf_metas, spm_models)
         assert ours.decode(ours.encode(" " * 40), skip_special_tokens=True) == " " * 40
 
 
+def test_gguf_sentencepiece_merges_are_cached_by_their_inputs(gguf_metas, tmp_path):
+    """Merges derived from the scores are kept under a hash of the pieces, types and scores: the cached build
+    tokenizes as the uncached one, a changed score is a new entry, and a damaged entry is derived again."""
+    meta = gguf_metas["gemma"]
+    texts = [t for t in F.TEXTS + LONG_SPACE_TEXTS if "<|" not in t]
+    plain = Tokenizer.from_gguf_metadata(meta)
+    first = Tokenizer.from_gguf_metadata(meta, cache_dir=tmp_path)
+    [entry] = tmp_path.glob("spm-merges-*.npy")
+    again = Tokenizer.from_gguf_metadata(meta, cache_dir=tmp_path)
+    for tok in (first, again):
+        assert [tok.encode(t) for t in texts] == [plain.encode(t) for t in texts]
+    np.save(entry, np.zeros((0, 2), dtype=np.int32))  # a valid entry with no merges: it is what gets used
+    unmerged = Tokenizer.from_gguf_metadata(meta, cache_dir=tmp_path)
+    assert sum(len(unmerged.encode(t)) for t in texts) > sum(len(plain.encode(t)) for t in texts)
+    scores = np.array(meta["tokenizer.ggml.scores"], dtype=np.float32)
+    scores[-1] += 1.0
+    Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.scores": scores}, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("spm-merges-*.npy"))) == 2
+    for damage in (b"not numpy", np.array([[0, 10**9]], dtype=np.int32), np.array([[-1, 0]], dtype=np.int32)):
+        if isinstance(damage, bytes):
+            entry.write_bytes(damage)
+        else:
+            np.save(entry, damage)
+        rebuilt = Tokenizer.from_gguf_metadata(meta, cache_dir=tmp_path)
+        assert [rebuilt.encode(t) for t in texts] == [plain.encode(t) for t in texts]
+        assert np.load(entry).shape[0] > 1  # written again
+
+
 @pytest.mark.parametrize("style,wrong", [("smollm", "gpt-2"), ("gpt2", "smollm"), ("qwen2", "llama-bpe"),
                                          ("llama3", "qwen2"), ("gpt2", "default")])
 def test_gguf_pre_tokenizer_name_is_honoured(style, wrong, gguf_metas, references):

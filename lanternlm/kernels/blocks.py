@@ -39,6 +39,7 @@ Quantization of float weights at load (`quantize`: q8_0, q4_0, q4_1) follows ggm
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -112,46 +113,83 @@ def kind_for(ggml_type: int) -> int:
 def blocks_nbytes(ggml_type: int, shape: tuple[int, ...]) -> list[int]:
     """Bytes of each tensor (qs, d, and m when the kind has one) a matrix of this type converts to."""
     n, k = (int(s) for s in shape)
-    kind = kind_for(ggml_type)
+    return [math.prod(size) * dtype.itemsize for size, dtype in field_specs(kind_for(ggml_type), n, k).values()]
+
+
+def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """The (shape, dtype) of each tensor of an (n, k) matrix in `kind`'s layout: qs, and d and m where it has them."""
     if is_float_kind(kind):
-        return [n * k * _FLOAT_DTYPES[kind].itemsize]
-    sizes = [n * (k // 32) * BLOCK_BYTES[kind], n * (k // 32) * 2]
+        return {"qs": ((n, k), _FLOAT_DTYPES[kind])}
+    nb = k // 32
+    specs = {"qs": ((n, nb * BLOCK_BYTES[kind]) if kind != KIND_Q8 else (n, k), torch.int8 if kind == KIND_Q8 else
+                    torch.uint8), "d": ((n, nb), torch.float16)}
     if kind in _OFFSETS:
-        sizes.append(n * (k // 32) * 2)
+        specs["m"] = ((n, nb), torch.float16)
     elif kind in _MULTIPLIERS:
-        sizes.append(n * (k // 16))
-    return sizes
+        specs["m"] = ((n, k // 16), torch.int8)
+    return specs
 
 
-def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
-    """Blocks for a 2-D tensor of PyTorch shape (N, K) from its ggml bytes (K must be a multiple of 32)."""
+def new_tensor(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default `alloc` of from_ggml and requantize_q8: a fresh tensor. (`field` is qs, d or m: an allocator
+    that places each field of a fused matrix in its own run of rows, as quantize._Arena does, needs it.)"""
+    return torch.empty(shape, dtype=dtype)
+
+
+def _fill(alloc, field: str, src: torch.Tensor) -> torch.Tensor:
+    out = alloc(field, tuple(src.shape), src.dtype)
+    out.copy_(src)
+    return out
+
+
+def _fill_bytes(alloc, field: str, shape: tuple[int, int], dtype: torch.dtype, *parts: np.ndarray) -> torch.Tensor:
+    """A new (shape, dtype) tensor from `alloc` whose bytes, block by block, are `parts` side by side: each part a
+    (n_blocks, width) uint8 array of the file's fields (strided views of the map), copied once, straight in."""
+    out = alloc(field, shape, dtype)
+    rows = parts[0].shape[0]
+    dst = out.view(torch.uint8).numpy().reshape(rows, -1)
+    at = 0
+    for part in parts:
+        np.copyto(dst[:, at:at + part.shape[1]], part)
+        at += part.shape[1]
+    return out
+
+
+def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, int], alloc=new_tensor) -> Blocks:
+    """Blocks for a 2-D tensor of PyTorch shape (N, K) from its ggml bytes (K must be a multiple of 32). Each
+    resulting tensor comes from `alloc(field, shape, dtype)` (default: a new one), and the file's fields are
+    copied into it once: `alloc` may hand out views of a preallocated buffer (quantize._Arena)."""
     n, k = (int(s) for s in shape)
     data = _bytes(raw)
     if ggml_type in _GGML_FLOATS:  # the values as stored, copied out of the file
-        return float_blocks(data.view(_FLOAT_DTYPES[_GGML_FLOATS[ggml_type]]).reshape(n, k).clone())
+        return float_blocks(_fill(alloc, "qs", data.view(_FLOAT_DTYPES[_GGML_FLOATS[ggml_type]]).reshape(n, k)))
     if k % 32:
         raise ValueError(f"in_features {k} is not a multiple of 32")
     if ggml_type not in _KIND_OF:
-        return quantize_q8(dequantize(raw, ggml_type, (n, k)))
+        return _refill(quantize_q8(dequantize(raw, ggml_type, (n, k))), alloc)
     nb = k // 32
     kind = _KIND_OF[ggml_type]
+    specs = field_specs(kind, n, k)
     if ggml_type in _CONVERT_K:
         fields = block_fields(data.view(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
         qs, d, m = _CONVERT_K[ggml_type](fields)  # (n*k/256, 8, bytes), (n*k/256, 8), m per super-block
-        return Blocks(qs.reshape(n, nb * BLOCK_BYTES[kind]).contiguous(), d.reshape(n, nb).contiguous(),
-                      m.reshape(n, -1).contiguous(), kind, (n, k))
-    # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already). numpy
-    # copies these narrow strided fields ~20x faster than torch does.
+        return Blocks(_fill(alloc, "qs", qs.reshape(specs["qs"][0])), _fill(alloc, "d", d.reshape(n, nb)),
+                      _fill(alloc, "m", m.reshape(specs["m"][0])), kind, (n, k))
+    # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already), by numpy
+    # (it copies these narrow strided fields ~20x faster than torch does).
     f = block_fields(data.numpy().reshape(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
-    d = torch.from_numpy(np.ascontiguousarray(f["d"]).view(np.float16).reshape(n, nb))
-    m = torch.from_numpy(np.ascontiguousarray(f["m"]).view(np.float16).reshape(n, nb)) if "m" in f else None
-    if ggml_type == _Q8_0:
-        return Blocks(torch.from_numpy(np.ascontiguousarray(f["qs"]).view(np.int8).reshape(n, k)), d, None, kind, (n, k))
-    qs = np.empty((n * nb, BLOCK_BYTES[kind]), dtype=np.uint8)
-    qs[:, :16] = f["qs"]
-    if "qh" in f:
-        qs[:, 16:] = f["qh"]
-    return Blocks(torch.from_numpy(qs.reshape(n, nb * BLOCK_BYTES[kind])), d, m, kind, (n, k))
+    d = _fill_bytes(alloc, "d", *specs["d"], f["d"])
+    m = _fill_bytes(alloc, "m", *specs["m"], f["m"]) if "m" in f else None
+    qs = _fill_bytes(alloc, "qs", *specs["qs"], *[f[name] for name in ("qs", "qh") if name in f])
+    return Blocks(qs, d, m, kind, (n, k))
+
+
+def _refill(blocks: Blocks, alloc) -> Blocks:
+    """`blocks` with each tensor copied into one from `alloc` (itself when alloc is the default)."""
+    if alloc is new_tensor:
+        return blocks
+    return Blocks(*(None if t is None else _fill(alloc, name, t) for name, t in
+                    (("qs", blocks.qs), ("d", blocks.d), ("m", blocks.m))), blocks.kind, blocks.shape)
 
 
 def _bytes(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -233,21 +271,23 @@ def quantize_q8(w: torch.Tensor) -> Blocks:
     exists whole in float32), bit for bit as quantize_q8_torch."""
     if w.device.type != "cpu" or kernels(quiet=True) is None:
         return quantize_q8_torch(w)
-    return _q8_by_rows(w.shape, lambda r0, r1: w[r0:r1].float())
+    return q8_by_rows(w.shape, lambda r0, r1: w[r0:r1].float())
 
 
-def requantize_q8(blocks: Blocks) -> Blocks:
+def requantize_q8(blocks: Blocks, alloc=new_tensor) -> Blocks:
     """Blocks of another kind (or a float kind) -> 8-bit blocks, through float32 a chunk of rows at a time (C++
-    kernels only)."""
+    kernels only), into tensors from `alloc` (see from_ggml)."""
     def rows(r0: int, r1: int) -> torch.Tensor:
         d, m = (None if t is None else t[r0:r1] for t in (blocks.d, blocks.m))
         return kernels().dequantize(blocks.qs[r0:r1], d, m, blocks.kind, blocks.shape[1], torch.float32)
-    return _q8_by_rows(blocks.shape, rows)
+    return q8_by_rows(blocks.shape, rows, alloc)
 
 
-def _q8_by_rows(shape: tuple[int, int], rows) -> Blocks:
+def q8_by_rows(shape: tuple[int, int], rows, alloc=new_tensor) -> Blocks:
+    """8-bit blocks of an (N, K) matrix whose float32 rows r0..r1-1 `rows(r0, r1)` gives, a chunk at a time (C++
+    kernels only), into tensors from `alloc` (see from_ggml)."""
     n, k = shape
-    qs, d = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 32, dtype=torch.float16)
+    qs, d = alloc("qs", (n, k), torch.int8), alloc("d", (n, k // 32), torch.float16)
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)

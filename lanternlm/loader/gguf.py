@@ -101,14 +101,16 @@ class GGUFFile:
         assert self._bytes is not None  # _info checked the file is open
         return self._bytes[info.offset : info.offset + info.nbytes]
 
-    def release(self, name: str) -> None:
-        """Tell the OS the tensor's bytes are no longer needed in memory (after they were copied out): the
-        mapped file's pages would otherwise stay resident, on top of the copies, until the file is closed."""
+    def release(self, name: str, start: int = 0, end: int | None = None) -> None:
+        """Tell the OS the tensor's bytes (those from `start` to `end` within it: all by default) are no longer
+        needed in memory (after they were copied out): the mapped file's pages would otherwise stay resident, on
+        top of the copies, until the file is closed."""
         info = self._info(name)
         assert self._mapping is not None
+        end = info.nbytes if end is None else min(end, info.nbytes)
         page = mmap.PAGESIZE
-        start = (info.offset + page - 1) // page * page  # whole pages inside the tensor only
-        end = (info.offset + info.nbytes) // page * page
+        start = (info.offset + max(start, 0) + page - 1) // page * page  # whole pages inside the range only
+        end = (info.offset + end) // page * page
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
