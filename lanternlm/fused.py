@@ -13,7 +13,9 @@ the cases they cover, and the readable model's own forward for everything else:
   weights for inspection, and non-float32 caches take the readable path.
 - FusedTransformer: when every linear layer is a QuantLinear (blocks, or an HF folder's bf16/fp16 matrix), a
   decode step runs all the layers in one C++ call (DecodeStack, the same ops in the same order) and returns to Python
-  only for the final norm and the lm_head: 6.4 ms per token instead of 9 ms with the per-module ops.
+  only for the final norm and the lm_head: 6.4 ms per token instead of 9 ms with the per-module ops. On a
+  tensor-parallel rank (distributed/shard.py) the stack calls back into Python between layers for the one
+  all-reduce after o_proj and the one after down_proj; an unsharded model's stack has no callback.
 Module names, parameters and printed trees are unchanged (only the classes differ), so state dicts,
 `inspect` and the look-inside views (which ask for hidden states or attention weights, and so take the
 module path) work as before.
@@ -119,6 +121,11 @@ class FusedTransformer(Transformer):
                                     positions.reshape(B))
         return BaseOutput(self.norm(h[:, None]), None, None)
 
+    def rebuild_stack(self) -> None:
+        """Build the decode stack again on the next decode step, over the modules as they are then: a transform
+        that changes them after fuse_for_cpu (distributed/shard.py) calls this."""
+        self._stack, self._stackable = None, True
+
 
 def _decode_stack(transformer: Transformer):
     """The C++ DecodeStack over `transformer`'s own tensors, or None when a layer is not in the shape it takes
@@ -132,6 +139,12 @@ def _decode_stack(transformer: Transformer):
 
     cfg = transformer.config
     kinds = sorted(set(cfg.layer_types))
+    # A tensor-parallel rank's o_proj and down_proj (distributed/shard.py) sum their outputs over the ranks with
+    # their `reduce`; the stack calls it at the same two places per layer. All of them share one process group.
+    row_parallel = [m for layer in transformer.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    reduces = [getattr(m, "reduce", None) for m in row_parallel]
+    if any(r is None for r in reduces) and any(r is not None for r in reduces):
+        return None
     layers = []
     try:
         for layer in transformer.layers:
@@ -156,7 +169,7 @@ def _decode_stack(transformer: Transformer):
         return None
     return kernels().DecodeStack(layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                                  cfg.rms_norm_eps, cfg.norm_weight_offset, transformer.layers[0].mlp._act,
-                                 cfg.attention_scale)
+                                 cfg.attention_scale, reduces[0])
 
 
 class _NotStackable(Exception):

@@ -2,8 +2,8 @@
 
 Returns everything the rest of Lantern needs in one bundle: config, built model, tokenizer, chat template
 and generation defaults. Picks the device (CUDA when present) and the compute dtype, and is the one place
-that decides which transforms (quantize.py, fused.py) a built model gets. It sits above `loader/` (the
-formats) and the transforms, so neither imports the other's package back.
+that decides which transforms (quantize.py, fused.py, distributed/shard.py) a built model gets. It sits above
+`loader/` (the formats) and the transforms, so neither imports the other's package back.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig
+from .distributed.plan import Shard
+from .distributed.shard import matrix_parts, parallelize, shard_model, slice_model
 from .errors import LanternError, ModelFileError
 from .fused import fuse_for_cpu
 from .kernels import kernels, why_unavailable
@@ -26,8 +28,8 @@ from .loader.gguf_model import LINEAR_WEIGHTS, gguf_config, gguf_tensors
 from .loader.quants import type_name
 from .model import CausalLM
 from .models.encoder import EncoderConfig, EncoderModel
-from .store import cache_dir
 from .quantize import QUANTIZE_TYPES, gguf_weights, quantization_available, quantize_from_float, quantize_from_gguf
+from .store import cache_dir
 from .text.tokenizer import Tokenizer
 
 # A GGUF file carries no generation_config.json. GGUF users expect the sampling of llama.cpp, the format's
@@ -46,7 +48,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 class LoadedModel:
     path: Path
     format: str                      # "hf" or "gguf"
-    config: ModelConfig | EncoderConfig
+    config: ModelConfig | EncoderConfig  # the whole model's, also when `model` is one tensor-parallel rank's part
     model: CausalLM | EncoderModel
     tokenizer: Tokenizer
     chat_template: str | None
@@ -80,9 +82,29 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: st
     return DTYPES.get(stored, torch.float16) if stored in ("bfloat16", "float16") else torch.float16
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The decoder config of a GGUF file or an HF folder, from its metadata or config.json alone (no weights are
+    read): what a tensor-parallel launcher plans the split from before it loads."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(path, "no such file or folder")
+    if path.is_dir():
+        raw = hf.read_config(path)
+        if is_encoder_config(raw):
+            raise ModelFileError(path, "an embedding (encoder) model, not a decoder")
+        try:
+            return ModelConfig.from_hf(raw, source=str(path / "config.json"))
+        except ConfigError as e:
+            raise ModelFileError(path / "config.json", str(e).split(": ", 1)[-1]) from None
+    if path.suffix.lower() == ".gguf" or _looks_like_gguf(path):
+        with read_gguf(path) as gguf:
+            return gguf_config(gguf)
+    raise ModelFileError(path, "not a model: expected a Hugging Face folder or a .gguf file")
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, exact: bool | None = None,
-         quantize: str | None = None) -> LoadedModel:
+         quantize: str | None = None, shard: Shard | None = None) -> LoadedModel:
     """Open a model.
 
     `exact`: True computes in `dtype` (float32 on CPU) from weights dequantized or widened to it, the reference
@@ -92,7 +114,13 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
     stored in float32 stays on the exact path unless exact=False is asked for: its users expect float32
     numbers, and the fast path's dense prefill computes in bf16.
     `quantize` ("q8_0", "q4_0", "q4_1"): quantize float weights (an HF folder's, an F16/BF16 GGUF's) to those
-    blocks at load, as `ollama create -q` does; implies exact=False."""
+    blocks at load, as `ollama create -q` does; implies exact=False.
+    `shard` (distributed/plan.py: Shard(plan_shards(read_config(path), rank, world), group)): load one
+    tensor-parallel rank's part of a decoder, its collectives on `group` (distributed/shard.py). A GGUF file on
+    the fast path is read for that part only, into memory sized for it. An HF folder, and the exact path, load
+    the whole model and then slice it (simpler; the whole model's memory is needed once, during the load); on an
+    HF folder's fast path only each float matrix is whole, one at a time. The returned `config` stays the whole
+    model's; `model.config` is the rank's (its heads), which a KV cache is sized from."""
     path = Path(path).expanduser()
     if quantize is not None and quantize not in QUANTIZE_TYPES:
         raise LanternError(f"unknown quantization type {quantize!r}: use one of {', '.join(QUANTIZE_TYPES)}")
@@ -110,11 +138,11 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None,
     if path.is_dir():
         if exact is None and not on_kernels:
             exact = True
-        return _load_hf(path, dtype, dev, exact, quantize)  # None: decided by the stored type
+        return _load_hf(path, dtype, dev, exact, quantize, shard)  # None: decided by the stored type
     if path.suffix.lower() == ".gguf" or _looks_like_gguf(path):
         if exact is None:
             exact = not (plain and quantization_available())
-        return _load_gguf(path, dtype, dev, exact, quantize)
+        return _load_gguf(path, dtype, dev, exact, quantize, shard)
     raise ModelFileError(path, "not a model: expected a Hugging Face folder or a .gguf file")
 
 
@@ -126,8 +154,11 @@ def _looks_like_gguf(path: Path) -> bool:
         return False
 
 
-def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quantize: str | None) -> LoadedModel:
+def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quantize: str | None,
+             shard: Shard | None) -> LoadedModel:
     raw = hf.read_config(folder)
+    if is_encoder_config(raw) and shard is not None:
+        raise LanternError(f"{folder.name}: an embedding (encoder) model; tensor parallelism splits decoders")
     if is_encoder_config(raw):
         compute = pick_dtype(dtype, device, str(raw.get("torch_dtype", raw.get("dtype", "float32"))))
         config, model, tokenizer, sentence, files = load_encoder(folder, raw, compute, device)
@@ -148,6 +179,8 @@ def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quan
     if exact:
         tensors = hf.load_tensors(files, compute, device)
         model = build_model(config, tensors, folder, device)
+        if shard is not None:
+            shard_model(model, shard.plan, shard.group)
     else:
         # The weight matrices and the embedding stay in their stored type (bf16/fp16; fp32 stays fp32) for
         # the kernels; norms and biases are float32, as the fast path computes.
@@ -157,7 +190,12 @@ def _load_hf(folder: Path, dtype, device: torch.device, exact: bool | None, quan
         kept = hf.LazyTensors(files, matrices - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
         model = build_model(config, tensors, folder, device, deferred=matrices)
         _check_deferred(dict(kept.items()), model, folder)
-        quantize_from_float(model, kept, quantize)
+        if shard is None:
+            quantize_from_float(model, kept, quantize)
+        else:  # the meta model cut to the rank's part first, then each matrix cut as it is read
+            slice_model(model, shard.plan)
+            quantize_from_float(model, kept, quantize, matrix_parts(config, shard.plan))
+            parallelize(model, shard.plan, shard.group)
         fuse_for_cpu(model)
     return LoadedModel(folder, "hf", config, model, tokenizer, tokenizer.chat_template, gen, files,
                        device=device, dtype=compute, exact=exact, quantize=quantize)
@@ -177,7 +215,8 @@ def _check_deferred(kept: dict[str, torch.Tensor], model: CausalLM, source: Path
                                          f"config says {shapes[name]}")
 
 
-def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: str | None) -> LoadedModel:
+def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: str | None,
+               shard: Shard | None) -> LoadedModel:
     with read_gguf(path) as gguf, ThreadPoolExecutor(1, thread_name_prefix="lantern-tokenizer") as side:
         config = gguf_config(gguf)
         matrices = {type_name(i.ggml_type) for i in gguf.tensors.values() if len(i.shape) == 2}
@@ -192,7 +231,9 @@ def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: s
         # project's VM), which the copies out of the file would otherwise pay page by page.
         pending = side.submit(Tokenizer.from_gguf_metadata, gguf.metadata, source=str(path),
                               cache_dir=cache_dir() / "tokenizers")
-        weights = None if exact else gguf_weights(gguf, config.model_type, quantize)
+        # A tensor-parallel rank reads only its part of each matrix (the `parts`), into an arena sized for them.
+        parts = None if shard is None else matrix_parts(config, shard.plan)
+        weights = None if exact else gguf_weights(gguf, config.model_type, quantize, parts)
         compute = pick_dtype(dtype, device, "float16")
         deferred = frozenset()
         on_kernels = weights is not None and weights.use_kernels
@@ -203,10 +244,14 @@ def _load_gguf(path: Path, dtype, device: torch.device, exact: bool, quantize: s
         for info in gguf.tensors.values():
             types[type_name(info.ggml_type)] = types.get(type_name(info.ggml_type), 0) + 1
         model = build_model(config, tensors, path, device, deferred=deferred)
+        if shard is not None:  # the deferred matrices are still on the meta device: cutting them costs nothing
+            slice_model(model, shard.plan)
         if not exact:
             quantize_from_gguf(model, weights)
-            if on_kernels:
-                fuse_for_cpu(model)
+        if shard is not None:
+            parallelize(model, shard.plan, shard.group)
+        if not exact and on_kernels:
+            fuse_for_cpu(model)
         tokenizer = pending.result().with_end_ids(set(config.eos_token_id))
     return LoadedModel(path, "gguf", config, model, tokenizer, tokenizer.chat_template,
                        dict(GGUF_GENERATION_DEFAULTS), [path], types,

@@ -7,6 +7,9 @@ blown up to fp32, and `quantize_from_float` does the same for an HF folder's bf1
 kept in their stored type, or quantized at load to q8_0/q4_0/q4_1 blocks (`quantize`). q/k/v and gate/up are
 fused into single modules (one product each) through the model's own fused code path (the one Phi-3
 checkpoints use). The float32 model (exact=True in load()) stays the reference these are tested against.
+For a tensor-parallel rank the weight sources hand out only its part of each matrix (MatrixPart; which part is
+distributed/shard.py's decision): from a GGUF file only the rows it keeps are read (a row-parallel matrix's rows
+whole, then cut to its columns).
 
 Two implementations, picked by what the machine has:
 - QuantLinear / QuantEmbedding (x86-64 with AVX2, a C++ compiler to build lanternlm/kernels once): weights in
@@ -29,17 +32,18 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from .errors import LanternError
 from .kernels import kernels
 from .kernels.blocks import (
     FLOAT_KINDS,
     KIND_NAMES,
     KIND_Q3,
-    KIND_Q5,
-    KIND_Q5_MIN,
     KIND_Q6,
     QUANTIZERS,
     Blocks,
@@ -49,7 +53,9 @@ from .kernels.blocks import (
     from_ggml,
     is_float_kind,
     kind_for,
+    new_tensor,
     q8_by_rows,
+    refill,
 )
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import hf_name, unpermute_rows
@@ -70,6 +76,43 @@ def int8_supported() -> bool:
 def quantization_available() -> bool:
     """Either implementation can run here (builds Lantern's kernels on first use, saying so)."""
     return kernels() is not None or int8_supported()
+
+
+@dataclass(frozen=True)
+class MatrixPart:
+    """The part of an (N, K) weight matrix one tensor-parallel rank keeps (distributed/shard.py decides which):
+    output rows as [start, end) ranges stacked in order (a fused q/k/v keeps one range of each of q, k and v),
+    and one [start, end) range of input columns. None keeps all of them. The weight sources below hand out only
+    this part of a matrix asked for by name."""
+
+    rows: tuple[tuple[int, int], ...] | None = None
+    cols: tuple[int, int] | None = None
+
+    def shape(self, n: int, k: int) -> tuple[int, int]:
+        """The part's (rows, columns) in a matrix of (n, k)."""
+        rows = n if self.rows is None else sum(end - start for start, end in self.rows)
+        return rows, k if self.cols is None else self.cols[1] - self.cols[0]
+
+    def row_index(self, n: int) -> torch.Tensor:
+        """The kept rows of an n-row matrix, in order, (rows,) int64."""
+        if self.rows is None:
+            return torch.arange(n)
+        return torch.cat([torch.arange(start, end) for start, end in self.rows])
+
+    def of(self, w: torch.Tensor) -> torch.Tensor:
+        """This part of a float matrix (N, K), or of a bias (N,) (its rows), as a new contiguous tensor (a meta
+        tensor stays a meta tensor)."""
+        if self.rows is not None:
+            w = torch.cat([w[start:end] for start, end in self.rows])
+        if self.cols is not None and w.dim() == 2:
+            w = w[:, self.cols[0]:self.cols[1]]
+        return w.contiguous()
+
+    def of_blocks(self, blocks: Blocks) -> Blocks:
+        """This part of a matrix in blocks (columns cut between whole blocks: see Blocks.columns)."""
+        if self.rows is not None:
+            blocks = blocks.rows(self.row_index(blocks.shape[0]))
+        return blocks if self.cols is None else blocks.columns(*self.cols)
 
 
 class _BlocksModule(nn.Module):
@@ -182,24 +225,40 @@ class GGUFWeights:
     """The GGUF's weight matrices, asked for by HF name, as Blocks (kernels) or float tensors (Int8Linear),
     Q/K rows un-permuted. Float matrices (F16/BF16 files) are quantized when `quantize` names a type. With the
     kernels, each matrix is copied out of the file once, straight into the arena (q/k/v or gate/up of one kind
-    straight into their fused matrix)."""
+    straight into their fused matrix).
 
-    def __init__(self, gguf: GGUFFile, model_type: str, use_kernels: bool, quantize: str | None):
+    `parts` (HF name -> MatrixPart) makes this one tensor-parallel rank's source: a matrix named there is handed
+    out as that part only, the arena is sized for the parts, and with the kernels only the kept rows are read
+    out of the file (a row-parallel matrix's rows are read, a chunk at a time, and cut to the kept columns)."""
+
+    def __init__(self, gguf: GGUFFile, model_type: str, use_kernels: bool, quantize: str | None,
+                 parts: dict[str, MatrixPart] | None = None):
         self.gguf, self.use_kernels, self.quantize = gguf, use_kernels, quantize
+        self.parts = parts or {}
         self.names = {hf_name(name, model_type): name for name in gguf.tensors}  # HF name -> GGUF name
         self.permuted = gguf.metadata.get("general.architecture") == "llama"
         if use_kernels:
-            matrices = [i for name, i in gguf.tensors.items() if len(i.shape) == 2 and name.endswith(".weight")]
-            self.arena = _Arena(sum(_Arena.slot(n) for i in matrices
-                                    for n in blocks_nbytes(_loaded_type(i.ggml_type), i.shape)))
+            matrices = [(hf_name(name, model_type), i) for name, i in gguf.tensors.items()
+                        if len(i.shape) == 2 and name.endswith(".weight")]
+            self.arena = _Arena(sum(_Arena.slot(n) for hf, i in matrices
+                                    for n in blocks_nbytes(_loaded_type(i.ggml_type), self._shape(hf, i.shape))))
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
+    def _shape(self, name: str | None, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The (rows, columns) of matrix `name` as handed out: its part's, or the file's `shape`."""
+        n, k = (int(s) for s in shape)
+        return self.parts[name].shape(n, k) if name in self.parts else (n, k)
+
     def get(self, name: str, heads: int | None = None) -> Blocks | torch.Tensor:
+        """The matrix `name` (its part, when `parts` names it); `heads`: the query or key heads it holds as handed
+        out, for llama.cpp's Q/K permutation."""
         gguf_name = self.names[name]
         if not self.use_kernels:
             w = self.gguf.tensor(gguf_name)
+            if name in self.parts:  # whole heads are kept, and the permutation stays inside each head
+                w = self.parts[name].of(w)
             return unpermute_rows(w, heads) if heads and self.permuted else w
         return self._blocks(name, heads, self.arena.alloc)
 
@@ -209,12 +268,15 @@ class GGUFWeights:
         kinds = {kind_for(_loaded_type(i.ggml_type)) for i in infos}
         if not self.use_kernels or self.quantize or len(kinds) != 1:
             return fused_or_apart(self, [self.get(n, h) for n, h in zip(names, heads)])
-        fused, allocs = self.arena.group(kinds.pop(), [int(i.shape[0]) for i in infos], int(infos[0].shape[1]))
+        shapes = [self._shape(n, i.shape) for n, i in zip(names, infos)]
+        fused, allocs = self.arena.group(kinds.pop(), [rows for rows, _ in shapes], shapes[0][1])
         for name, h, alloc in zip(names, heads, allocs):
             self._blocks(name, h, alloc)
         return [fused]
 
     def _blocks(self, name: str, heads: int | None, alloc) -> Blocks:
+        if name in self.parts:
+            return self._part(name, heads, alloc)
         gguf_name = self.names[name]
         info = self.gguf.tensors[gguf_name]
         raw = self.gguf.raw(gguf_name)
@@ -228,6 +290,65 @@ class GGUFWeights:
             blocks = self._in_chunks(gguf_name, raw)
         else:
             blocks = from_ggml(raw, info.ggml_type, info.shape, alloc)  # copied out of the file, into place
+        self.gguf.release(gguf_name)
+        return blocks
+
+    def _part(self, name: str, heads: int | None, alloc) -> Blocks:
+        """A tensor-parallel rank's part of a matrix (`parts`), a chunk of rows at a time: only the kept rows are
+        read out of the map (numpy copies just those), converted, cut to the kept columns and copied into place."""
+        gguf_name = self.names[name]
+        info = self.gguf.tensors[gguf_name]
+        n, k = (int(s) for s in info.shape)
+        part = self.parts[name]
+        by_row = self.gguf.raw(gguf_name).reshape(n, -1)
+        index = part.row_index(n)  # the file's rows, in the order the part stacks them
+        if heads and self.permuted:  # whole heads are kept, and llama.cpp's permutation stays inside each head
+            index = unpermute_rows(index, heads)
+        index = index.numpy()
+        rows, cols = part.shape(n, k)
+        if part.cols is not None and not is_float_kind(kind_for(info.ggml_type)) and (part.cols[0] % 32 or
+                                                                                     part.cols[1] % 32):
+            raise LanternError(f"{self.gguf.path.name}: {name}'s columns {part.cols[0]}..{part.cols[1] - 1} for this "
+                               "tensor-parallel rank would cut 32-element blocks; load it with exact=True")
+
+        row_bytes = by_row.shape[1]
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            """The file's bytes of the part's rows r0..r1-1: a view of the map for a run of consecutive rows (its
+            pages let go of once converted, as in _in_chunks), else a copy of just those rows."""
+            at = index[r0:r1]
+            if at[-1] - at[0] == r1 - r0 - 1 and np.all(np.diff(at) == 1):
+                return by_row[at[0]:at[-1] + 1].reshape(-1)
+            return by_row[at].reshape(-1)
+
+        def done(r0: int, r1: int) -> None:
+            low, high = int(index[r0:r1].min()), int(index[r0:r1].max())
+            if high - low == r1 - r0 - 1:  # distinct rows spanning no more than their count: all of low..high
+                self.gguf.release(gguf_name, low * row_bytes, (high + 1) * row_bytes)
+
+        def kept(r0: int, r1: int, into=new_tensor) -> Blocks:
+            """The part's rows r0..r1-1 and columns as Blocks, from `into` (from_ggml's alloc) when no columns are cut."""
+            if part.cols is None:
+                blocks = from_ggml(read(r0, r1), info.ggml_type, (r1 - r0, k), into)
+            else:
+                blocks = refill(from_ggml(read(r0, r1), info.ggml_type, (r1 - r0, k)).columns(*part.cols), into)
+            done(r0, r1)
+            return blocks
+
+        if kind_for(info.ggml_type) in REQUANTIZED_KINDS:
+            def floats(r0: int, r1: int) -> torch.Tensor:
+                b = kept(r0, r1)
+                return kernels().dequantize(b.qs, b.d, b.m, b.kind, cols, torch.float32)
+            blocks = q8_by_rows((rows, cols), floats, alloc)
+        elif self.quantize and info.ggml_type in FLOAT_GGML_TYPES:
+            blocks = quantize_matrix(kept(0, rows).qs, self.quantize, name)
+        else:
+            step = max(1, CHUNK_BYTES // row_bytes)
+            starts = range(0, rows, step)
+            counts = [min(step, rows - r0) for r0 in starts]
+            blocks, allocs = _row_runs(alloc, kind_for(info.ggml_type), counts, cols)
+            for r0, count, run in zip(starts, counts, allocs):
+                kept(r0, r0 + count, run)  # copied straight into place
         self.gguf.release(gguf_name)
         return blocks
 
@@ -268,9 +389,11 @@ class _FloatSource:
     own type, or quantized to `quantize`'s blocks. Each tensor leaves `tensors` (a dict, or loader.hf.LazyTensors,
     which reads it only then) as it is taken."""
 
-    def __init__(self, tensors, quantize: str | None):
+    def __init__(self, tensors, quantize: str | None, parts: dict[str, MatrixPart] | None = None):
         self.tensors, self.quantize, self.use_kernels = tensors, quantize, True
-        sizes = [_quantized_nbytes(w, quantize) for n, w in tensors.items() if w.dim() == 2]
+        self.parts = parts or {}  # a tensor-parallel rank's parts of the matrices (see GGUFWeights)
+        sizes = [_quantized_nbytes(self.parts[n].shape(*w.shape) if n in self.parts else tuple(w.shape),
+                                   w.element_size(), quantize) for n, w in tensors.items() if w.dim() == 2]
         self.arena = _Arena(sum(_Arena.slot(n) for s in sizes for n in s))
 
     def __contains__(self, name: str) -> bool:
@@ -278,6 +401,8 @@ class _FloatSource:
 
     def get(self, name: str, heads: int | None = None) -> Blocks:
         w = self.tensors.pop(name)
+        if name in self.parts:
+            w = self.parts[name].of(w)
         return quantize_matrix(w, self.quantize, name) if self.quantize else float_blocks(w)
 
     def get_group(self, names: list[str], heads: list[int | None]) -> list[Blocks]:
@@ -305,11 +430,12 @@ def quantize_matrix(w: torch.Tensor, quantize: str, name: str = "") -> Blocks:
     return QUANTIZERS[quantize](w)
 
 
-def _quantized_nbytes(w: torch.Tensor, quantize: str | None) -> list[int]:
-    """Bytes of each tensor `quantize_matrix` (or float_blocks) makes of `w`, for the arena's size."""
-    n, k = w.shape
+def _quantized_nbytes(shape: tuple[int, int], itemsize: int, quantize: str | None) -> list[int]:
+    """Bytes of each tensor `quantize_matrix` (or float_blocks) makes of a float matrix of `shape` with elements
+    of `itemsize` bytes, for the arena's size."""
+    n, k = shape
     if not quantize or k % 32:
-        return [w.numel() * w.element_size()]
+        return [n * k * itemsize]
     per_block = {"q8_0": 32, "q4_0": 16, "q4_1": 16}[quantize]
     return [n * k // 32 * per_block, n * k // 32 * 2, n * k // 32 * 2]  # an upper bound: Q8_0 for the head
 
@@ -366,16 +492,18 @@ def _replace_linears(model: CausalLM, src) -> CausalLM:
     return model
 
 
-def gguf_weights(gguf: GGUFFile, model_type: str, quantize: str | None = None) -> GGUFWeights:
+def gguf_weights(gguf: GGUFFile, model_type: str, quantize: str | None = None,
+                 parts: dict[str, MatrixPart] | None = None) -> GGUFWeights:
     """The source quantize_from_gguf builds linear layers from: Lantern's kernels when `uses_kernels(gguf)` (then
     the memory for every matrix is reserved and faulted in now, in one system call that lets other Python threads
     run: the loader builds the tokenizer meanwhile), else PyTorch's int8 fallback. `quantize` (q8_0, q4_0, q4_1)
-    quantizes the file's float matrices (F16/BF16 files) at load."""
+    quantizes the file's float matrices (F16/BF16 files) at load. `parts`: one tensor-parallel rank's parts of the
+    matrices, by HF name (GGUFWeights)."""
     use_kernels = uses_kernels(gguf)
     if not use_kernels and not int8_supported():
         raise RuntimeError("no quantized kernels here: Lantern's need x86-64 with AVX2 and a C++ compiler, and "
                            "this PyTorch build has no CPU int8-weight kernel")
-    return GGUFWeights(gguf, model_type, use_kernels, quantize)
+    return GGUFWeights(gguf, model_type, use_kernels, quantize, parts)
 
 
 @torch.inference_mode()
@@ -386,13 +514,15 @@ def quantize_from_gguf(model: CausalLM, weights: GGUFWeights) -> CausalLM:
 
 
 @torch.inference_mode()
-def quantize_from_float(model: CausalLM, tensors, quantize: str | None = None) -> CausalLM:
+def quantize_from_float(model: CausalLM, tensors, quantize: str | None = None,
+                        parts: dict[str, MatrixPart] | None = None) -> CausalLM:
     """Replace the model's linear layers and embedding with Lantern's kernels over `tensors` (an HF folder's
     weight matrices by HF name, in their stored type: a dict, or loader.hf.LazyTensors), in place: kept in that type, or quantized to
-    `quantize` (q8_0, q4_0, q4_1). Needs the kernels."""
+    `quantize` (q8_0, q4_0, q4_1). `parts`: one tensor-parallel rank's parts of the matrices, by HF name (a
+    model sliced to them already, distributed/shard.py). Needs the kernels."""
     if kernels() is None:
         raise RuntimeError("Lantern's CPU kernels are not available here")
-    return _replace_linears(model, _FloatSource(tensors, quantize))
+    return _replace_linears(model, _FloatSource(tensors, quantize, parts))
 
 
 class _Arena:
@@ -443,22 +573,29 @@ class _Arena:
 
     def group(self, kind: int, rows: list[int], k: int):
         """A fused matrix of `kind` stacking parts of `rows[i]` rows each, allocated here, and one allocator per
-        part that hands out its rows of each field (from_ggml's `alloc`): the parts are read straight into it."""
-        specs = field_specs(kind, sum(rows), k)
-        fields = {name: self.alloc(name, shape, dtype) for name, (shape, dtype) in specs.items()}
-        fused = Blocks(fields["qs"], fields.get("d"), fields.get("m"), kind, (sum(rows), k))
-        starts = [sum(rows[:i]) for i in range(len(rows))]
+        part that hands out its rows of each field (see _row_runs)."""
+        return _row_runs(self.alloc, kind, rows, k)
 
-        def part(start: int, count: int):
-            def alloc(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-                out = fields[field][start:start + count]
-                if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-                    raise ValueError(f"a fused matrix's {field} is {tuple(out.shape)} {out.dtype}, the part "
-                                     f"asks for {tuple(shape)} {dtype}")
-                return out
-            return alloc
 
-        return fused, [part(s, r) for s, r in zip(starts, rows)]
+def _row_runs(alloc, kind: int, rows: list[int], k: int) -> tuple[Blocks, list]:
+    """A matrix of `kind`, sum(rows) x k, its tensors from `alloc` (from_ggml's), and one allocator per run of
+    `rows[i]` rows that hands out that run's rows of each field: the runs are read straight into it (q/k/v into
+    their fused matrix, a big matrix a chunk of rows at a time)."""
+    specs = field_specs(kind, sum(rows), k)
+    fields = {name: alloc(name, shape, dtype) for name, (shape, dtype) in specs.items()}
+    fused = Blocks(fields["qs"], fields.get("d"), fields.get("m"), kind, (sum(rows), k))
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+
+    def run(start: int, count: int):
+        def alloc_rows(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            out = fields[field][start:start + count]
+            if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+                raise ValueError(f"a fused matrix's {field} is {tuple(out.shape)} {out.dtype}, the part "
+                                 f"asks for {tuple(shape)} {dtype}")
+            return out
+        return alloc_rows
+
+    return fused, [run(s, r) for s, r in zip(starts, rows)]
 
 
 def _advise_huge_pages(address: int, length: int) -> None:

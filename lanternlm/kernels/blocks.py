@@ -84,6 +84,24 @@ class Blocks:
         return Blocks(self.qs[index], None if self.d is None else self.d[index],
                       None if self.m is None else self.m[index], self.kind, (int(index.numel()), self.shape[1]))
 
+    def columns(self, start: int, end: int) -> Blocks:
+        """Input columns start..end-1 as a new Blocks (contiguous copies): a tensor-parallel rank's part of a
+        row-parallel matrix. Block kinds are cut between whole blocks of 32 (qs, d and per-block offsets by
+        block; Q6_K/Q3_K's multipliers per 16 elements); a float kind anywhere."""
+        n, k = self.shape
+        if is_float_kind(self.kind):
+            return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
+        if start % 32 or end % 32 or not 0 <= start <= end <= k:
+            raise ValueError(f"columns {start}..{end - 1} of a {k}-column matrix do not fall on 32-element blocks")
+        b0, b1 = start // 32, end // 32
+        per_block = self.qs.shape[1] // (k // 32)  # bytes of one block (int8 values of the 8-bit kind)
+        m = self.m
+        if m is not None:
+            m = m[:, start // 16:end // 16] if self.kind in _MULTIPLIERS else m[:, b0:b1]
+            m = m.contiguous()
+        return Blocks(self.qs[:, b0 * per_block:b1 * per_block].contiguous(), self.d[:, b0:b1].contiguous(), m,
+                      self.kind, (n, end - start))
+
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
         """Stack matrices with the same kind and in_features along the output dimension (fused q/k/v)."""
@@ -166,7 +184,7 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     if k % 32:
         raise ValueError(f"in_features {k} is not a multiple of 32")
     if ggml_type not in _KIND_OF:
-        return _refill(quantize_q8(dequantize(raw, ggml_type, (n, k))), alloc)
+        return refill(quantize_q8(dequantize(raw, ggml_type, (n, k))), alloc)
     nb = k // 32
     kind = _KIND_OF[ggml_type]
     specs = field_specs(kind, n, k)
@@ -184,7 +202,7 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     return Blocks(qs, d, m, kind, (n, k))
 
 
-def _refill(blocks: Blocks, alloc) -> Blocks:
+def refill(blocks: Blocks, alloc) -> Blocks:
     """`blocks` with each tensor copied into one from `alloc` (itself when alloc is the default)."""
     if alloc is new_tensor:
         return blocks

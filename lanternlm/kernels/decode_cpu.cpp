@@ -483,11 +483,17 @@ c10::optional<torch::Tensor> optional_tensor(const pybind11::dict& d, const char
 // gate/up fused or not), run for one new token per row without returning to Python between operations. Built
 // once from the modules' tensors (shared, not copied); `forward` takes the hidden states after the embedding and returns them after the
 // last layer (before the final norm). Mirrors DecoderLayer/Attention/MLP in model.py op for op.
+//
+// `allreduce` (None, or a Python callable) is for a tensor-parallel rank (distributed/shard.py): each rank holds
+// some heads and MLP columns, so o_proj's and down_proj's outputs are partial sums that the callable sums over
+// the ranks, in place, before the residual add. It is the only step that returns to Python, with the GIL taken
+// for it; without it the stack never touches the GIL.
 class DecodeStack {
 public:
     DecodeStack(const pybind11::list& layers, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
-                double norm_offset, int64_t act, double scale)
-        : heads_(heads), kv_(kv_heads), dim_(head_dim), eps_(eps), offset_(norm_offset), act_(act), scale_(scale) {
+                double norm_offset, int64_t act, double scale, pybind11::object allreduce)
+        : heads_(heads), kv_(kv_heads), dim_(head_dim), eps_(eps), offset_(norm_offset), act_(act), scale_(scale),
+          allreduce_(std::move(allreduce)), sharded_(!allreduce_.is_none()) {
         for (const auto& item : layers) {
             const auto spec = item.cast<pybind11::dict>();
             Layer l;
@@ -554,6 +560,7 @@ private:
             }
             auto attn = attend(i, l, q, k, v);
             auto o = l.o.apply(attn);
+            sum_over_ranks(o);
             if (l.pre_ff_norm) {  // Gemma 3: norms after attention and around the MLP
                 h.add_(rms_norm(o, l.post_attn_norm, eps_, offset_));
                 auto m = mlp(l, rms_norm(h, *l.pre_ff_norm, eps_, offset_));
@@ -567,7 +574,16 @@ private:
     }
 
     torch::Tensor mlp(const Layer& l, const torch::Tensor& x) const {
-        return l.down.apply(gated_act(l.gate_up.apply(x), act_));
+        auto y = l.down.apply(gated_act(l.gate_up.apply(x), act_));
+        sum_over_ranks(y);
+        return y;
+    }
+
+    // A tensor-parallel rank's partial o_proj / down_proj output (B, C), summed over the ranks in place.
+    void sum_over_ranks(torch::Tensor& t) const {
+        if (!sharded_) return;
+        pybind11::gil_scoped_acquire gil;
+        allreduce_(t);
     }
 
     std::vector<Layer> layers_;
@@ -575,11 +591,17 @@ private:
     double eps_, offset_;
     int64_t act_;
     double scale_;
+    pybind11::object allreduce_;  // None unless tensor-parallel
+    bool sharded_;                // read without the GIL
 };
 
 void register_decode_stack(pybind11::module& mod) {
     pybind11::class_<DecodeStack>(mod, "DecodeStack")
-        .def(pybind11::init<const pybind11::list&, int64_t, int64_t, int64_t, double, double, int64_t, double>())
+        .def(pybind11::init<const pybind11::list&, int64_t, int64_t, int64_t, double, double, int64_t, double,
+                            pybind11::object>(),
+             pybind11::arg("layers"), pybind11::arg("heads"), pybind11::arg("kv_heads"), pybind11::arg("head_dim"),
+             pybind11::arg("eps"), pybind11::arg("norm_offset"), pybind11::arg("act"), pybind11::arg("scale"),
+             pybind11::arg("allreduce") = pybind11::none())
         .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
         .def("forward_paged", &DecodeStack::forward_paged, pybind11::call_guard<pybind11::gil_scoped_release>())
         // A deep-copied model gets no stack and builds its own over its own tensors on first use.
