@@ -11,17 +11,26 @@
 
     embedder = LLM("all-minilm-l6-v2")           # an encoder: llm.kind == "embed"
     vectors = embedder.embed(["first text", "second text"])   # list[list[float]], L2-normalised
+
+    llm = LLM("smollm2-135m-instruct", tensor_parallel=2)    # split over 2 processes this one starts
+    ...
+    llm.close()                                  # stops them (also done when the LLM is collected, or at exit)
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import embedding
+from .distributed import launch
+from .distributed.driver import Driver, serve_forwards
+from .distributed.plan import Shard, plan_shards
 from .errors import LanternError
 from .explain import attention, explain_generate, logit_lens
 from .generation.chat_plan import ChatOptions, ChatPlan, plan_chat
@@ -29,7 +38,7 @@ from .generation.generate import Step, generate
 from .generation.grammar import GrammarCompiler
 from .generation.guide import GuideSpec
 from .generation.sampling import SamplingParams
-from .load import load
+from .load import LoadedModel, load, pick_device, read_config
 from .store import catalogue_entry, recommended_generation_config, resolve
 from .text.chat import ChatTemplate, no_template_error
 from .text.constraint import GrammarSpec
@@ -56,17 +65,30 @@ class LLM:
 
     def __init__(self, model: str, dtype: str | torch.dtype | None = None, device: str | None = None,
                  context: int | None = None, exact: bool | None = None, quantize: str | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, tensor_parallel: int = 1, threads: int | None = None):
         """`exact`: True computes from weights dequantized (GGUF) or widened (HF folder) to `dtype`, the
         reference path; by default on CPU, the fast path computes from the weights as stored (a GGUF's blocks,
         an HF folder's bf16/fp16 matrices). `quantize` ("q8_0", "q4_0", "q4_1"): quantize an HF folder's (or an
         F16/BF16 GGUF's) weights to those blocks at load. `kv_dtype`: how keys and values are stored (default:
-        bfloat16 on the fast path, the model's dtype on the exact one)."""
+        bfloat16 on the fast path, the model's dtype on the exact one).
+        `tensor_parallel` N > 1: split the model over N ranks (distributed/): this process is rank 0 and starts
+        the other N - 1 itself (spawned: a script needs the `if __name__ == "__main__":` guard), or, under
+        torchrun, joins the group torchrun formed (other ranks call `serve_rank`). `threads`: CPU threads for the compute (with tensor_parallel: per rank; default: PyTorch's
+        count, or the host's cores split between its ranks)."""
         self.name = str(model)
         self.path = resolve(model)
-        loaded = load(self.path, dtype=dtype, device=device, exact=exact, quantize=quantize)
+        self.ranks: launch.Ranks | None = None
+        if tensor_parallel == 1:
+            if threads is not None:  # before the load: the kernels' split and threads started later follow it
+                torch.set_num_threads(threads)
+            loaded = load(self.path, dtype=dtype, device=device, exact=exact, quantize=quantize)
+            self.model = loaded.model
+        else:
+            self.ranks, loaded, self.model = RankSource(self.path, dtype, device, exact, quantize).open(
+                tensor_parallel, threads)
+        # Stops the other ranks once: close(), this object collected, or the interpreter's exit.
+        self._close = weakref.finalize(self, _stop_ranks, self.model if self.ranks else None, self.ranks)
         self.loaded = loaded
-        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         # A catalogue name brings the model's recommended sampling settings (as an Ollama Modelfile does).
@@ -89,6 +111,10 @@ class LLM:
         self.thinking: ThinkFormat | None = detect_thinking(loaded.chat_template) if self.kind == "generate" else None
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them). The LLM cannot generate after it."""
+        self._close()
 
     # ------------------------------------------------------------------ prompts
 
@@ -271,3 +297,60 @@ class LLM:
         self._need_decoder("compute logits")
         ids = torch.tensor([self.encode(prompt)], device=self.device)
         return self.model(ids, output_hidden_states=output_hidden_states)
+
+
+# ---------------------------------------------------------------------- tensor parallelism
+
+
+@dataclass(frozen=True)
+class RankSource:
+    """What every rank loads its shard from (picklable: spawned ranks get it), and a worker rank's whole life."""
+
+    path: Path
+    dtype: str | torch.dtype | None
+    device: str | None
+    exact: bool | None
+    quantize: str | None
+
+    def open(self, world: int, threads: int | None) -> tuple[launch.Ranks, LoadedModel, Driver]:
+        """As rank 0: check the split, start (or join) the ranks, load this rank's shard and drive it."""
+        if world < 1:
+            raise LanternError(f"tensor parallelism needs at least 1 rank, got {world}")
+        plan_shards(read_config(self.path), 0, world)  # too many ranks for the model: refused before any starts
+        ranks = launch.start(world, pick_device(self.device), threads, self)
+        if ranks.rank != 0:
+            raise LanternError(f"this process is rank {ranks.rank} of a torchrun launch: serve_rank() runs it")
+        try:
+            loaded = self.load(ranks)
+            return ranks, loaded, Driver(loaded.model, ranks)
+        except BaseException:
+            ranks.close()  # the workers see rank 0 go and exit
+            raise
+
+    def load(self, ranks: launch.Ranks) -> LoadedModel:
+        config = read_config(self.path)
+        shard = Shard(plan_shards(config, ranks.rank, ranks.world), ranks.group)
+        return load(self.path, dtype=self.dtype, device=ranks.device, exact=self.exact, quantize=self.quantize,
+                    shard=shard)
+
+    def __call__(self, ranks: launch.Ranks) -> None:
+        """A worker rank: load its shard, then run rank 0's forwards until rank 0 stops."""
+        serve_forwards(self.load(ranks).model, ranks)
+
+
+def serve_rank(model: str, tensor_parallel: int, dtype: str | torch.dtype | None = None, device: str | None = None,
+               exact: bool | None = None, quantize: str | None = None, threads: int | None = None) -> None:
+    """Under torchrun, on a rank other than 0: join the group, load this rank's shard and run rank 0's forwards
+    until rank 0 stops (returns) or goes away (TensorParallelError). Rank 0 runs `LLM(..., tensor_parallel=N)`
+    with the same model and options."""
+    source = RankSource(resolve(model), dtype, device, exact, quantize)
+    ranks = launch.start(tensor_parallel, pick_device(device), threads, source)
+    try:
+        source(ranks)
+    finally:
+        ranks.close()
+
+
+def _stop_ranks(driver: Driver | None, ranks: launch.Ranks | None) -> None:
+    if ranks is not None:
+        ranks.close(grace=launch.STOP_TIMEOUT if driver.stop() else 0)

@@ -27,6 +27,7 @@ EXAMPLES = {
   lantern run --json-schema schema.json --explain "Extract the person: Ada, 36"   # the grammar is a traced stage
   lantern run --regex '\\d{3}-\\d{4}' "Make up a phone number"
   lantern run -m ./qwen3-folder --thinking-budget 64 "Is 97 prime?"                # thinking shown dimmed
+  lantern run --tensor-parallel 2 "What is the capital of France?"   # the model split over 2 processes
 """,
     "chat": """examples:
   lantern chat
@@ -45,6 +46,9 @@ EXAMPLES = {
   lantern serve                                  # the default model on http://127.0.0.1:8000/v1
   lantern serve -m ./model.gguf --port 8080 --api-key secret --max-batch 16
   lantern serve --embedding-model all-minilm-l6-v2   # chat and /v1/embeddings from one server
+  lantern serve --tensor-parallel 2              # the model split over 2 processes on this host
+  torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST0 --master-port 29500 \\
+      -m lanternlm serve --tensor-parallel 2 --host 0.0.0.0   # on HOST0; --node-rank 1 on the other host
   then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 """,
@@ -98,6 +102,12 @@ def add_model(p):
                    help="quantize an HF folder's (or an F16/BF16 GGUF's) weights at load: q8_0, q4_0 or q4_1")
     p.add_argument("--threads", type=thread_count, default=None, metavar="N",
                    help="CPU threads for the model's compute (default: PyTorch's, one per core), as llama.cpp's -t")
+
+
+def add_tensor_parallel(p):
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes (ranks; this host's cores are shared between them, "
+                        "--threads is then per rank); under torchrun, N is its world size (default: 1)")
 
 
 def torch_threads() -> int:
@@ -195,6 +205,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="timing and token counts on stderr")
     p.add_argument("--explain", nargs="?", type=int, const=3, default=None, metavar="K",
                    help="print a table per token: the chosen token, its probability and K alternatives (default 3)")
+    add_tensor_parallel(p)
     add_sampling(p)
     add_constraints(p)
 
@@ -224,6 +235,7 @@ def build_parser() -> ArgumentParser:
 
     p = command("serve", "serve the model over an OpenAI-compatible HTTP API (continuous batching)")
     add_model(p)
+    add_tensor_parallel(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -317,21 +329,44 @@ def add_rag_parser(rag):
 
 def open_model(args):
     from .api import LLM
+
+    name = pulled(args.model or DEFAULT_MODEL)
+    # --threads is set before the load: the kernels' split, PyTorch's ops and threads started later (the
+    # Engine's) follow it.
+    return LLM(name, dtype=args.dtype, device=args.device, exact=True if args.exact else None,
+               quantize=getattr(args, "quantize", None), tensor_parallel=getattr(args, "tensor_parallel", 1),
+               threads=getattr(args, "threads", None))
+
+
+def pulled(name: str) -> str:
+    """`name`, fetched first when it is a catalogue model not on this machine yet (as `ollama run` does)."""
     from .store import NotPulledError, pull, resolve
 
-    name = args.model or DEFAULT_MODEL
     try:
         resolve(name)
-    except NotPulledError:  # a catalogue model not fetched yet: fetch it first, as `ollama run` does
+    except NotPulledError:
         print(f"{name} is not on this machine yet: pulling it", file=sys.stderr)
         pull(name)
-    if getattr(args, "threads", None):
-        import torch
+    return name
 
-        # Before the load: the kernels' split, PyTorch's ops and threads started later (the Engine's) follow it.
-        torch.set_num_threads(args.threads)
-    return LLM(name, dtype=args.dtype, device=args.device, exact=True if args.exact else None,
-               quantize=getattr(args, "quantize", None))
+
+def check_tensor_parallel(args) -> None:
+    if args.tensor_parallel < 1:
+        raise LanternError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
+
+
+def served_as_worker_rank(args) -> bool:
+    """Under torchrun with --tensor-parallel, a rank other than 0 runs rank 0's forwards instead of the command
+    (until rank 0 stops); True when this process was such a rank."""
+    if args.tensor_parallel == 1:
+        return False
+    from .distributed.launch import torchrun_rank
+    if torchrun_rank() in (None, 0):
+        return False
+    from .api import serve_rank
+    serve_rank(pulled(args.model or DEFAULT_MODEL), args.tensor_parallel, dtype=args.dtype, device=args.device,
+               exact=True if args.exact else None, quantize=args.quantize, threads=args.threads)
+    return True
 
 
 def sampling_from(args):
@@ -453,9 +488,19 @@ def stream_out(steps, verbose: bool, prompt_len: int, started: float,
 
 
 def cmd_run(args) -> int:
+    check_tensor_parallel(args)
+    if served_as_worker_rank(args):
+        return 0
     prompt = read_text(args.prompt, "prompt")
     t0 = time.perf_counter()
     llm = open_model(args)
+    try:
+        return run_prompt(args, llm, prompt, t0)
+    finally:
+        llm.close()  # the other tensor-parallel ranks, if any
+
+
+def run_prompt(args, llm, prompt: str, t0: float) -> int:
     if args.verbose:
         print(f"[loaded {llm.path} in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
     params = sampling_from(args)
@@ -643,17 +688,35 @@ def api_keys(args) -> tuple[str, ...]:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from .server.app import ServedModel, ServerConfig, create_app
-
     for name in ("port", "max_batch", "max_queue", "context", "request_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise LanternError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.shutdown_timeout < 0:
         raise LanternError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    check_tensor_parallel(args)
+    if args.tensor_parallel > 1 and args.embedding:
+        raise LanternError("--embedding needs the model's hidden states on one process: not with --tensor-parallel")
+    if served_as_worker_rank(args):
+        return 0
+    check_port(args.host, args.port)  # before the load (and the ranks): uvicorn would find it only after
     llm = open_model(args)
+    try:
+        return serve(args, llm)
+    finally:
+        llm.close()  # the other tensor-parallel ranks, if any
+
+
+# Seconds a server whose tensor-parallel rank failed goes on answering 503 before it exits, unless a client was
+# told sooner (/health, a request): so a probe or a client sees why, and the server still never lingers dead.
+DEAD_LINGER = 10.0
+
+
+def serve(args, llm) -> int:
+    import uvicorn
+
+    from .server.app import ServedModel, ServerConfig, create_app
+
     context = min(args.context or 4096, llm.config.max_position_embeddings)
     served = served_name(args.served_model_name or args.model or DEFAULT_MODEL, llm)
     config = ServerConfig(served_name=served, aliases=tuple(a for a in (args.model, str(llm.path)) if a),
@@ -672,14 +735,43 @@ def cmd_serve(args) -> int:
     names = ", ".join([served] + [m.name for m in extra])
     kv = (f"KV cache {config.kv_cache_bytes / 2**30:.2f} GiB" if config.kv_cache_bytes is not None
           else f"KV cache for {args.max_batch} x {context} tokens")
+    ranks = llm.ranks
+    tp = "" if ranks is None else (f", tensor parallel {ranks.world} over {ranks.backend}"
+                                   + (f", worker pids {' '.join(map(str, ranks.pids))}" if ranks.pids else ""))
+    prefix = 'off' if args.no_prefix_caching else 'per API key' if args.prefix_cache_per_key else 'on'
     print(f"serving {names} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, context {context}, {kv}, "
-          f"prefix caching {'off' if args.no_prefix_caching else 'per API key' if args.prefix_cache_per_key else 'on'})", file=sys.stderr)
+          f"prefix caching {prefix}{tp})", file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was there
     # before it; a no-op one there makes a graceful stop exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    if ranks is not None:
+        state = app.state.lantern
+
+        def failed(reason: str) -> None:  # on a thread of its own: /health turns 503, then the server stops
+            state.engine_failed(reason)
+            state.dead_reported.wait(DEAD_LINGER)
+            server.should_exit = True
+
+        ranks.watch(failed)
+    server.run()
+    if ranks is not None and ranks.failed:
+        raise LanternError(ranks.failed)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """One line when the address cannot be listened on (taken, not this machine's), as uvicorn binds it."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing socket is no obstacle
+            s.bind(address)
+    except OSError as e:
+        raise LanternError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def cmd_inspect(args) -> int:

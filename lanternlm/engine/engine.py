@@ -170,6 +170,9 @@ class Engine:
                         if self._stop:
                             break
                     self.step()
+        except LanternError as e:  # a failure that says what it is (a tensor-parallel rank gone): one line
+            log.error("engine stopped: %s", e)
+            self.dead = f"{type(e).__name__}: {e}"
         except Exception as e:  # keep serving errors visible: /health turns 503 and every request ends
             log.exception("engine failure")
             self.dead = f"{type(e).__name__}: {e}"

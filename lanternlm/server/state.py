@@ -5,6 +5,7 @@ The routes reach it through `current(request)`; nothing here is global."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
@@ -96,6 +97,9 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None      # set while the app runs (its lifespan)
     steps_seen: int = 0               # engine steps already mirrored into metrics.steps
+    # Set once a client has been told that the engine is dead (/health's 503, a request's): a server that
+    # exits when its engine dies (tensor parallelism: cli.py) waits for that, or a while, so the reason is seen.
+    dead_reported: threading.Event = field(default_factory=threading.Event)
     # Forwards outside the engine (lens, attention, embeddings) run one at a time beside it: a burst of them
     # queues here instead of starting a thread each.
     side_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
@@ -103,9 +107,16 @@ class ServerState:
     def running_engine(self) -> Engine:
         eng = self.engine
         if eng is None or eng.dead:
+            self.dead_reported.set()
             raise APIError(503, f"the engine is not running{': ' + eng.dead if eng and eng.dead else ''}",
                            "server_error", code="engine_dead")
         return eng
+
+    def engine_failed(self, reason: str) -> None:
+        """The engine's work cannot go on (a tensor-parallel rank failed while it idled): from now on it answers
+        with `reason` (/health and requests: 503). A reason the engine gave itself stays."""
+        if self.engine is not None and not self.engine.dead:
+            self.engine.dead = reason
 
     def find(self, name: str) -> ServedModel:
         for served in self.models:
@@ -187,6 +198,7 @@ class ServerState:
                 from None
         except EngineDeadError as e:
             self.abort(request_ids, count=False)
+            self.dead_reported.set()
             raise APIError(503, str(e), "server_error", code="engine_dead") from None
         except LanternError as e:
             self.abort(request_ids, count=False)

@@ -17,6 +17,8 @@ async def health(request: Request):
     state = current(request)
     eng = state.engine
     if state.models[0].generates and (eng is None or eng.dead):  # an embedding-only server has no engine
+        if eng is not None:
+            state.dead_reported.set()
         return JSONResponse({"status": "dead", "error": eng.dead if eng else "not started"}, status_code=503)
     return {"status": "ok"}
 
