@@ -33,7 +33,7 @@ import torch.distributed as dist
 from lanternlm import LLM, SamplingParams
 from lanternlm.store import resolve
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "broadcast")
 
 
 class CommClock:

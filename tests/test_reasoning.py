@@ -273,6 +273,9 @@ class FakeThinkingLLM:
     def thinking_starts_inside(self, ids):
         return self.inside
 
+    def close(self):  # no other ranks to stop
+        pass
+
     def plan_chat(self, messages, options):
         self.conversations.append(messages)
         return SimpleNamespace(prompt_ids=[1, 2, 3], guide=None)

@@ -206,7 +206,21 @@ class _SumOverRanks:
 
     def reduce(self, y: torch.Tensor) -> None:
         """Sum `y` over the ranks, in place: this module's forward, and the C++ decode stack between layers."""
-        dist.all_reduce(y, group=self.group)
+        sum_over_ranks(y, self.group)
+
+
+def sum_over_ranks(y: torch.Tensor, group) -> None:
+    """y <- the sum of every rank's y, in place, in rank order (the same bits on every rank).
+
+    Gathered, then summed here, rather than dist.all_reduce: gloo's all-reduce takes two rounds of messages (a
+    ring's reduce-scatter, then its all-gather) and a gather one, and a round that needs a peer whose core is busy
+    computing waits for the OS to schedule that peer's gloo thread. SmolLM2 at TP=2 on the project's 2-core VM,
+    each rank pinned whole to one core (`python -m bench.tp`): decode 9.3 tok/s with all_reduce, 12.6 with this;
+    see launch._place for the rest of that story (33 tok/s)."""
+    world = dist.get_world_size(group)
+    parts = torch.empty(world * y.numel(), dtype=y.dtype, device=y.device)  # (world * numel,): gloo's layout
+    dist.all_gather_single(parts, y.contiguous().view(-1), group=group)
+    torch.sum(parts.view(world, *y.shape), dim=0, out=y)
 
 
 class RowParallelLinear(_SumOverRanks, nn.Linear):
@@ -232,8 +246,8 @@ class _VocabRows:
         local = ids - self.vocab_start
         inside = (local >= 0) & (local < self.num_embeddings)  # (B, T)
         h = super().forward(torch.where(inside, local, torch.zeros_like(local)))  # (B, T, C)
-        h = h.masked_fill(~inside[..., None], 0)
-        dist.all_reduce(h, group=self.group)
+        h = h.masked_fill(~inside[..., None], 0).contiguous()
+        sum_over_ranks(h, self.group)
         return h
 
 
