@@ -149,7 +149,7 @@ def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
 
 
 def new_tensor(field: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The default `alloc` of from_ggml and requantize_q8: a fresh tensor. (`field` is qs, d or m: an allocator
+    """The default `alloc` of from_ggml and q8_by_rows: a fresh tensor. (`field` is qs, d or m: an allocator
     that places each field of a fused matrix in its own run of rows, as quantize._Arena does, needs it.)"""
     return torch.empty(shape, dtype=dtype)
 
@@ -290,15 +290,6 @@ def quantize_q8(w: torch.Tensor) -> Blocks:
     if w.device.type != "cpu" or kernels(quiet=True) is None:
         return quantize_q8_torch(w)
     return q8_by_rows(w.shape, lambda r0, r1: w[r0:r1].float())
-
-
-def requantize_q8(blocks: Blocks, alloc=new_tensor) -> Blocks:
-    """Blocks of another kind (or a float kind) -> 8-bit blocks, through float32 a chunk of rows at a time (C++
-    kernels only), into tensors from `alloc` (see from_ggml)."""
-    def rows(r0: int, r1: int) -> torch.Tensor:
-        d, m = (None if t is None else t[r0:r1] for t in (blocks.d, blocks.m))
-        return kernels().dequantize(blocks.qs[r0:r1], d, m, blocks.kind, blocks.shape[1], torch.float32)
-    return q8_by_rows(blocks.shape, rows, alloc)
 
 
 def q8_by_rows(shape: tuple[int, int], rows, alloc=new_tensor) -> Blocks:
