@@ -30,6 +30,9 @@ from .kernels import kernels
 from .model import MLP, Attention, BaseOutput, CausalLM, KVCache, RMSNorm, Transformer
 
 
+ROPE_TABLE_POSITIONS = 8192  # decode steps look their cos/sin up in a table this long at most (FusedTransformer._rope)
+
+
 def _act_code(act: nn.Module) -> int | None:
     if isinstance(act, nn.SiLU):
         return 0
@@ -111,15 +114,36 @@ class FusedTransformer(Transformer):
             h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
         cos, sin = [], []
         for kind in self._rope_kinds:
-            c, s = self.rotary[kind](positions, h.dtype)  # (B, 1, rot)
-            cos.append(c[:, 0])
-            sin.append(s[:, 0])
+            c, s = self._rope(kind, positions, h.dtype)  # (B, rot)
+            cos.append(c)
+            sin.append(s)
         if paged:  # `slots` holds the (B, max_blocks) block tables
             h = self._stack.forward_paged(h, cos, sin, cache.k, cache.v, slots, positions.reshape(B))
         else:
             h = self._stack.forward(h, cos, sin, cache.k, cache.v, _slot_rows(self._row_tensors, slots, B),
                                     positions.reshape(B))
         return BaseOutput(self.norm(h[:, None]), None, None)
+
+    def _rope(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, rot) of the rotary embedding `kind` at `positions` (B, 1), rows of a table of positions
+        0..n-1 made by the module itself and grown by doubling. Computing them each step called PyTorch's cos and
+        sin, which hand even a few hundred values to MKL's vector maths, and MKL opens an OpenMP region for them
+        when its thread count is above one (torch.set_num_threads, --threads): its spinning threads then held up
+        the kernels' pool, Gemma-3-270M shapes decoding at 65 instead of 100 tok/s on the project's 2-core VM.
+        longrope computes per step (its factors depend on the longest position asked for), and so do positions
+        past ROPE_TABLE_POSITIONS (the table stays at most 16 MB, for Gemma 3's head_dim 256)."""
+        rotary = self.rotary[kind]
+        need = int(positions.max()) + 1
+        if rotary.rope.rope_type == "longrope" or need > ROPE_TABLE_POSITIONS:
+            c, s = rotary(positions, dtype)
+            return c[:, 0], s[:, 0]
+        table = self._rope_tables.get((kind, dtype))
+        if table is None or table[0].shape[0] < need:
+            n = min(ROPE_TABLE_POSITIONS, max(need, 2 * table[0].shape[0] if table is not None else 512))
+            c, s = rotary(torch.arange(n, device=positions.device)[None], dtype)  # (1, n, rot)
+            table = self._rope_tables[(kind, dtype)] = (c[0], s[0])
+        rows = positions.reshape(-1)
+        return table[0][rows], table[1][rows]
 
     def rebuild_stack(self) -> None:
         """Build the decode stack again on the next decode step, over the modules as they are then: a transform
@@ -195,6 +219,7 @@ def fuse_for_cpu(model: CausalLM) -> CausalLM:
     transformer = model.model
     transformer.__class__ = FusedTransformer
     transformer._rope_kinds = sorted(set(cfg.layer_types))
+    transformer._rope_tables = {}  # (kind, dtype) -> cos, sin (n, rot) for positions 0..n-1, grown as needed
     transformer._row_tensors = row_tensors
     transformer._stack, transformer._stackable = None, True  # built on the first decode step
     return model

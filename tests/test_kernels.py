@@ -400,3 +400,24 @@ def test_products_from_another_thread_equal_the_main_threads():
         t.start()
         t.join()
         assert torch.equal(results["main", rows], results["thread", rows])
+
+
+def test_decode_steps_look_rope_up_in_a_table_that_equals_the_module(tmp_path, monkeypatch):
+    # FusedTransformer._rope: cos/sin of decode steps come from a table of positions the rotary module computed
+    # (grown by doubling), not from per-step cos/sin calls (MKL opens an OpenMP region for those when its thread
+    # count is above one, and its spinning threads held up the kernels' pool). Both of Gemma 3's rope kinds.
+    import lanternlm.fused as fused
+    from lanternlm.load import load
+
+    from gguf_writer import write_gguf
+    write_gguf(make_hf_model("gemma3"), tmp_path / "m.gguf", T.Q8_0)
+    transformer = load(tmp_path / "m.gguf", exact=False).model.model
+    monkeypatch.setattr(fused, "ROPE_TABLE_POSITIONS", 1000)
+    for kind in transformer._rope_kinds:
+        for positions in ([[3]], [[600], [5]], [[999]], [[1500]]):  # 600 grows the table; 1500 is past its cap
+            pos = torch.tensor(positions)
+            c, s = transformer._rope(kind, pos, torch.float32)
+            ref_c, ref_s = transformer.rotary[kind](pos, torch.float32)
+            assert torch.allclose(c, ref_c[:, 0], atol=1e-6) and torch.allclose(s, ref_s[:, 0], atol=1e-6)
+        table = transformer._rope_tables[(kind, torch.float32)]
+        assert table[0].shape[0] == 1000  # grown from 512 and capped, never grown for 1500
