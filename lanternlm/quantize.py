@@ -275,31 +275,18 @@ class GGUFWeights:
         return [fused]
 
     def _blocks(self, name: str, heads: int | None, alloc) -> Blocks:
-        if name in self.parts:
-            return self._part(name, heads, alloc)
-        gguf_name = self.names[name]
-        info = self.gguf.tensors[gguf_name]
-        raw = self.gguf.raw(gguf_name)
-        if heads and self.permuted:  # llama.cpp permuted Q/K rows of arch "llama"; whole rows move
-            raw = raw.reshape(info.shape[0], -1)[unpermute_rows(torch.arange(info.shape[0]), heads).numpy()].reshape(-1)
-        if kind_for(info.ggml_type) in REQUANTIZED_KINDS:
-            blocks = self._requantized(gguf_name, raw, alloc)
-        elif self.quantize and info.ggml_type in FLOAT_GGML_TYPES:
-            blocks = quantize_matrix(from_ggml(raw, info.ggml_type, info.shape).qs, self.quantize, name)
-        elif raw.nbytes > CHUNK_BYTES and alloc == self.arena.alloc:
-            blocks = self._in_chunks(gguf_name, raw)
-        else:
-            blocks = from_ggml(raw, info.ggml_type, info.shape, alloc)  # copied out of the file, into place
-        self.gguf.release(gguf_name)
-        return blocks
+        return self._part(name, heads, alloc, self.parts.get(name, MatrixPart()))
 
-    def _part(self, name: str, heads: int | None, alloc) -> Blocks:
-        """A tensor-parallel rank's part of a matrix (`parts`), a chunk of rows at a time: only the kept rows are
-        read out of the map (numpy copies just those), converted, cut to the kept columns and copied into place."""
+    def _part(self, name: str, heads: int | None, alloc, part: MatrixPart) -> Blocks:
+        """`part` of a matrix (the whole one, or a tensor-parallel rank's part), a chunk of rows at a time: only the
+        kept rows are read out of the map (numpy copies just those), converted, cut to the kept columns and copied
+        into place, and each chunk's file pages are let go of as soon as it is copied (else they would all be
+        resident at the end: 145 MB for a 0.5B model's Q8_0 embedding). Neither a whole matrix in its own kind nor
+        more than a chunk of its file pages is held at once for the REQUANTIZED_KINDS either (a 151k-row Q6_K
+        embedding is 111 MB of each, which set the peak memory of a 0.5B load)."""
         gguf_name = self.names[name]
         info = self.gguf.tensors[gguf_name]
         n, k = (int(s) for s in info.shape)
-        part = self.parts[name]
         by_row = self.gguf.raw(gguf_name).reshape(n, -1)
         index = part.row_index(n)  # the file's rows, in the order the part stacks them
         if heads and self.permuted:  # whole heads are kept, and llama.cpp's permutation stays inside each head
@@ -315,7 +302,7 @@ class GGUFWeights:
 
         def read(r0: int, r1: int) -> np.ndarray:
             """The file's bytes of the part's rows r0..r1-1: a view of the map for a run of consecutive rows (its
-            pages let go of once converted, as in _in_chunks), else a copy of just those rows."""
+            pages let go of once converted), else a copy of just those rows."""
             at = index[r0:r1]
             if at[-1] - at[0] == r1 - r0 - 1 and np.all(np.diff(at) == 1):
                 return by_row[at[0]:at[-1] + 1].reshape(-1)
@@ -351,37 +338,6 @@ class GGUFWeights:
                 kept(r0, r0 + count, run)  # copied straight into place
         self.gguf.release(gguf_name)
         return blocks
-
-    def _in_chunks(self, gguf_name: str, raw) -> Blocks:
-        """A big matrix (the embedding) copied into place a chunk of rows at a time, each chunk's file pages let
-        go of as soon as it is copied: they would otherwise all be resident at the end of the copy (145 MB for
-        a 0.5B model's Q8_0 embedding)."""
-        info = self.gguf.tensors[gguf_name]
-        n, k = (int(s) for s in info.shape)
-        by_row = raw.reshape(n, -1)
-        step = max(1, CHUNK_BYTES // by_row.shape[1])
-        starts = range(0, n, step)
-        counts = [min(step, n - r0) for r0 in starts]
-        fused, allocs = self.arena.group(kind_for(info.ggml_type), counts, k)
-        for r0, count, alloc in zip(starts, counts, allocs):
-            from_ggml(by_row[r0:r0 + count].reshape(-1), info.ggml_type, (count, k), alloc)
-            self.gguf.release(gguf_name, r0 * by_row.shape[1], (r0 + count) * by_row.shape[1])
-        return fused
-
-    def _requantized(self, gguf_name: str, raw, alloc) -> Blocks:
-        """8-bit blocks of a matrix in a REQUANTIZED_KINDS type, a chunk of rows at a time: neither the whole
-        matrix in its own kind nor the file's pages of more than one chunk are held at once (a 151k-row Q6_K
-        embedding is 111 MB of each, which set the peak memory of a 0.5B load)."""
-        info = self.gguf.tensors[gguf_name]
-        n, k = (int(s) for s in info.shape)
-        by_row = raw.reshape(n, -1)
-        row_bytes = by_row.shape[1]
-
-        def rows(r0: int, r1: int) -> torch.Tensor:
-            b = from_ggml(by_row[r0:r1].reshape(-1), info.ggml_type, (r1 - r0, k))
-            self.gguf.release(gguf_name, r0 * row_bytes, r1 * row_bytes)
-            return kernels().dequantize(b.qs, b.d, b.m, b.kind, k, torch.float32)
-        return q8_by_rows((n, k), rows, alloc)
 
 
 class _FloatSource:
