@@ -520,13 +520,7 @@ class _Arena:
         """`blocks` inside the buffer: as they are when they are there already, else a copy."""
         if all(self.holds(t) for t in blocks.tensors()):
             return blocks
-        return Blocks(*(None if t is None else self._copy(t) for t in (blocks.qs, blocks.d, blocks.m)),
-                      blocks.kind, blocks.shape)
-
-    def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        out = self.alloc("", tuple(t.shape), t.dtype)
-        out.copy_(t)
-        return out
+        return refill(blocks, self.alloc)
 
     def group(self, kind: int, rows: list[int], k: int):
         """A fused matrix of `kind` stacking parts of `rows[i]` rows each, allocated here, and one allocator per
