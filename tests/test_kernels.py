@@ -103,7 +103,9 @@ def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
-@pytest.mark.parametrize("k", [32, 96, 576, 608])  # 1, 3, 18 and 19 blocks: odd counts and partial groups of 16
+# 1, 3, 18, 19, 25 and 32 blocks: odd counts, partial groups of 16 (AVX-512 computes the 4-bit kinds 16 blocks at
+# a time across lanes, and a last group of up to 6 blocks a block at a time), whole groups
+@pytest.mark.parametrize("k", [32, 96, 576, 608, 800, 1024])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
     n = 37
@@ -115,6 +117,30 @@ def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
     ref = x.double() @ w.double().t()
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double())
+
+
+BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last_block_path()
+
+
+@pytest.mark.parametrize("qtype,wide_path", [(T.Q4_0, BLOCK_PATH_ACROSS), (T.Q4_1, BLOCK_PATH_ACROSS),
+                                             (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16)])
+def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
+    """AVX-512 computes the 4-bit kinds with byte dot products, 16 blocks across the lanes of a register, and the
+    8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row, activation row) pair adds
+    its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch."""
+    # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
+    # super-blocks of 256
+    for k in (256, 576, 800) if qtype != T.Q4_K else (256, 768):
+        raw, _ = ggml_blocks(qtype, 45, k, seed=k)
+        b = from_ggml(raw, qtype, (45, k))
+        w = dequantize_blocks(b)  # (Q4_K's scales become float16 ones: test_q4_k_repacks_within_float16_scale_rounding)
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(k))
+        whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
+        assert K.last_block_path() == (BLOCK_PATH_AVX2 if isa == 1 else wide_path)
+        assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
+        if K.last_block_path() == BLOCK_PATH_ACROSS:
+            for start, end in [(i, i + 1) for i in range(8)] + [(1, 6), (5, 8), (0, 3)]:
+                assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.BF16])
