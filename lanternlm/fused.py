@@ -142,8 +142,8 @@ class FusedTransformer(Transformer):
             n = min(ROPE_TABLE_POSITIONS, max(need, 2 * table[0].shape[0] if table is not None else 512))
             c, s = rotary(torch.arange(n, device=positions.device)[None], dtype)  # (1, n, rot)
             table = self._rope_tables[(kind, dtype)] = (c[0], s[0])
-        rows = positions.reshape(-1)
-        return table[0][rows], table[1][rows]
+        rows = positions.reshape(-1)  # index_select: see QuantEmbedding.forward
+        return table[0].index_select(0, rows), table[1].index_select(0, rows)
 
     def rebuild_stack(self) -> None:
         """Build the decode stack again on the next decode step, over the modules as they are then: a transform

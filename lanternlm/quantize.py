@@ -160,10 +160,12 @@ class QuantEmbedding(_BlocksModule):
         self.num_embeddings, self.embedding_dim = blocks.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # index_select, not qs[flat]: PyTorch's advanced indexing opened an OpenMP region even for a decode step's
+        # 8 rows, whose spinning threads then held up the kernels' pool (libgomp took 12% of a batched step)
         flat = ids.reshape(-1)
-        d = None if self.d is None else self.d[flat]
-        m = None if self.m is None else self.m[flat]
-        rows = kernels().dequantize(self.qs[flat], d, m, self.kind, self.embedding_dim, torch.float32)
+        d = None if self.d is None else self.d.index_select(0, flat)
+        m = None if self.m is None else self.m.index_select(0, flat)
+        rows = kernels().dequantize(self.qs.index_select(0, flat), d, m, self.kind, self.embedding_dim, torch.float32)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

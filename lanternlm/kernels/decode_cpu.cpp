@@ -44,6 +44,15 @@ LANTERN_CLONES void rms_row(const float* x, const float* w, float offset, float 
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * r * (w[i] + offset);
 }
 
+// Rows of rms_norm and gated_act split over PyTorch's threads when there are many (a prefill) and at least this
+// many; fewer (a decode step, batched or not) stay on the calling thread. An OpenMP region opened by a decode step
+// leaves its threads spinning beside the kernels' pool (pool.cpp) on the same cores, as MKL's did from RoPE (see
+// fused.py's table): the gated activation of 8 rows at MLP width 8192 (16384 / 8192 = a grain of 2 rows) took a
+// 1B-shape batched decode step from 99 ms of products to 150-170 ms.
+constexpr int64_t SERIAL_ROWS = 64;
+
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(SERIAL_ROWS, 16384 / std::max<int64_t>(width, 1)); }
+
 void check_f32(const torch::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": float32 on the CPU");
 }
@@ -62,9 +71,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
     const float* xp = xc.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    // Rows split over PyTorch's threads when there are many (a prefill; a decode step's few rows stay on one):
-    // these ops sit between oneDNN matmuls, whose threads they share (see dequantize in quant_cpu.cpp).
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    // Rows split over PyTorch's threads when there are many (a prefill; a decode step's rows stay on one: see
+    // SERIAL_ROWS): these ops sit between oneDNN matmuls, whose threads they share (see dequantize in quant_cpu.cpp).
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++)
             rms_row(xp + r * n, wp, static_cast<float>(offset), static_cast<float>(eps), op + r * n, n);
     });
@@ -82,7 +91,7 @@ torch::Tensor gated_act(const torch::Tensor& x, int64_t act) {
     const int64_t rows = xc.numel() / two_i;
     const float* xp = xc.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, row_grain(inter), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {  // rows split as in rms_norm
             const float* g = xp + r * two_i;
             const float* u = g + inter;
