@@ -143,6 +143,21 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
                 assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)
 
 
+def test_a_product_past_the_threads_reused_buffer_equals_its_rows_one_by_one(isa):
+    # 300 rows x K = 8192 of quantized activations need more than the 8 MB a thread keeps between products
+    # (quant_cpu.cpp, XQuant): that product gets a buffer of its own, with the same results
+    raw, w = ggml_blocks(T.Q4_1, 20, 8192, seed=9)
+    b = from_ggml(raw, T.Q4_1, (20, 8192))
+    x = torch.randn(300, 8192, generator=torch.Generator().manual_seed(9))
+    whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
+    rows = torch.cat([K.qmatmul(x[i:i + 1], b.qs, b.d, b.m, b.kind) for i in range(300)])
+    assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
+    if K.last_block_path() == BLOCK_PATH_ACROSS:  # the int16 kernels tile batches, with a rounding of their own
+        assert torch.equal(whole, rows)
+    else:
+        assert torch.allclose(whole, rows, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.BF16])
 def test_products_do_not_depend_on_the_thread_or_the_split(qtype):
     """The Engine computes on a thread of its own (the kernels' pool, whose threads claim chunks of rows as they

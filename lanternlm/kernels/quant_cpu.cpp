@@ -93,9 +93,10 @@ constexpr float QX_MAX = 32767.0f;
 // Quantized activations for `rows` rows of K values, blocks padded to a multiple of 16 with zeros.
 // With `bytes`, each qx is also split into its two bytes, qx = 256 * hi + lo with hi signed and lo unsigned, for
 // the AVX-512 kernels' byte dot products (see avx512::rows_tile_across). The arrays live in a buffer of the
-// calling thread that its next product reuses (grown, never shrunk): a product allocates, clears and faults in
-// nothing but its padding (a fresh zeroed allocation per product cost more than the arithmetic of eight rows
-// against a small matrix at K = 8192).
+// calling thread that its next product reuses (grown up to REUSED_BYTES, never shrunk): a decode step's products
+// allocate, clear and fault in nothing but their padding (a fresh zeroed allocation per product cost more than
+// the arithmetic of eight rows against a small matrix at K = 8192). Larger ones (many rows) get a buffer of
+// their own, freed with the XQuant, so that no thread keeps a prefill's worth.
 struct XQuant {
     int64_t blocks;            // padded block count per row
     int16_t* q;                // rows * blocks * 32
@@ -106,11 +107,16 @@ struct XQuant {
     int8_t* hi_across = nullptr;
     uint8_t* lo_across = nullptr;
 
+    static constexpr size_t REUSED_BYTES = size_t(8) << 20;
+    std::vector<uint8_t> own;  // the buffer of a product too large for the thread's
+    XQuant(const XQuant&) = delete;  // the pointers point into this object's buffer, or the thread's
+
     XQuant(int64_t rows, int64_t k, bool bytes = false) : blocks((k / 32 + 15) / 16 * 16) {
         const size_t n = static_cast<size_t>(rows * blocks), values = n * 32, scales = 16 * ((n + 15) / 16);
-        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 : 0);
-        thread_local std::vector<uint8_t> buffer;
-        if (buffer.size() < total + 64) buffer.resize(total + 64);
+        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 : 0) + 64;
+        thread_local std::vector<uint8_t> reused;
+        std::vector<uint8_t>& buffer = total <= REUSED_BYTES ? reused : own;
+        if (buffer.size() < total) buffer.resize(total);
         uint8_t* at = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
         auto take = [&](size_t size) { uint8_t* p = at; at += size; return p; };  // sizes keep 64-byte alignment
         q = reinterpret_cast<int16_t*>(take(values * 2));
