@@ -13,7 +13,7 @@
 //      elements (KIND_Q6, KIND_Q3), or nothing.
 // A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), or d*mult*(q - z) (multipliers).
 //
-// Activations are quantized per 32 values to int16 (scale dx = max|x|/32639, values qx) first, so each
+// Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
 //   sum_i (d*q_i + m) * dx*qx_i = d*dx * sum(q_i*qx_i) + m * dx*sum(qx),
 // with m = -z*d for an implicit zero point; kinds with multipliers fold (q - z)*mult into the integer weight
@@ -523,8 +523,8 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
 // accumulators, since only the sum of all lanes matters.
 template <int64_t KIND, int R, int NB>
 inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
-    if constexpr (across_kind(KIND)) {
-        for (int r = 0; r < R; r++) rows_tile_across<KIND, NB>(wt, k, xq, b0, y, n_out, n + r);
+    if constexpr (across_kind(KIND)) {  // one weight row at a time (rows_all)
+        rows_tile_across<KIND, NB>(wt, k, xq, b0, y, n_out, n);
         return;
     }
     const int64_t nb = k / 32;
@@ -600,8 +600,9 @@ void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y
     // way. Small batches take weight rows in pairs, each weight block widened once for both (one by one was
     // no faster at 8 rows and slower from 16); 8-bit rows always one at a time.
     int64_t n = n0;
-    if (KIND != KIND_Q8 && m > 2) {
-        for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(w, k, xq, m, y, n_out, n);
+    if constexpr (KIND != KIND_Q8 && !across_kind(KIND)) {  // across lanes: a weight row's transpose serves all rows
+        if (m > 2)
+            for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(w, k, xq, m, y, n_out, n);
     }
     for (; n < n1; n++) rows_block<KIND, 1>(w, k, xq, m, y, n_out, n);
 }
