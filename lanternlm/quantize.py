@@ -206,21 +206,26 @@ def uses_kernels(gguf: GGUFFile) -> bool:
                                          for info in gguf.tensors.values() if len(info.shape) == 2)
 
 
-# Kinds whose native product is still much slower here than the 8-bit one, so a model computes them as 8-bit
-# blocks (requantized at load, at most half an 8-bit step per weight). Their bits carry a multiplier per 16
-# weights, which costs the kernel a widening multiply per block. Measured on the 2-core Zen 4 VM, idle, greedy
-# tg128 best of 3 (2026-12-06): random weights at Qwen2-0.5B shapes in Q4_K_M 62 tok/s all native vs 65 with
-# Q6_K as 8-bit; a 1B Llama-shape Q4_K_M 32 vs 35. The 5-bit kinds stay in their own bits: against 8-bit
-# blocks they cost 4-5% of decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68,
+# Kinds whose native product is much slower here than the 8-bit one, so a model computes them as 8-bit blocks
+# (requantized at load, at most half an 8-bit step per weight). Q3_K always: its bits carry a multiplier per 16
+# weights, which costs the int16 kernel a widening multiply per block. Q6_K only without AVX-512: its AVX-512
+# kernel takes byte dot products 16 blocks across lanes (quant_cpu.cpp) and reads 7 bits a weight against 8.5,
+# while the AVX2 one is slower than 8-bit blocks. Measured on the 2-core Zen 4 VM, 2026-12-06, a 2048 x 8192
+# Q6_K product from DRAM at 1 / 8 activation rows: AVX-512 0.54-0.59 / 1.91 ms native vs 0.61 / 2.31 as 8-bit
+# blocks; AVX2 1.03 / 6.87 vs 0.68 / 3.20 ms. The 5-bit kinds stay in their own bits: against 8-bit blocks
+# they cost 4-5% of decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68,
 # SmolLM2's Q4_K_M 163 vs 171) and nothing on the 1B file, and they load in about half the time (0.5B shapes
 # 0.93-0.98 s vs 1.28-1.60 s) into ~110 MB less memory.
-REQUANTIZED_KINDS = (KIND_Q6, KIND_Q3)
+def requantized_kinds() -> tuple[int, ...]:
+    """The block kinds a model loaded now computes as 8-bit blocks (on the kernels' current instruction set)."""
+    k = kernels(quiet=True)
+    return (KIND_Q3,) if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
 _Q8_0 = 8
 
 
 def _loaded_type(ggml_type: int) -> int:
-    """The ggml type whose block layout a matrix of this type is computed in (see REQUANTIZED_KINDS)."""
-    return _Q8_0 if kind_for(ggml_type) in REQUANTIZED_KINDS else ggml_type
+    """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds)."""
+    return _Q8_0 if kind_for(ggml_type) in requantized_kinds() else ggml_type
 
 
 class GGUFWeights:
@@ -284,7 +289,7 @@ class GGUFWeights:
         kept rows are read out of the map (numpy copies just those), converted, cut to the kept columns and copied
         into place, and each chunk's file pages are let go of as soon as it is copied (else they would all be
         resident at the end: 145 MB for a 0.5B model's Q8_0 embedding). Neither a whole matrix in its own kind nor
-        more than a chunk of its file pages is held at once for the REQUANTIZED_KINDS either (a 151k-row Q6_K
+        more than a chunk of its file pages is held at once for the requantized_kinds() either (a 151k-row Q6_K
         embedding is 111 MB of each, which set the peak memory of a 0.5B load)."""
         gguf_name = self.names[name]
         info = self.gguf.tensors[gguf_name]
@@ -324,7 +329,7 @@ class GGUFWeights:
             done(r0, r1)
             return blocks
 
-        if kind_for(info.ggml_type) in REQUANTIZED_KINDS:
+        if kind_for(info.ggml_type) in requantized_kinds():
             def floats(r0: int, r1: int) -> torch.Tensor:
                 b = kept(r0, r1)
                 return kernels().dequantize(b.qs, b.d, b.m, b.kind, cols, torch.float32)

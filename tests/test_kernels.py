@@ -123,16 +123,24 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
 
 
 @pytest.mark.parametrize("qtype,wide_path", [(T.Q4_0, BLOCK_PATH_ACROSS), (T.Q4_1, BLOCK_PATH_ACROSS),
-                                             (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16)])
+                                             (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q6_K, BLOCK_PATH_ACROSS),
+                                             (T.Q8_0, BLOCK_PATH_INT16)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
-    """AVX-512 computes the 4-bit kinds with byte dot products, 16 blocks across the lanes of a register, and the
-    8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row, activation row) pair adds
-    its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch."""
+    """AVX-512 computes the 4- and 6-bit kinds with byte dot products, 16 blocks across the lanes of a register,
+    and the 8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row, activation row)
+    pair adds its blocks in the same order whatever the batch: a row's result has the same bits alone and in any
+    batch."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
-    # super-blocks of 256
-    for k in (256, 576, 800) if qtype != T.Q4_K else (256, 768):
+    # super-blocks of 256, and Q6_K's matrices are also cut between blocks (a tensor-parallel rank's columns:
+    # 16 + 2 and 16 + 9 blocks)
+    cases = [(k, None) for k in ((256, 768) if qtype in (T.Q4_K, T.Q6_K) else (256, 576, 800))]
+    cases += [(768, (0, 576)), (1024, (64, 864))] if qtype == T.Q6_K else []
+    for k, cut in cases:
         raw, _ = ggml_blocks(qtype, 45, k, seed=k)
         b = from_ggml(raw, qtype, (45, k))
+        if cut:
+            b = b.columns(*cut)
+            k = cut[1] - cut[0]
         w = dequantize_blocks(b)  # (Q4_K's scales become float16 ones: test_q4_k_repacks_within_float16_scale_rounding)
         x = torch.randn(8, k, generator=torch.Generator().manual_seed(k))
         whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)

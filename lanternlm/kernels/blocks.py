@@ -14,8 +14,14 @@ element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e 
   KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
   KIND_Q5_MIN   20     nibbles, bit-4 plane               d*q + m                   Q5_1, Q5_K
   KIND_Q5       20     nibbles, bit-4 plane               d*(q - 16)                Q5_0
-  KIND_Q6       24     nibbles, bit-4 plane, bit-5 plane  d*m[half]*(q - 32)        Q6_K
+  KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     bit-0, bit-1, bit-2 planes         d*m[half]*(q - 4)         Q3_K
+
+A KIND_Q6 row is not block after block: each group of 16 blocks (fewer in the row's last) holds their 16 nibble
+bytes each, then their 8 crumb bytes each, a crumb being an element's bits 4 and 5: crumb byte 4c + j holds at
+bits 2s, 2s+1 those of element 16c + 4s + j. The AVX-512 kernel then reads the nibbles as it does the 4-bit
+kinds', and a step of 4 elements per block finds its crumbs with one shift (quant_cpu.cpp, avx512::load_across);
+a row stays one sequential stream of bytes (`q6_split`, `q6_join`).
 
 Float kinds (KIND_BF16, KIND_F16, KIND_F32) are no blocks: qs is the plain (N, K) matrix in its stored type
 (HF folders, F16/BF16 GGUFs), d and m are None, and K may be any length. The kernels widen each weight to
@@ -95,12 +101,15 @@ class Blocks:
             raise ValueError(f"columns {start}..{end - 1} of a {k}-column matrix do not fall on 32-element blocks")
         b0, b1 = start // 32, end // 32
         per_block = self.qs.shape[1] // (k // 32)  # bytes of one block (int8 values of the 8-bit kind)
+        qs = self.qs[:, b0 * per_block:b1 * per_block]
+        if self.kind == KIND_Q6:  # regrouped from the cut's first block
+            nibbles, crumbs = q6_split(self.qs, k // 32)
+            qs = q6_join(nibbles[:, b0:b1], crumbs[:, b0:b1], torch.empty(n, (b1 - b0) * 24, dtype=torch.uint8))
         m = self.m
         if m is not None:
             m = m[:, start // 16:end // 16] if self.kind in _MULTIPLIERS else m[:, b0:b1]
             m = m.contiguous()
-        return Blocks(self.qs[:, b0 * per_block:b1 * per_block].contiguous(), self.d[:, b0:b1].contiguous(), m,
-                      self.kind, (n, end - start))
+        return Blocks(qs.contiguous(), self.d[:, b0:b1].contiguous(), m, self.kind, (n, end - start))
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -112,6 +121,30 @@ class Blocks:
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return Blocks(torch.cat([p.qs for p in parts]), d, m, kind,
                       (sum(p.shape[0] for p in parts), k))
+
+
+def q6_split(qs: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A KIND_Q6 qs (n, nb * 24) -> each block's nibble bytes (n, nb, 16) and crumb bytes (n, nb, 8)."""
+    n, full = qs.shape[0], nb // 16
+    groups = qs[:, :full * 384].reshape(n, full, 384)
+    tail = qs[:, full * 384:]
+    left = nb - 16 * full
+    nibbles = torch.cat([groups[:, :, :256].reshape(n, -1, 16), tail[:, :16 * left].reshape(n, -1, 16)], dim=1)
+    crumbs = torch.cat([groups[:, :, 256:].reshape(n, -1, 8), tail[:, 16 * left:].reshape(n, -1, 8)], dim=1)
+    return nibbles, crumbs
+
+
+def q6_join(nibbles: torch.Tensor, crumbs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Nibble bytes (n, nb, 16) and crumb bytes (n, nb, 8) -> `out` (n, nb * 24), in KIND_Q6's groups."""
+    n, nb = nibbles.shape[:2]
+    full = nb // 16
+    groups = out[:, :full * 384].view(n, full, 384)
+    groups[:, :, :256] = nibbles[:, :16 * full].reshape(n, full, 256)
+    groups[:, :, 256:] = crumbs[:, :16 * full].reshape(n, full, 128)
+    left = nb - 16 * full
+    out[:, full * 384:full * 384 + 16 * left] = nibbles[:, 16 * full:].reshape(n, -1)
+    out[:, full * 384 + 16 * left:] = crumbs[:, 16 * full:].reshape(n, -1)
+    return out
 
 
 def float_blocks(w: torch.Tensor) -> Blocks:
@@ -191,8 +224,12 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     if ggml_type in _CONVERT_K:
         fields = block_fields(data.view(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
         qs, d, m = _CONVERT_K[ggml_type](fields)  # (n*k/256, 8, bytes), (n*k/256, 8), m per super-block
-        return Blocks(_fill(alloc, "qs", qs.reshape(specs["qs"][0])), _fill(alloc, "d", d.reshape(n, nb)),
-                      _fill(alloc, "m", m.reshape(specs["m"][0])), kind, (n, k))
+        if kind == KIND_Q6:
+            out = q6_join(qs[0].reshape(n, nb, 16), qs[1].reshape(n, nb, 8), alloc("qs", *specs["qs"]))
+        else:
+            out = _fill(alloc, "qs", qs.reshape(specs["qs"][0]))
+        return Blocks(out, _fill(alloc, "d", d.reshape(n, nb)), _fill(alloc, "m", m.reshape(specs["m"][0])), kind,
+                      (n, k))
     # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already), by numpy
     # (it copies these narrow strided fields ~20x faster than torch does).
     f = block_fields(data.numpy().reshape(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
@@ -257,14 +294,29 @@ def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.cat([qs, high], dim=2), d, m
 
 
+def _transpose_crumbs(words: torch.Tensor) -> torch.Tensor:
+    """Each int32 as a 4x4 matrix of 2-bit fields, field (r, c) at bit 8r + 2c, transposed: two swaps of fields
+    with masks (first the off-diagonal 2x2 squares, 12 bits apart, then within each square, 6 bits apart)."""
+    for delta, mask in ((12, 0x0000F0F0), (6, 0x00CC00CC)):
+        t = ((words >> delta) ^ words) & mask
+        words = words ^ t ^ (t << delta)
+    return words
+
+
 def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> nibbles (n, 8, 16) and crumbs (n, 8, 8) per super-block (from_ggml lays a row's out as KIND_Q6's
+    runs), d, multipliers."""
     n = f["d"].shape[0]
     low = _pack_nibble_runs(f["ql"], 64)  # (n, 8, 16)
-    # qh: a run of 32 bytes per half; bits 2t and 2t+1 are bits 4 and 5 of the half's sub-block t, so the
-    # (run, position) rows come out as sub-block 4h+t's bit-4 plane then its bit-5 plane.
-    high = _planes(run_bits(f["qh"])).reshape(n, 8, 8)
+    # qh: a run of 32 bytes per half h; bits 2t and 2t+1 of byte l are bits 4 and 5 of element l of the half's
+    # sub-block t. Crumb byte 4c + j of sub-block 4h + t wants, at bits 2s, those of element 16c + 4s + j: for
+    # each (h, c, j), the bytes l = 16c + 4s + j (s = 0..3) as one word hold field (s, t) at bit 8s + 2t, and
+    # its transpose holds byte t = that crumb byte of sub-block t.
+    words = f["qh"].reshape(n, 2, 2, 4, 4).transpose(3, 4).contiguous().view(torch.int32)  # (n, h, c, j)
+    crumbs = _transpose_crumbs(words).view(torch.uint8).view(n, 2, 2, 4, 4)  # (n, h, c, j, t)
+    crumbs = crumbs.permute(0, 1, 4, 2, 3).reshape(n, 8, 8)  # (n, sub-block 4h + t, byte 4c + j)
     d = f16_bits(f["d"]).view(n, 1).expand(n, 8)
-    return torch.cat([low, high], dim=2), d, f["scales"].contiguous().view(torch.int8)
+    return (low, crumbs), d, f["scales"].contiguous().view(torch.int8)
 
 
 def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -366,16 +418,23 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     if kind == KIND_Q8:
         q = blocks.qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)
-    raw = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
     has_nibbles = kind != KIND_Q3
     q = torch.zeros(n, nb, 32, dtype=torch.int32)
+    if kind == KIND_Q6:
+        raw, crumb_bytes = q6_split(blocks.qs, nb)
+        crumb_bytes = crumb_bytes.reshape(n, nb, 2, 1, 4)  # (n, nb, c, -, j)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(1, 1, 1, 4, 1)  # s
+        q += (((crumb_bytes >> shifts) & 3) << 4).reshape(n, nb, 32).int()  # element 16c + 4s + j
+    else:
+        raw = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
     if has_nibbles:
         packed = raw[..., :16]
         q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
-    bits = _plane_bits(raw[..., 16 if has_nibbles else 0:]).int()  # (n, nb, planes, 32)
-    base = 16 if has_nibbles else 1
-    for p in range(bits.shape[2]):
-        q += bits[:, :, p] * (base << p)
+    if kind != KIND_Q6:
+        bits = _plane_bits(raw[..., 16 if has_nibbles else 0:]).int()  # (n, nb, planes, 32)
+        base = 16 if has_nibbles else 1
+        for p in range(bits.shape[2]):
+            q += bits[:, :, p] * (base << p)
     d = blocks.d.float()[..., None]
     if kind in _MULTIPLIERS:
         mult = blocks.m.view(n, nb, 2, 1).float().expand(n, nb, 2, 16).reshape(n, nb, 32)
