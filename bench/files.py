@@ -18,7 +18,9 @@ llama-cpp-python in bench/.venv), so the type mix is exactly what llama.cpp's Q4
 - `gemma3-270m-shape-q4_k_m.gguf`: Gemma-3-270M's shapes (hidden 640, 18 layers, 262,144 tokens, head_dim
   256, sliding windows of 512 on 5 of every 6 layers).
 - `llama-1b-shape-q4_k_m.gguf`: a Llama whose sizes are multiples of 256 (hidden 2048, 16 layers, MLP 8192),
-  so Q4_K and Q6_K are used throughout.
+  so Q4_K and Q6_K are used throughout;
+- `llama-1b-shape-q3_k_m.gguf`: the same random weights in Q3_K_M (Q3_K most, Q4_K/Q5_K/Q6_K some), the mix
+  people take for big models in little memory.
 
 Files go to bench/files/ (gitignored); each one's tensor-type histogram is printed.
 """
@@ -247,14 +249,17 @@ def main() -> None:
     for name, (arch, shapes, vocab_file, tied) in SHAPES.items():
         if args.only not in (None, name):
             continue
-        q = OUT / f"{name}-q4_k_m.gguf"
-        if not q.exists():
+        mixes = ["q4_k_m"] + (["q3_k_m"] if name == "llama-1b-shape" else [])
+        files = {mix: OUT / f"{name}-{mix}.gguf" for mix in mixes}
+        if not all(q.exists() for q in files.values()):
             vocab = vocab or vocab_dir()
             f16 = OUT / f"{name}-f16.gguf"
             write_random(f16, arch, shapes, vocab / vocab_file, tied)
-            quantize(f16, q)
-            f16.unlink()  # only the quantized file is measured; the F16 one is the default model's
-        made.append(q)
+            for mix, q in files.items():
+                if not q.exists():
+                    quantize(f16, q, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
+            f16.unlink()  # only the quantized files are measured; the F16 one is the default model's
+        made += files.values()
     for path in made:
         if path.is_dir():
             print(f"{path.name}/: {folder_size(path) / 2**20:.0f} MiB; an HF folder (bf16 safetensors)")

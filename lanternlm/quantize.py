@@ -207,19 +207,19 @@ def uses_kernels(gguf: GGUFFile) -> bool:
 
 
 # Kinds whose native product is much slower here than the 8-bit one, so a model computes them as 8-bit blocks
-# (requantized at load, at most half an 8-bit step per weight). Q3_K always: its bits carry a multiplier per 16
-# weights, which costs the int16 kernel a widening multiply per block. Q6_K only without AVX-512: its AVX-512
-# kernel takes byte dot products 16 blocks across lanes (quant_cpu.cpp) and reads 7 bits a weight against 8.5,
-# while the AVX2 one is slower than 8-bit blocks. Measured on the 2-core Zen 4 VM, 2026-12-06, a 2048 x 8192
-# Q6_K product from DRAM at 1 / 8 activation rows: AVX-512 0.54-0.59 / 1.91 ms native vs 0.61 / 2.31 as 8-bit
-# blocks; AVX2 1.03 / 6.87 vs 0.68 / 3.20 ms. The 5-bit kinds stay in their own bits: against 8-bit blocks
-# they cost 4-5% of decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68,
-# SmolLM2's Q4_K_M 163 vs 171) and nothing on the 1B file, and they load in about half the time (0.5B shapes
-# 0.93-0.98 s vs 1.28-1.60 s) into ~110 MB less memory.
+# (requantized at load, at most half an 8-bit step per weight): Q6_K and Q3_K without AVX-512. Their bits carry
+# a multiplier per 16 weights, which costs the int16 kernels (AVX2) a widening multiply per block; the AVX-512
+# kernel takes them as byte dot products 16 blocks across lanes (quant_cpu.cpp), where a multiplier costs one
+# multiply per 16 blocks. Measured on the 2-core Zen 4 VM, 2026-12-06, a 2048 x 8192 Q6_K product from DRAM at
+# 1 / 8 activation rows: AVX-512 0.54-0.59 / 1.91 ms native vs 0.61 / 2.31 as 8-bit blocks; AVX2 1.03 / 6.87 vs
+# 0.68 / 3.20 ms. The 5-bit kinds stay in their own bits everywhere: against 8-bit blocks they cost 4-5% of
+# decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68, SmolLM2's Q4_K_M 163 vs
+# 171) and nothing on the 1B file, and they load in about half the time (0.5B shapes 0.93-0.98 s vs 1.28-1.60 s)
+# into ~110 MB less memory.
 def requantized_kinds() -> tuple[int, ...]:
     """The block kinds a model loaded now computes as 8-bit blocks (on the kernels' current instruction set)."""
     k = kernels(quiet=True)
-    return (KIND_Q3,) if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
+    return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
 _Q8_0 = 8
 
 

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_un
 def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
     rng = np.random.default_rng(seed)
-    if qtype in (T.Q2_K, T.Q4_K, T.Q6_K):
+    if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q6_K):
         raw = random_k_blocks(qtype, n, k, rng)
     else:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
@@ -124,17 +124,17 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
 
 @pytest.mark.parametrize("qtype,wide_path", [(T.Q4_0, BLOCK_PATH_ACROSS), (T.Q4_1, BLOCK_PATH_ACROSS),
                                              (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q6_K, BLOCK_PATH_ACROSS),
-                                             (T.Q8_0, BLOCK_PATH_INT16)])
+                                             (T.Q3_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
-    """AVX-512 computes the 4- and 6-bit kinds with byte dot products, 16 blocks across the lanes of a register,
-    and the 8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row, activation row)
-    pair adds its blocks in the same order whatever the batch: a row's result has the same bits alone and in any
-    batch."""
+    """AVX-512 computes the 3-, 4- and 6-bit kinds with byte dot products, 16 blocks across the lanes of a
+    register, and the 8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row,
+    activation row) pair adds its blocks in the same order whatever the batch: a row's result has the same bits
+    alone and in any batch."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
-    # super-blocks of 256, and Q6_K's matrices are also cut between blocks (a tensor-parallel rank's columns:
-    # 16 + 2 and 16 + 9 blocks)
-    cases = [(k, None) for k in ((256, 768) if qtype in (T.Q4_K, T.Q6_K) else (256, 576, 800))]
-    cases += [(768, (0, 576)), (1024, (64, 864))] if qtype == T.Q6_K else []
+    # super-blocks of 256, and Q6_K's and Q3_K's matrices (kept in groups of 16 blocks) are also cut between blocks
+    # (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
+    cases = [(k, None) for k in ((256, 768) if qtype in (T.Q3_K, T.Q4_K, T.Q6_K) else (256, 576, 800))]
+    cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q6_K) else []
     for k, cut in cases:
         raw, _ = ggml_blocks(qtype, 45, k, seed=k)
         b = from_ggml(raw, qtype, (45, k))

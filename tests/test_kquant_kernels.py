@@ -170,8 +170,8 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     # gguf_writer writes K-quant blocks from random bytes; give them the small scales of k_blocks, so the
     # network is not chaotic and its float32 logits are a meaningful reference.
     monkeypatch.setattr(gguf_writer, "random_k_blocks", k_blocks)
-    # Models compute Q3_K (and Q6_K without AVX-512) as 8-bit blocks (quantize.requantized_kinds: slower native
-    # kernels); here the model runs every kind natively, through the fused decode stack.
+    # Without AVX-512, models compute Q6_K and Q3_K as 8-bit blocks (quantize.requantized_kinds: slower native
+    # kernels there); here the model runs every kind natively, through the fused decode stack.
     monkeypatch.setattr(lanternlm.quantize, "requantized_kinds", lambda: ())
     hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)  # rows of 256
     gguf_writer.write_gguf(hf, tmp_path / "m.gguf", T.Q8_0,

@@ -15,13 +15,15 @@ element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e 
   KIND_Q5_MIN   20     nibbles, bit-4 plane               d*q + m                   Q5_1, Q5_K
   KIND_Q5       20     nibbles, bit-4 plane               d*(q - 16)                Q5_0
   KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
-  KIND_Q3       12     bit-0, bit-1, bit-2 planes         d*m[half]*(q - 4)         Q3_K
+  KIND_Q3       12     crumbs; high bits (see below)      d*m[half]*(q - 4)         Q3_K
 
-A KIND_Q6 row is not block after block: each group of 16 blocks (fewer in the row's last) holds their 16 nibble
-bytes each, then their 8 crumb bytes each, a crumb being an element's bits 4 and 5: crumb byte 4c + j holds at
-bits 2s, 2s+1 those of element 16c + 4s + j. The AVX-512 kernel then reads the nibbles as it does the 4-bit
-kinds', and a step of 4 elements per block finds its crumbs with one shift (quant_cpu.cpp, avx512::load_across);
-a row stays one sequential stream of bytes (`q6_split`, `q6_join`).
+KIND_Q6 and KIND_Q3 rows are not block after block: each group of 16 blocks (fewer in the row's last) holds one
+part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). KIND_Q6: 16 nibble bytes, then
+8 crumb bytes per block, a crumb being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4
+high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j
+holds at bit s that of element 4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
+blocks per step (quant_cpu.cpp, avx512::load_across): each part then gives a step's bits with one shift, and a
+row stays one sequential stream of bytes.
 
 Float kinds (KIND_BF16, KIND_F16, KIND_F32) are no blocks: qs is the plain (N, K) matrix in its stored type
 (HF folders, F16/BF16 GGUFs), d and m are None, and K may be any length. The kernels widen each weight to
@@ -65,6 +67,7 @@ _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
+GROUP_PARTS = {KIND_Q6: (16, 8), KIND_Q3: (8, 4)}  # kinds kept in groups of 16 blocks: the bytes of each part
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
 _F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
@@ -102,9 +105,9 @@ class Blocks:
         b0, b1 = start // 32, end // 32
         per_block = self.qs.shape[1] // (k // 32)  # bytes of one block (int8 values of the 8-bit kind)
         qs = self.qs[:, b0 * per_block:b1 * per_block]
-        if self.kind == KIND_Q6:  # regrouped from the cut's first block
-            nibbles, crumbs = q6_split(self.qs, k // 32)
-            qs = q6_join(nibbles[:, b0:b1], crumbs[:, b0:b1], torch.empty(n, (b1 - b0) * 24, dtype=torch.uint8))
+        if self.kind in GROUP_PARTS:  # regrouped from the cut's first block
+            parts = [p[:, b0:b1] for p in group_split(self.qs, k // 32, GROUP_PARTS[self.kind])]
+            qs = group_join(parts, torch.empty(n, (b1 - b0) * per_block, dtype=torch.uint8))
         m = self.m
         if m is not None:
             m = m[:, start // 16:end // 16] if self.kind in _MULTIPLIERS else m[:, b0:b1]
@@ -123,27 +126,32 @@ class Blocks:
                       (sum(p.shape[0] for p in parts), k))
 
 
-def q6_split(qs: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A KIND_Q6 qs (n, nb * 24) -> each block's nibble bytes (n, nb, 16) and crumb bytes (n, nb, 8)."""
-    n, full = qs.shape[0], nb // 16
-    groups = qs[:, :full * 384].reshape(n, full, 384)
-    tail = qs[:, full * 384:]
+def group_split(qs: torch.Tensor, nb: int, widths: tuple[int, int]) -> list[torch.Tensor]:
+    """A grouped kind's qs (n, nb * sum(widths)) -> each block's two parts, (n, nb, widths[0]) and (n, nb, widths[1])."""
+    n, full, size = qs.shape[0], nb // 16, sum(widths)
+    groups = qs[:, :full * 16 * size].reshape(n, full, 16 * size)
+    tail = qs[:, full * 16 * size:]
     left = nb - 16 * full
-    nibbles = torch.cat([groups[:, :, :256].reshape(n, -1, 16), tail[:, :16 * left].reshape(n, -1, 16)], dim=1)
-    crumbs = torch.cat([groups[:, :, 256:].reshape(n, -1, 8), tail[:, 16 * left:].reshape(n, -1, 8)], dim=1)
-    return nibbles, crumbs
+    parts, at = [], 0
+    for w in widths:
+        parts.append(torch.cat([groups[:, :, 16 * at:16 * (at + w)].reshape(n, -1, w),
+                                tail[:, left * at:left * (at + w)].reshape(n, -1, w)], dim=1))
+        at += w
+    return parts
 
 
-def q6_join(nibbles: torch.Tensor, crumbs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Nibble bytes (n, nb, 16) and crumb bytes (n, nb, 8) -> `out` (n, nb * 24), in KIND_Q6's groups."""
-    n, nb = nibbles.shape[:2]
-    full = nb // 16
-    groups = out[:, :full * 384].view(n, full, 384)
-    groups[:, :, :256] = nibbles[:, :16 * full].reshape(n, full, 256)
-    groups[:, :, 256:] = crumbs[:, :16 * full].reshape(n, full, 128)
-    left = nb - 16 * full
-    out[:, full * 384:full * 384 + 16 * left] = nibbles[:, 16 * full:].reshape(n, -1)
-    out[:, full * 384 + 16 * left:] = crumbs[:, 16 * full:].reshape(n, -1)
+def group_join(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Each block's two parts, (n, nb, w0) and (n, nb, w1) -> `out` (n, nb * (w0 + w1)), in groups of 16 blocks."""
+    n, nb = parts[0].shape[:2]
+    full, size = nb // 16, sum(p.shape[2] for p in parts)
+    groups = out[:, :full * 16 * size].view(n, full, 16 * size)
+    tail = out[:, full * 16 * size:]
+    left, at = nb - 16 * full, 0
+    for p in parts:
+        w = p.shape[2]
+        groups[:, :, 16 * at:16 * (at + w)] = p[:, :16 * full].reshape(n, full, 16 * w)
+        tail[:, left * at:left * (at + w)] = p[:, 16 * full:].reshape(n, left * w)
+        at += w
     return out
 
 
@@ -224,8 +232,8 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
     if ggml_type in _CONVERT_K:
         fields = block_fields(data.view(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
         qs, d, m = _CONVERT_K[ggml_type](fields)  # (n*k/256, 8, bytes), (n*k/256, 8), m per super-block
-        if kind == KIND_Q6:
-            out = q6_join(qs[0].reshape(n, nb, 16), qs[1].reshape(n, nb, 8), alloc("qs", *specs["qs"]))
+        if kind in GROUP_PARTS:
+            out = group_join([p.reshape(n, nb, -1) for p in qs], alloc("qs", *specs["qs"]))
         else:
             out = _fill(alloc, "qs", qs.reshape(specs["qs"][0]))
         return Blocks(out, _fill(alloc, "d", d.reshape(n, nb)), _fill(alloc, "m", m.reshape(specs["m"][0])), kind,
@@ -294,37 +302,49 @@ def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.cat([qs, high], dim=2), d, m
 
 
-def _transpose_crumbs(words: torch.Tensor) -> torch.Tensor:
-    """Each int32 as a 4x4 matrix of 2-bit fields, field (r, c) at bit 8r + 2c, transposed: two swaps of fields
-    with masks (first the off-diagonal 2x2 squares, 12 bits apart, then within each square, 6 bits apart)."""
-    for delta, mask in ((12, 0x0000F0F0), (6, 0x00CC00CC)):
+def _transpose_fields(words: torch.Tensor, swaps: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Each integer as a square matrix of bit fields, transposed by swapping fields `delta` bits apart under
+    `mask`, for each (delta, mask) of `swaps` (Hacker's Delight, 7-3)."""
+    for delta, mask in swaps:
         t = ((words >> delta) ^ words) & mask
         words = words ^ t ^ (t << delta)
     return words
 
 
+def _crumbs(runs: torch.Tensor) -> torch.Tensor:
+    """K-quant 2-bit fields in runs of 32 bytes (Q6_K qh, Q3_K qs: bits 2t, 2t+1 of byte l belong to element l of
+    the run's sub-block t) -> (n, 8, 8) crumb bytes per sub-block (crumb byte 4c + j holds at bits 2s those of
+    element 16c + 4s + j). For each (run h, c, j), the bytes l = 16c + 4s + j (s = 0..3) as one int32 hold field
+    (s, t) at bit 8s + 2t; its transpose holds, in byte t, that crumb byte of sub-block t."""
+    n = runs.shape[0]
+    words = runs.reshape(n, 2, 2, 4, 4).transpose(3, 4).contiguous().view(torch.int32)  # (n, h, c, j)
+    crumbs = _transpose_fields(words, ((12, 0x0000F0F0), (6, 0x00CC00CC))).view(torch.uint8).view(n, 2, 2, 4, 4)
+    return crumbs.permute(0, 1, 4, 2, 3).reshape(n, 8, 8)  # (n, sub-block 4h + t, byte 4c + j)
+
+
+def _high_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Q3_K's hmask (n, 32) (bit s of byte l: element l of sub-block s) -> (n, 8, 4) high-bit bytes per sub-block
+    (byte j holds at bit s that of element 4s + j). For each j, the bytes l = 4s + j (s = 0..7) as one int64
+    hold bit (s, t) at 8s + t; its transpose holds, in byte t, that byte of sub-block t."""
+    n = mask.shape[0]
+    words = mask.reshape(n, 8, 4).transpose(1, 2).contiguous().view(torch.int64)  # (n, j)
+    bits = _transpose_fields(words, ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)))
+    return bits.view(torch.uint8).view(n, 4, 8).transpose(1, 2)  # (n, sub-block t, byte j)
+
+
 def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """-> nibbles (n, 8, 16) and crumbs (n, 8, 8) per super-block (from_ggml lays a row's out as KIND_Q6's
-    runs), d, multipliers."""
+    """-> (nibbles (n, 8, 16), crumbs (n, 8, 8)) per super-block (from_ggml groups them), d, multipliers."""
     n = f["d"].shape[0]
-    low = _pack_nibble_runs(f["ql"], 64)  # (n, 8, 16)
-    # qh: a run of 32 bytes per half h; bits 2t and 2t+1 of byte l are bits 4 and 5 of element l of the half's
-    # sub-block t. Crumb byte 4c + j of sub-block 4h + t wants, at bits 2s, those of element 16c + 4s + j: for
-    # each (h, c, j), the bytes l = 16c + 4s + j (s = 0..3) as one word hold field (s, t) at bit 8s + 2t, and
-    # its transpose holds byte t = that crumb byte of sub-block t.
-    words = f["qh"].reshape(n, 2, 2, 4, 4).transpose(3, 4).contiguous().view(torch.int32)  # (n, h, c, j)
-    crumbs = _transpose_crumbs(words).view(torch.uint8).view(n, 2, 2, 4, 4)  # (n, h, c, j, t)
-    crumbs = crumbs.permute(0, 1, 4, 2, 3).reshape(n, 8, 8)  # (n, sub-block 4h + t, byte 4c + j)
     d = f16_bits(f["d"]).view(n, 1).expand(n, 8)
-    return (low, crumbs), d, f["scales"].contiguous().view(torch.int8)
+    return (_pack_nibble_runs(f["ql"], 64), _crumbs(f["qh"])), d, f["scales"].contiguous().view(torch.int8)
 
 
 def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> (crumbs (n, 8, 8), high bits (n, 8, 4)) per super-block (from_ggml groups them), d, multipliers. ggml's
+    set high bit means +4 over the stored value - 4: q = low bits + 4 * high bit, zero point 4."""
     n = f["d"].shape[0]
-    low = _planes(run_bits(f["qs"])).reshape(n, 8, 8)  # like Q6_K's qh: bits 0 and 1 of sub-block 4h+t
-    high = _planes(run_bits(f["hmask"]))  # (n, 8, 4); ggml's set bit means +4 over the stored value - 4
     d = f16_bits(f["d"]).view(n, 1).expand(n, 8)
-    return torch.cat([low, high], dim=2), d, q3_k_scales(f["scales"])
+    return (_crumbs(f["qs"]), _high_bits(f["hmask"])), d, q3_k_scales(f["scales"])
 
 
 _CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k}
@@ -418,23 +438,24 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     if kind == KIND_Q8:
         q = blocks.qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)
-    has_nibbles = kind != KIND_Q3
     q = torch.zeros(n, nb, 32, dtype=torch.int32)
-    if kind == KIND_Q6:
-        raw, crumb_bytes = q6_split(blocks.qs, nb)
-        crumb_bytes = crumb_bytes.reshape(n, nb, 2, 1, 4)  # (n, nb, c, -, j)
+    if kind in GROUP_PARTS:
+        first, second = group_split(blocks.qs, nb, GROUP_PARTS[kind])
+        crumb_bytes = (second if kind == KIND_Q6 else first).reshape(n, nb, 2, 1, 4)  # (n, nb, c, -, j)
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(1, 1, 1, 4, 1)  # s
-        q += (((crumb_bytes >> shifts) & 3) << 4).reshape(n, nb, 32).int()  # element 16c + 4s + j
+        crumbs = ((crumb_bytes >> shifts) & 3).reshape(n, nb, 32).int()  # element 16c + 4s + j
+        if kind == KIND_Q6:
+            q += torch.cat([first & 0x0F, first >> 4], dim=-1).int() + (crumbs << 4)  # nibbles: elements j, j + 16
+        else:
+            high = (second.reshape(n, nb, 1, 4) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+            q += crumbs + (high.reshape(n, nb, 32).int() << 2)  # element 4s + j
     else:
         raw = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
-    if has_nibbles:
         packed = raw[..., :16]
         q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
-    if kind != KIND_Q6:
-        bits = _plane_bits(raw[..., 16 if has_nibbles else 0:]).int()  # (n, nb, planes, 32)
-        base = 16 if has_nibbles else 1
+        bits = _plane_bits(raw[..., 16:]).int()  # (n, nb, planes, 32)
         for p in range(bits.shape[2]):
-            q += bits[:, :, p] * (base << p)
+            q += bits[:, :, p] * (16 << p)
     d = blocks.d.float()[..., None]
     if kind in _MULTIPLIERS:
         mult = blocks.m.view(n, nb, 2, 1).float().expand(n, nb, 2, 16).reshape(n, nb, 32)

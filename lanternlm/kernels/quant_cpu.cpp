@@ -68,19 +68,24 @@ constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
 constexpr int64_t KIND_COUNT = 10;
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
-constexpr int planes(int64_t kind) { return kind == KIND_Q5_MIN || kind == KIND_Q5 ? 1 : kind == KIND_Q3 ? 3 : 0; }
-// The 6-bit kind keeps each element's bits 4-5 as a 2-bit "crumb", apart from its nibbles (see the header).
-constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6; }
+constexpr int planes(int64_t kind) { return kind == KIND_Q5_MIN || kind == KIND_Q5 ? 1 : 0; }
+// The 6- and 3-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit one),
+// and the 3-bit kind its bit 2 as a high bit, in groups of 16 blocks (see the header).
+constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
 constexpr int64_t block_bytes(int64_t kind) {
-    return kind == KIND_Q8 ? 32 : 16 * has_nibbles(kind) + 4 * planes(kind) + 8 * has_crumbs(kind);
+    return kind == KIND_Q8 ? 32 : kind == KIND_Q3 ? 12 : 16 * has_nibbles(kind) + 4 * planes(kind) + 8 * has_crumbs(kind);
 }
-// Where block i of a row of nb blocks starts (the 6-bit kind: its nibbles), and where the 6-bit kind's crumbs
-// of block i are: each group of 16 blocks (fewer in the last) holds their nibbles, then their crumbs.
+// The grouped kinds (has_crumbs): each group of 16 blocks of a row (fewer in its last) holds a first part of every
+// block (the 6-bit kind's nibbles, the 3-bit kind's crumbs), then a second one (crumbs, high bits).
+constexpr int64_t first_part(int64_t kind) { return kind == KIND_Q6 ? 16 : 8; }
+// Where block i of a row of nb blocks starts (a grouped kind: its first part), and where its second part is.
 constexpr int64_t block_at(int64_t kind, int64_t i) {
-    return has_crumbs(kind) ? 24 * (i - i % 16) + 16 * (i % 16) : block_bytes(kind) * i;
+    return has_crumbs(kind) ? block_bytes(kind) * (i - i % 16) + first_part(kind) * (i % 16) : block_bytes(kind) * i;
 }
-constexpr int64_t crumbs_at(int64_t nb, int64_t i) {
-    return 24 * (i - i % 16) + 16 * std::min<int64_t>(16, nb - (i - i % 16)) + 8 * (i % 16);
+constexpr int64_t second_at(int64_t kind, int64_t nb, int64_t i) {
+    const int64_t g = i - i % 16;
+    return block_bytes(kind) * g + first_part(kind) * std::min<int64_t>(16, nb - g) +
+           (block_bytes(kind) - first_part(kind)) * (i % 16);
 }
 constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind == KIND_Q5_MIN; }
 constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
@@ -120,9 +125,9 @@ struct XQuant {
     // of 64 bytes, step s holding elements 4s..4s+3 of the group's block l in bytes 4l..4l+3)
     int8_t* hi_across = nullptr;
     uint8_t* lo_across = nullptr;
-    // with `bytes`, rows * blocks * 2: 32 * sum(qx) over elements 0-15 and over 16-31 of each block (the 6-bit
-    // kind's zero point), per group of 16 blocks the 16 first halves, then the 16 second halves
-    int32_t* zs = nullptr;
+    // with `bytes`, rows * blocks * 2: sum(qx) over elements 0-15 and over 16-31 of each block (what the zero point
+    // of a kind with multipliers costs), per group of 16 blocks the 16 first halves, then the 16 second halves
+    int32_t* half_sums = nullptr;
 
     static constexpr size_t REUSED_BYTES = size_t(8) << 20;
     std::vector<uint8_t> own;  // the buffer of a product too large for the thread's
@@ -142,7 +147,7 @@ struct XQuant {
         if (bytes) {
             hi_across = reinterpret_cast<int8_t*>(take(values));
             lo_across = take(values);
-            zs = reinterpret_cast<int32_t*>(take(n * 8));
+            half_sums = reinterpret_cast<int32_t*>(take(n * 8));
         }
         const int64_t nb = k / 32;  // each row's padding: zero values and scales
         for (int64_t r = 0; r < rows; r++) {
@@ -220,15 +225,22 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, XQuant& xq) {
                            &xq.s[r * xq.blocks + i]);
 }
 
-// A 6-bit block's 8 crumb bytes (at p) -> 32 bytes, element e's crumb << 4 in byte e: crumb byte 4c + j holds, at
+// A block's 8 crumb bytes (at p) -> 32 bytes, element e's crumb << `shift` in byte e: crumb byte 4c + j holds, at
 // bits 2s and 2s + 1, the crumb of element 16c + 4s + j.
-inline __m256i expand_crumbs(const uint8_t* p) {
+inline __m256i expand_crumbs(const uint8_t* p, int shift) {
     int64_t v;
     std::memcpy(&v, p, 8);
     const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi64x(v),  // per 128-bit lane: bytes j, then 4 + j
         _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7));
     const __m256i s = _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));  // dword s: crumb s at bit 0
-    return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(3)), 4);
+    return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(3)), shift);
+}
+
+// A 3-bit block's 4 high-bit bytes (at p) -> 32 bytes, element e's bit 2 in byte e: byte j holds at bit s that of
+// element 4s + j.
+inline __m256i expand_high_bits(const uint8_t* p) {
+    const __m256i s = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load_u32(p))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(1)), 2);
 }
 
 // A bit plane (32 bits at p) -> 32 bytes, `value` where the element's bit is set and 0 elsewhere.
@@ -260,7 +272,9 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
     }
     for (int p = 0; p < planes(KIND); p++)
         bytes = _mm256_or_si256(bytes, expand_plane(b + 16 * has_nibbles(KIND) + 4 * p, plane_value(KIND, p)));
-    if (has_crumbs(KIND)) bytes = _mm256_or_si256(bytes, expand_crumbs(row + crumbs_at(nb, i)));
+    if (KIND == KIND_Q6) bytes = _mm256_or_si256(bytes, expand_crumbs(row + second_at(KIND, nb, i), 4));
+    if (KIND == KIND_Q3)
+        bytes = _mm256_or_si256(expand_crumbs(b, 0), expand_high_bits(row + second_at(KIND, nb, i)));
     lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes));
     hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(bytes, 1));
     if (has_multipliers(KIND)) {
@@ -394,10 +408,20 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
                                                    4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7};
         alignas(64) static const int16_t shift[32] = {0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6,
                                                       0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6};
-        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadl_epi64(
-            reinterpret_cast<const __m128i*>(row + crumbs_at(nb, i)))));
+        const uint8_t* cp = KIND == KIND_Q6 ? row + second_at(KIND, nb, i) : b;
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp))));
         const __m512i c = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512(at), bytes), _mm512_load_si512(shift));
-        w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(3)), 4));
+        w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(3)), KIND == KIND_Q6 ? 4 : 0));
+    }
+    if (KIND == KIND_Q3) {  // lane e takes bit e/4 of high-bit byte e%4 (avx2::expand_high_bits)
+        alignas(64) static const int16_t at[32] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                                   0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+        alignas(64) static const int16_t shift[32] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                                      4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7};
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_cvtsi32_si128(
+            static_cast<int>(load_u32(row + second_at(KIND, nb, i))))));
+        const __m512i h = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512(at), bytes), _mm512_load_si512(shift));
+        w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(1)), 2));
     }
     if (has_multipliers(KIND))
         w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
@@ -417,7 +441,8 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // Zen 4 (2 threads, Q4_1 8192 x 2048 from DRAM): one row 37 -> 43 GMAC/s, eight rows 59 -> 100.
 // The 6-bit kind (Q6_K) adds each element's crumb (bits 4-5) to its nibble per step, keeps the two halves'
 // sums apart (each half has its own int8 multiplier), and subtracts its zero point as 32 * sum(qx) of the half
-// (XQuant::zs): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact. A
+// (XQuant::half_sums): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact.
+// The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4. A
 // 2048 x 8192 Q6_K product from DRAM at one row: 0.80 ms with the int16 kernel, 0.59 ms as 8-bit blocks,
 // 0.54-0.59 ms this way (with the software prefetch below).
 // Not for the other kinds, measured slower or no faster this way: the 8-bit kind's 16 x 8 transpose costs what
@@ -429,12 +454,14 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // a group across lanes costs about what 6 blocks one at a time do).
 constexpr int64_t TAIL_ALONE_MAX = 6;
 
-constexpr bool across_kind(int64_t kind) { return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q6; }
+constexpr bool across_kind(int64_t kind) {
+    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q6 || kind == KIND_Q3;
+}
 
 void transpose_16x8(const __m512i z[8], __m512i out[8]);
 
 // The activations' hi and lo bytes, each group of 16 blocks across lanes (XQuant::hi_across, lo_across), and
-// 32 * sum(qx) of each block's halves (XQuant::zs).
+// sum(qx) of each block's halves (XQuant::half_sums).
 void split_bytes(XQuant& xq, int64_t rows) {
     const int64_t n = rows * xq.blocks;
     alignas(64) int8_t hi[512];
@@ -460,8 +487,7 @@ void split_bytes(XQuant& xq, int64_t rows) {
             }
         }
         for (int h = 0; h < 2; h++)
-            _mm512_store_si512(xq.zs + 2 * g + 16 * h,
-                               _mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(sum_hi[h], 8), sum_lo[h]), 5));
+            _mm512_store_si512(xq.half_sums + 2 * g + 16 * h, _mm512_add_epi32(_mm512_slli_epi32(sum_hi[h], 8), sum_lo[h]));
     }
 }
 
@@ -507,32 +533,48 @@ inline __m512i load_dwords(const uint8_t* p, int64_t dwords) {
 }
 
 // The 8 steps of blocks g..g+left-1 of a weight row of nb blocks, q as bytes (`left` <= 16; lanes past it are
-// zero): the nibbles, and for the 6-bit kind each element's crumb at bits 4-5.
+// zero): the nibbles, and for the 6-bit kind each element's crumb at bits 4-5; for the 3-bit kind each
+// element's crumb at bits 0-1 and its high bit at bit 2. Shifts of whole dwords move a byte's bits only within
+// the byte where the mask keeps them.
 template <int64_t KIND>
 inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m512i w[8]) {
-    static_assert(block_at(KIND, 1) == 16, "nibble blocks of 4 dwords");  // g is a multiple of 16
-    const uint8_t* p = row + block_at(KIND, g);
-    __m512i z[4], t[4];  // z: 4 blocks each, 4 dwords per block
-    for (int quad = 0; quad < 4; quad++)
-        z[quad] = load_dwords(p + 64 * quad, 4 * std::max(0, std::min(4, left - 4 * quad)));
-    transpose_16x4(z, t);
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int u = 0; u < 4; u++) {  // byte j of a block: element j (low nibble), element j + 16 (high nibble)
-        w[u] = _mm512_and_si512(t[u], low);
-        w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(t[u], 4), low);
+    const uint8_t* p = row + block_at(KIND, g);  // g is a multiple of 16
+    if constexpr (has_nibbles(KIND)) {
+        static_assert(block_at(KIND, 1) == 16, "nibble blocks of 4 dwords");
+        __m512i z[4], t[4];  // z: 4 blocks each, 4 dwords per block
+        for (int quad = 0; quad < 4; quad++)
+            z[quad] = load_dwords(p + 64 * quad, 4 * std::max(0, std::min(4, left - 4 * quad)));
+        transpose_16x4(z, t);
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        for (int u = 0; u < 4; u++) {  // byte j of a block: element j (low nibble), element j + 16 (high nibble)
+            w[u] = _mm512_and_si512(t[u], low);
+            w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(t[u], 4), low);
+        }
     }
     if constexpr (has_crumbs(KIND)) {
         // 2 crumb dwords per block -> c[h] = dword h (the crumbs of elements 16h..16h+15) of blocks 0..15
-        const uint8_t* cp = row + crumbs_at(nb, g);
+        const uint8_t* cp = KIND == KIND_Q6 ? row + second_at(KIND, nb, g) : p;
         const __m512i z0 = load_dwords(cp, 2 * std::min(8, left)), z1 = load_dwords(cp + 64, 2 * std::max(0, left - 8));
         const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         const __m512i c[2] = {_mm512_permutex2var_epi32(z0, even, z1),
                               _mm512_permutex2var_epi32(z0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), z1)};
-        // step 4h + s takes bits 2s and 2s + 1 of each crumb byte, moved to bits 4-5 (shifts within a byte)
-        const __m512i bits45 = _mm512_set1_epi8(0x30);
-        for (int h = 0; h < 2; h++) {
-            const __m512i at[4] = {_mm512_slli_epi32(c[h], 4), _mm512_slli_epi32(c[h], 2), c[h], _mm512_srli_epi32(c[h], 2)};
-            for (int s = 0; s < 4; s++) w[4 * h + s] = _mm512_ternarylogic_epi32(w[4 * h + s], at[s], bits45, 0xF8);  // a | (b & c)
+        if constexpr (KIND == KIND_Q6) {
+            // step 4h + s takes bits 2s and 2s + 1 of each crumb byte, moved to bits 4-5
+            const __m512i bits45 = _mm512_set1_epi8(0x30);
+            for (int h = 0; h < 2; h++) {
+                const __m512i at[4] = {_mm512_slli_epi32(c[h], 4), _mm512_slli_epi32(c[h], 2), c[h], _mm512_srli_epi32(c[h], 2)};
+                for (int s = 0; s < 4; s++) w[4 * h + s] = _mm512_ternarylogic_epi32(w[4 * h + s], at[s], bits45, 0xF8);  // a | (b & c)
+            }
+        } else {
+            // one high-bit dword per block: 16 blocks are one register already across lanes; step s takes bit s
+            // of each byte, moved to bit 2, and crumb bits 2(s%4), 2(s%4) + 1, moved to bits 0-1
+            const __m512i hb = load_dwords(row + second_at(KIND, nb, g), left);
+            const __m512i bit2 = _mm512_set1_epi8(0x04), bits01 = _mm512_set1_epi8(0x03);
+            for (int st = 0; st < 8; st++) {
+                const __m512i h = st <= 2 ? _mm512_slli_epi32(hb, 2 - st) : _mm512_srli_epi32(hb, st - 2);
+                const __m512i cr = _mm512_srli_epi32(c[st / 4], 2 * (st % 4));
+                w[st] = _mm512_ternarylogic_epi32(cr, _mm512_and_si512(h, bit2), bits01, 0xEC);  // (a & c) | b
+            }
         }
     }
 }
@@ -610,9 +652,13 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                 l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
             }
             const __m512 dx = _mm512_loadu_ps(xq.d + xo);
-            if constexpr (has_multipliers(KIND)) {
-                const __m512i u0 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0), _mm512_load_si512(xq.zs + 2 * xo));
-                const __m512i u1 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1), _mm512_load_si512(xq.zs + 2 * xo + 16));
+            if constexpr (has_multipliers(KIND)) {  // zero points 32 and 4: the half sums shifted
+                constexpr int z_shift = KIND == KIND_Q6 ? 5 : 2;
+                static_assert(zero_point(KIND) == 1 << z_shift, "a power of two");
+                const __m512i u0 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0),
+                                                    _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo), z_shift));
+                const __m512i u1 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1),
+                                                    _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo + 16), z_shift));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), _mm512_mul_ps(scale[0], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
             } else {
