@@ -1,6 +1,6 @@
 """Top-1 agreement with the float32 reference, per GGUF file: `python -m bench.agreement FILE [FILE ...]`.
 
-For each file, the exact path (every tensor dequantized to float32, `LLM(path, quantized=False)`, the
+For each file, the exact path (every tensor dequantized to float32, `LLM(path, exact=True)`, the
 transformers-equal reference) greedily writes 256 tokens after a fixed prompt. Then, teacher-forced on that
 same sequence:
 - Lantern's fast path decodes it token by token (the int16-activation kernels, as serving does), and, separately,
@@ -59,7 +59,7 @@ def main() -> None:
     from lanternlm.generation.sampling import SamplingParams
 
     for path in sys.argv[1:]:
-        exact = LLM(path, quantized=False)
+        exact = LLM(path, exact=True)
         prompt = exact.encode(PROMPT)
         params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
         ids = prompt + [s.token_id for s in exact.stream_ids(prompt, params)]

@@ -220,12 +220,18 @@ def requantized_kinds() -> tuple[int, ...]:
     """The block kinds a model loaded now computes as 8-bit blocks (on the kernels' current instruction set)."""
     k = kernels(quiet=True)
     return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
-_Q8_0 = 8
+_Q4_1, _Q8_0, _Q4_K = 3, 8, 12
 
 
-def _loaded_type(ggml_type: int) -> int:
-    """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds)."""
-    return _Q8_0 if kind_for(ggml_type) in requantized_kinds() else ggml_type
+def _loaded_type(ggml_type: int, cols: tuple[int, int] | None = None) -> int:
+    """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds); a Q4_K
+    matrix whose kept columns `cols` cut its super-blocks (a tensor-parallel rank's) in Q4_1's, per-block scales
+    (blocks.Blocks.columns)."""
+    if kind_for(ggml_type) in requantized_kinds():
+        return _Q8_0
+    if ggml_type == _Q4_K and cols is not None and (cols[0] % 256 or cols[1] % 256):
+        return _Q4_1
+    return ggml_type
 
 
 class GGUFWeights:
@@ -248,10 +254,15 @@ class GGUFWeights:
             matrices = [(hf_name(name, model_type), i) for name, i in gguf.tensors.items()
                         if len(i.shape) == 2 and name.endswith(".weight")]
             self.arena = _Arena(sum(_Arena.slot(n) for hf, i in matrices
-                                    for n in blocks_nbytes(_loaded_type(i.ggml_type), self._shape(hf, i.shape))))
+                                    for n in blocks_nbytes(_loaded_type(i.ggml_type, self._cols(hf)),
+                                                           self._shape(hf, i.shape))))
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
+
+    def _cols(self, name: str | None) -> tuple[int, int] | None:
+        """The columns matrix `name`'s part keeps, None for all of them."""
+        return self.parts[name].cols if name in self.parts else None
 
     def _shape(self, name: str | None, shape: tuple[int, ...]) -> tuple[int, int]:
         """The (rows, columns) of matrix `name` as handed out: its part's, or the file's `shape`."""
@@ -272,7 +283,7 @@ class GGUFWeights:
     def get_group(self, names: list[str], heads: list[int | None]) -> list[Blocks | torch.Tensor]:
         """The matrices `names` (q/k/v, gate/up) as one fused matrix when their kinds agree, else each apart."""
         infos = [self.gguf.tensors[self.names[n]] for n in names]
-        kinds = {kind_for(_loaded_type(i.ggml_type)) for i in infos}
+        kinds = {kind_for(_loaded_type(i.ggml_type, self._cols(n))) for n, i in zip(names, infos)}
         if not self.use_kernels or self.quantize or len(kinds) != 1:
             return fused_or_apart(self, [self.get(n, h) for n, h in zip(names, heads)])
         shapes = [self._shape(n, i.shape) for n, i in zip(names, infos)]
@@ -340,7 +351,7 @@ class GGUFWeights:
             step = max(1, CHUNK_BYTES // row_bytes)
             starts = range(0, rows, step)
             counts = [min(step, rows - r0) for r0 in starts]
-            blocks, allocs = _row_runs(alloc, kind_for(info.ggml_type), counts, cols)
+            blocks, allocs = _row_runs(alloc, kind_for(_loaded_type(info.ggml_type, part.cols)), counts, cols)
             for r0, count, run in zip(starts, counts, allocs):
                 kept(r0, r0 + count, run)  # copied straight into place
         self.gguf.release(gguf_name)

@@ -25,7 +25,8 @@ from gguf.quants import quantize as gguf_quantize
 from lanternlm.config import ModelConfig
 from lanternlm.fused import FusedAttention, fuse_for_cpu
 from lanternlm.kernels import kernels, why_unavailable
-from lanternlm.kernels.blocks import KIND_BF16, KIND_F16, KIND_Q4, KIND_Q4_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8
+from lanternlm.kernels.blocks import (KIND_BF16, KIND_F16, KIND_Q4, KIND_Q4_K, KIND_Q4_MIN, KIND_Q8, dequantize_blocks,
+                                      from_ggml, quantize_q8)
 from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
@@ -59,18 +60,27 @@ def test_native_block_types_repack_exactly(isa, qtype, kind):
                        ref.to(torch.bfloat16))
 
 
-def test_q4_k_repacks_within_float16_scale_rounding():
+def test_q4_k_keeps_its_own_scales_and_a_cut_inside_super_blocks_rounds_them_to_float16(isa):
     raw, ref = ggml_blocks(T.Q4_K, 4, 512, seed=2)
     blocks = from_ggml(raw, T.Q4_K, (4, 512))
-    assert blocks.kind == KIND_Q4_MIN
-    got = dequantize_blocks(blocks)
-    # value = q * scale - offset; each block's scale and offset are rounded to float16, a relative change of
-    # at most 2^-11 (2^-25 absolute below float16's normal range) of each term.
+    assert blocks.kind == KIND_Q4_K  # super-block d and dmin, a 6-bit scale and min per block: gguf-py's values
+    assert torch.equal(dequantize_blocks(blocks), ref)
+    assert torch.equal(K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, 512, torch.float32), ref)
+    assert torch.equal(dequantize_blocks(blocks.columns(256, 512)), ref[:, 256:])  # whole super-blocks: as is
+    # A tensor-parallel rank's columns cut inside super-blocks: each block gets its own scale and offset, rounded
+    # to float16 (KIND_Q4_MIN), a relative change of at most 2^-11 (2^-25 absolute below float16's normal range)
+    # of each term of value = q * scale - offset.
+    cut = blocks.columns(96, 352)
+    assert cut.kind == KIND_Q4_MIN
+    got = dequantize_blocks(cut)
     q, scale, offset = q4_k_parts(torch.from_numpy(raw.copy()).view(-1, 144))  # (4*2, 8, 32), (4*2, 8)
-    terms = (q.float() * scale[..., None] + offset[..., None]).reshape(4, 512)
-    bound = 2.0 ** -11 * terms + 2 * 2.0 ** -25 * (q.float().reshape(4, 512) + 1) + 1e-9
-    assert torch.all((got - ref).abs() <= bound)
-    assert not torch.equal(got, ref)  # the rounding is real: this checks the bound, not a no-op
+    terms = (q.float() * scale[..., None] + offset[..., None]).reshape(4, 512)[:, 96:352]
+    bound = 2.0 ** -11 * terms + 2 * 2.0 ** -25 * (q.float().reshape(4, 512)[:, 96:352] + 1) + 1e-9
+    assert torch.all((got - ref[:, 96:352]).abs() <= bound)
+    assert not torch.equal(got, ref[:, 96:352])  # the rounding is real: this checks the bound, not a no-op
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    product = K.qmatmul(x, cut.qs, cut.d, cut.m, cut.kind)
+    assert torch.all((product.double() - x.double() @ got.double().t()).abs() <= product_bound(x, got).double())
 
 
 def test_f16_matrices_keep_their_values():

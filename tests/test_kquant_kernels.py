@@ -26,6 +26,7 @@ from lanternlm.kernels import kernels, why_unavailable
 from lanternlm.kernels.blocks import (
     BLOCK_BYTES,
     KIND_Q3,
+    KIND_Q4_K,
     KIND_Q4_MIN,
     KIND_Q5,
     KIND_Q5_MIN,
@@ -44,8 +45,8 @@ K = kernels(quiet=True)
 pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
 
 NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_MIN, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
-          T.Q4_K: KIND_Q4_MIN}
-ROUNDED = {T.Q4_K, T.Q5_K}  # per-sub-block scale and offset rounded to float16
+          T.Q4_K: KIND_Q4_K}
+ROUNDED = {T.Q5_K}  # per-sub-block scale and offset rounded to float16
 K_TYPES = {T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 # Super-block scales small enough that weights stay about 0.01-0.5, like a trained model's.
 SUPER_SCALES = {T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},

@@ -11,7 +11,7 @@ from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import blocks as blocks_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q6, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import KIND_Q4_K, KIND_Q5_MIN, KIND_Q6, KIND_Q8, dequantize_blocks
 from lanternlm import load as load_module
 from lanternlm.load import load
 from lanternlm.model import KVCache
@@ -133,7 +133,7 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path, isa):
     kinds = {m.kind for m in quant.modules() if isinstance(m, QuantLinear)}
     # Q4_K and Q5_K in their own bits; Q6_K too with AVX-512, as 8-bit blocks with AVX2 (quantize.requantized_kinds:
     # its AVX2 kernel is slower than the 8-bit one); the head is Q8_0.
-    assert kinds == {KIND_Q4_MIN, KIND_Q5_MIN, KIND_Q8} | ({KIND_Q6} if isa == 2 else set())
+    assert kinds == {KIND_Q4_K, KIND_Q5_MIN, KIND_Q8} | ({KIND_Q6} if isa == 2 else set())
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 

@@ -127,6 +127,8 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
     from gguf import GGMLQuantizationType as T
 
     from lanternlm.kernels.blocks import (
+        KIND_Q4_K,
+        KIND_Q4_MIN,
         dequantize_blocks,
         float_blocks,
         from_ggml,
@@ -147,7 +149,13 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
         whole = dequantize_blocks(blocks)
         part = MatrixPart(rows=((4, 6), (0, 1)), cols=(96, 352))  # 352 - 96: 8 blocks, inside K-quant super-blocks
         cut = part.of_blocks(blocks)
-        assert cut.shape == (3, 256) and torch.equal(dequantize_blocks(cut), whole[[4, 5, 0], 96:352])
+        want = whole[[4, 5, 0], 96:352]
+        assert cut.shape == (3, 256)
+        if blocks.kind == KIND_Q4_K:  # a cut inside super-blocks: per-block scales rounded to float16 (test_kernels)
+            assert cut.kind == KIND_Q4_MIN
+            assert torch.allclose(dequantize_blocks(cut), want, rtol=0, atol=2.0 ** -10 * float(want.abs().max()))
+        else:
+            assert torch.equal(dequantize_blocks(cut), want)
     with pytest.raises(ValueError, match="32-element blocks"):
         quantize_q4_1(w).columns(16, 64)
 
@@ -432,12 +440,15 @@ def test_uneven_splits_and_a_replicated_kv_head_are_what_the_ranks_ran(ranks):
     assert (a["exact"]["qwen2"]["plan"].intermediate, b["exact"]["qwen2"]["plan"].intermediate) == ((0, 64), (64, 100))
 
 
-def close_for_blocks(r: dict) -> bool:
+def close_for_blocks(r: dict, rounded: bool = False) -> bool:
     """Logits of a sharded model on blocks against the unsplit one on the same blocks. The kernels round every
     activation to int16 per block of 32, so the 1e-7 differences of the ranks' sums (the all-reduce adds two
     partial products) can flip a rounding: observed up to 7e-5 of the largest logit here, where the
-    quantization itself moves the logits by ~1000x more (against the exact model)."""
-    return max(r["prefill"], r["decode"]) <= 1e-3 * r["scale"]
+    quantization itself moves the logits by ~1000x more (against the exact model). `rounded`: a Q4_K matrix
+    cut inside its super-blocks takes each block's scale and offset rounded to float16 (2^-11 of each), which
+    flips some weights' bf16 rounding in the dense prefill: observed 2.2e-3 of the largest logit there, 2.7e-4
+    in decode."""
+    return r["decode"] <= 1e-3 * r["scale"] and r["prefill"] <= (5e-3 if rounded else 1e-3) * r["scale"]
 
 
 def test_hf_folder_loads_each_rank_its_part(ranks):
@@ -456,7 +467,7 @@ def test_a_mixed_kind_gguf_loads_only_its_rows_and_block_columns(ranks):
     (a, b), single = ranks
     for seen in (a, b):
         r = seen["mixed"]
-        assert close_for_blocks(r), r
+        assert close_for_blocks(r, rounded=True), r  # down_proj: Q4_K, 768 columns cut at 384
         assert r["tokens"] == r["ref_tokens"]
         assert {"RowParallelQuantLinear", "VocabParallelQuantLinear", "VocabParallelQuantEmbedding"} <= set(r["classes"])
         # every matrix is split, only the norms are whole on both ranks: each rank holds about half
@@ -473,7 +484,7 @@ def test_a_gguf_on_the_exact_path_is_loaded_whole_then_sliced(ranks):
 def test_shard_model_cuts_a_model_loaded_whole_on_the_fast_path(ranks):
     for seen in ranks[0]:
         for name in ("hf_q8_sharded_after", "mixed_sharded_after"):
-            assert close_for_blocks(seen[name]), (name, seen[name])
+            assert close_for_blocks(seen[name], rounded=name.startswith("mixed")), (name, seen[name])
             assert seen[name]["tokens"] == seen[name]["ref_tokens"]
 
 

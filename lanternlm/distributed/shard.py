@@ -173,7 +173,8 @@ def _keep(module: nn.Module, part: MatrixPart, name: str, bias: bool = True) -> 
             raise ShardError(f"{name}: a rank's input columns {part.cols[0]}..{part.cols[1] - 1} would cut a "
                              "32-element block of its quantized weights; shard the exact (float) model instead")
         blocks = part.of_blocks(blocks)
-        module.qs, module.d, module.m, module.shape = blocks.qs, blocks.d, blocks.m, blocks.shape
+        # (a cut can change the kind: Q4_K blocks cut inside their super-blocks get scales per block)
+        module.qs, module.d, module.m, module.shape, module.kind = blocks.qs, blocks.d, blocks.m, blocks.shape, blocks.kind
         if isinstance(module, QuantEmbedding):
             module.num_embeddings = blocks.shape[0]
             return

@@ -4,12 +4,15 @@ A matrix (N, K) is kept as 32-element blocks, row after row (quant_cpu.cpp reads
 - qs (N, K/32 * block_bytes): each block's integer values, uint8 (int8 for the 8-bit kind);
 - d (N, K/32) float16: one scale per block;
 - m: per kind, (N, K/32) float16 offsets, or (N, K/16) int8 multipliers of 16-element halves, or None.
+KIND_Q4_K keeps Q4_K's own scales instead: d (N, K/256 * 2) float16, each super-block's D and DMIN, and m
+(N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn.
 
 Block bytes, by kind (the nibble bytes are ggml's Q4_0 order: byte j holds element j in its low nibble and
 element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e belongs to element e):
 
   kind          bytes  qs per block                       weight                    from
-  KIND_Q4_MIN   16     nibbles                            d*q + m                   Q4_1, Q4_K
+  KIND_Q4_MIN   16     nibbles                            d*q + m                   Q4_1
+  KIND_Q4_K     16     nibbles                            D*sc*q - DMIN*mn          Q4_K
   KIND_Q4       16     nibbles                            d*(q - 8)                 Q4_0
   KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
   KIND_Q5_MIN   20     nibbles, bit-4 plane               d*q + m                   Q5_1, Q5_K
@@ -35,7 +38,9 @@ kernels one masked add per plane. K-quant super-block scales become per-block on
 Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
-- Q4_K, Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
+- Q4_K: the same values (exact), its 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a weight
+  against the file's 4.5); a tensor-parallel cut between super-blocks becomes KIND_Q4_MIN, as Q5_K does;
+- Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
   rounded to float16 (a relative change of at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);
 - every other type (Q2_K): dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an error
@@ -57,14 +62,16 @@ import torch
 from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
 from . import kernels
 
-KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32 = range(10)
+(KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
+ KIND_Q4_K) = range(11)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
+              KIND_Q4_K: "4-bit blocks with Q4_K's scales",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
-BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
+BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 GROUP_PARTS = {KIND_Q6: (16, 8), KIND_Q3: (8, 4)}  # kinds kept in groups of 16 blocks: the bytes of each part
@@ -72,7 +79,7 @@ _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero poin
 _F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
 _KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
-            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_MIN, _Q5_K: KIND_Q5_MIN, _Q6_K: KIND_Q6}
+            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_MIN, _Q6_K: KIND_Q6}
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Blocks:
         n, k = self.shape
         if is_float_kind(self.kind):
             return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
+        if self.kind == KIND_Q4_K and (start % 256 or end % 256):  # the cut's blocks keep scales of their own
+            return q4_k_as_q4_min(self).columns(start, end)
         if start % 32 or end % 32 or not 0 <= start <= end <= k:
             raise ValueError(f"columns {start}..{end - 1} of a {k}-column matrix do not fall on 32-element blocks")
         b0, b1 = start // 32, end // 32
@@ -108,11 +117,13 @@ class Blocks:
         if self.kind in GROUP_PARTS:  # regrouped from the cut's first block
             parts = [p[:, b0:b1] for p in group_split(self.qs, k // 32, GROUP_PARTS[self.kind])]
             qs = group_join(parts, torch.empty(n, (b1 - b0) * per_block, dtype=torch.uint8))
-        m = self.m
+        m, d = self.m, self.d[:, b0:b1]
+        if self.kind == KIND_Q4_K:  # whole super-blocks: d and dmin of each, scale and min of each block
+            d = self.d[:, start // 128:end // 128]
         if m is not None:
-            m = m[:, start // 16:end // 16] if self.kind in _MULTIPLIERS else m[:, b0:b1]
+            m = m[:, start // 16:end // 16] if self.kind in (*_MULTIPLIERS, KIND_Q4_K) else m[:, b0:b1]
             m = m.contiguous()
-        return Blocks(qs.contiguous(), self.d[:, b0:b1].contiguous(), m, self.kind, (n, end - start))
+        return Blocks(qs.contiguous(), d.contiguous(), m, self.kind, (n, end - start))
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -124,6 +135,20 @@ class Blocks:
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return Blocks(torch.cat([p.qs for p in parts]), d, m, kind,
                       (sum(p.shape[0] for p in parts), k))
+
+
+def q4_k_as_q4_min(blocks: Blocks) -> Blocks:
+    """KIND_Q4_K blocks as KIND_Q4_MIN ones: each block's scale D*sc and offset -DMIN*mn rounded to float16."""
+    scale, offset = _q4_k_block_scales(blocks)
+    return Blocks(blocks.qs, scale.half(), offset.half(), KIND_Q4_MIN, blocks.shape)
+
+
+def _q4_k_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIND_Q4_K's per-block scale D*sc and offset -DMIN*mn, (n, nb) float32 each (exact products)."""
+    n, nb = blocks.shape[0], blocks.shape[1] // 32
+    super_scales = blocks.d.float().view(n, nb // 8, 1, 2).expand(n, nb // 8, 8, 2).reshape(n, nb, 2)
+    sub = blocks.m.view(n, nb, 2).float()
+    return super_scales[..., 0] * sub[..., 0], -(super_scales[..., 1] * sub[..., 1])
 
 
 def group_split(qs: torch.Tensor, nb: int, widths: tuple[int, int]) -> list[torch.Tensor]:
@@ -182,7 +207,9 @@ def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
     nb = k // 32
     specs = {"qs": ((n, nb * BLOCK_BYTES[kind]) if kind != KIND_Q8 else (n, k), torch.int8 if kind == KIND_Q8 else
                     torch.uint8), "d": ((n, nb), torch.float16)}
-    if kind in _OFFSETS:
+    if kind == KIND_Q4_K:
+        specs["d"], specs["m"] = ((n, k // 128), torch.float16), ((n, nb * 2), torch.uint8)
+    elif kind in _OFFSETS:
         specs["m"] = ((n, nb), torch.float16)
     elif kind in _MULTIPLIERS:
         specs["m"] = ((n, k // 16), torch.int8)
@@ -236,8 +263,8 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
             out = group_join([p.reshape(n, nb, -1) for p in qs], alloc("qs", *specs["qs"]))
         else:
             out = _fill(alloc, "qs", qs.reshape(specs["qs"][0]))
-        return Blocks(out, _fill(alloc, "d", d.reshape(n, nb)), _fill(alloc, "m", m.reshape(specs["m"][0])), kind,
-                      (n, k))
+        return Blocks(out, _fill(alloc, "d", d.reshape(specs["d"][0])), _fill(alloc, "m", m.reshape(specs["m"][0])),
+                      kind, (n, k))
     # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already), by numpy
     # (it copies these narrow strided fields ~20x faster than torch does).
     f = block_fields(data.numpy().reshape(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
@@ -291,15 +318,17 @@ def _planes(bits: np.ndarray) -> torch.Tensor:
 
 
 def _convert_q4_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> nibbles (n, 8, 16), (D, DMIN) (n, 2) float16, (sc, mn) per sub-block (n, 8, 2) uint8."""
     scales, mins = k_scales_mins(f["scales"])
-    qs = _pack_nibble_runs(f["qs"], 32)  # (n, 8, 16)
-    return qs, (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
+    super_scales = torch.cat([f["d"], f["dmin"]], dim=1).contiguous().view(torch.float16)
+    return _pack_nibble_runs(f["qs"], 32), super_scales, torch.stack([scales, mins], dim=2).to(torch.uint8)
 
 
 def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    qs, d, m = _convert_q4_k(f)  # the same nibbles and scales, at Q5_K's offsets
+    scales, mins = k_scales_mins(f["scales"])
+    qs = _pack_nibble_runs(f["qs"], 32)  # (n, 8, 16), Q4_K's nibbles and scales at Q5_K's offsets
     high = _planes(run_bits(f["qh"]))  # (n, 8, 4): bit s of the 32 bytes is sub-block s's fifth bit
-    return torch.cat([qs, high], dim=2), d, m
+    return torch.cat([qs, high], dim=2), (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
 
 
 def _transpose_fields(words: torch.Tensor, swaps: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -456,6 +485,9 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
         bits = _plane_bits(raw[..., 16:]).int()  # (n, nb, planes, 32)
         for p in range(bits.shape[2]):
             q += bits[:, :, p] * (16 << p)
+    if kind == KIND_Q4_K:
+        scale, offset = _q4_k_block_scales(blocks)
+        return (q.float() * scale[..., None] + offset[..., None]).reshape(n, k)
     d = blocks.d.float()[..., None]
     if kind in _MULTIPLIERS:
         mult = blocks.m.view(n, nb, 2, 1).float().expand(n, nb, 2, 16).reshape(n, nb, 32)

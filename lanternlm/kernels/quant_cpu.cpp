@@ -3,19 +3,23 @@
 // Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
 // that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
-// changing a value (K-quant scales become per-block float16 ones, or stay int8 multipliers per 16 elements):
+// changing a value (Q5_K's scales become per-block float16 ones; Q4_K, Q6_K and Q3_K keep theirs):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
 //      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
-//      each further bit comes as a 4-byte bit plane (a little-endian uint32, bit e for element e). The 8-bit
-//      kind holds 32 int8 instead (int8 dtype). The 6-bit kind (Q6_K) is the exception: each group of 16
-//      blocks of a row (fewer in its last) holds their 16 nibble bytes each, then 8 "crumb" bytes each, an
-//      element's bits 4-5: crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j (one shift
-//      per step of the byte dot product, see avx512::load_across; one stream of bytes per row, which this
-//      VM's prefetcher follows far better than two);
-//   d (N, K/32) float16, one scale per block;
+//      a fifth bit comes as a 4-byte bit plane (a little-endian uint32, bit e for element e). The 8-bit kind
+//      holds 32 int8 instead (int8 dtype). The 6- and 3-bit kinds (Q6_K, Q3_K) are grouped: each group of 16
+//      blocks of a row (fewer in its last) holds one part of every block, then the other. The 6-bit kind:
+//      16 nibble bytes, then 8 "crumb" bytes per block, an element's bits 4-5; the 3-bit kind: 8 crumb bytes
+//      (bits 0-1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element
+//      16c + 4s + j; high-bit byte j holds at bit s that of element 4s + j (one shift per step of the byte
+//      dot product, see avx512::load_across; one stream of bytes per row, which this VM's prefetcher follows
+//      far better than two);
+//   d (N, K/32) float16, one scale per block (KIND_Q4_K: (N, K/256 * 2), d and dmin of each super-block);
 //   m: (N, K/32) float16 offsets (kinds with stored offsets), or (N, K/16) int8 multipliers, one per 16
-//      elements (KIND_Q6, KIND_Q3), or nothing.
-// A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), or d*mult*(q - z) (multipliers).
+//      elements (KIND_Q6, KIND_Q3), or (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn
+//      (KIND_Q4_K), or nothing.
+// A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), d*mult*(q - z) (multipliers), or
+// d*sc*q - dmin*mn (KIND_Q4_K).
 //
 // Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
@@ -27,9 +31,9 @@
 // small models: SmolLM2-135M answers "L'Étoile, ..." instead of "The capital of France is Paris." with them,
 // llama.cpp included.)
 //
-// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (a block
-// per 512-bit register, the int16 dot product and accumulation in one instruction; a bit plane is one masked
-// add) and AVX2+FMA. Non-x86 builds and CPUs without AVX2 report isa() == 0, and the Python side keeps
+// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 3-,
+// 4- and 6-bit kinds as byte dot products 16 blocks across lanes, the others a block per 512-bit register, the
+// int16 dot product and accumulation in one instruction, a bit plane one masked add) and AVX2+FMA. Non-x86 builds and CPUs without AVX2 report isa() == 0, and the Python side keeps
 // PyTorch's kernels.
 
 #include <torch/extension.h>
@@ -65,7 +69,8 @@ constexpr int64_t KIND_Q3 = 6;      // 3-bit: bit-0, bit-1 and bit-2 planes, zer
 constexpr int64_t KIND_BF16 = 7;    // plain bfloat16 weights (N, K): HF folders, BF16 GGUFs (see "float weights")
 constexpr int64_t KIND_F16 = 8;     // plain float16 weights (N, K)
 constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
-constexpr int64_t KIND_COUNT = 10;
+constexpr int64_t KIND_Q4_K = 10;   // 4-bit, Q4_K's own scales: per block a 6-bit scale and min, per super-block d, dmin
+constexpr int64_t KIND_COUNT = 11;
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
 constexpr int planes(int64_t kind) { return kind == KIND_Q5_MIN || kind == KIND_Q5 ? 1 : 0; }
@@ -88,23 +93,30 @@ constexpr int64_t second_at(int64_t kind, int64_t nb, int64_t i) {
            (block_bytes(kind) - first_part(kind)) * (i % 16);
 }
 constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind == KIND_Q5_MIN; }
+// Q4_K's scales as stored: d and dmin per super-block of 8 blocks, a 6-bit scale and min per block; a weight is
+// d*scale*q - dmin*min.
+constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K; }
 constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
 constexpr int zero_point(int64_t kind) {
     return kind == KIND_Q4 ? 8 : kind == KIND_Q5 ? 16 : kind == KIND_Q6 ? 32 : kind == KIND_Q3 ? 4 : 0;
 }
 // Whether a block's product gets the term m * dx*sum(qx): stored offsets, or a zero point left out of the
 // integer weights (kinds with multipliers subtract theirs before multiplying).
-constexpr bool offset_term(int64_t kind) { return has_offsets(kind) || (zero_point(kind) && !has_multipliers(kind)); }
+constexpr bool offset_term(int64_t kind) {
+    return has_offsets(kind) || has_super_scales(kind) || (zero_point(kind) && !has_multipliers(kind));
+}
 // The value bit plane p stands for: planes sit above the nibbles, or are the low bits themselves.
 constexpr int plane_value(int64_t kind, int p) { return (has_nibbles(kind) ? 16 : 1) << p; }
 
-// One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits) or multipliers.
+// One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
 struct Weights {
     const uint8_t* qs;
-    const uint16_t* d;
+    const uint16_t* d;         // (N, K/32) float16; KIND_Q4_K: (N, K/256 * 2), d and dmin of each super-block
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
+    const uint8_t* sub = nullptr;  // KIND_Q4_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min
 };
+
 
 // The largest |qx|.
 constexpr float QX_MAX = 32767.0f;
@@ -284,10 +296,19 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
     }
 }
 
-// The block's offset: stored, -z*d for an implicit zero point outside the integers, else 0.
+// Block `at` (= row * K/32 + i)'s scale, for the kernels that take a block at a time.
+template <int64_t KIND>
+inline float block_scale(const Weights& w, int64_t at) {
+    if (has_super_scales(KIND)) return _cvtsh_ss(w.d[2 * (at / 8)]) * static_cast<float>(w.sub[2 * at]);
+    return _cvtsh_ss(w.d[at]);
+}
+
+// The block's offset: stored, -dmin*min (Q4_K's scales), -z*d for an implicit zero point outside the integers,
+// else 0.
 template <int64_t KIND>
 inline float block_offset(const Weights& w, int64_t at, float d) {
     if (has_offsets(KIND)) return _cvtsh_ss(w.offsets[at]);
+    if (has_super_scales(KIND)) return -_cvtsh_ss(w.d[2 * (at / 8) + 1]) * static_cast<float>(w.sub[2 * at + 1]);
     return offset_term(KIND) ? -static_cast<float>(zero_point(KIND)) * d : 0.0f;
 }
 
@@ -306,7 +327,7 @@ void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
             float madd = 0.0f;
             for (int64_t i = 0; i < nb; i++) {
-                const float d = _cvtsh_ss(w.d[n * nb + i]);
+                const float d = block_scale<KIND>(w, n * nb + i);
                 __m256i w0, w1;
                 load_block<KIND>(row, nb, mult, i, w0, w1);
                 const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
@@ -337,7 +358,7 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
         const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
         const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
         for (int64_t i = 0; i < nb; i++) {
-            const float d = _cvtsh_ss(w.d[r * nb + i]);
+            const float d = block_scale<KIND>(w, r * nb + i);
             const __m256 dv = _mm256_set1_ps(d), mo = _mm256_set1_ps(block_offset<KIND>(w, r * nb + i, d));
             __m256i half[2];
             load_block<KIND>(row, nb, mult, i, half[0], half[1]);
@@ -455,7 +476,7 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 constexpr int64_t TAIL_ALONE_MAX = 6;
 
 constexpr bool across_kind(int64_t kind) {
-    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q6 || kind == KIND_Q3;
+    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q4_K || kind == KIND_Q6 || kind == KIND_Q3;
 }
 
 void transpose_16x8(const __m512i z[8], __m512i out[8]);
@@ -590,7 +611,8 @@ inline void prefetch_group(const Weights& wt, int64_t nb, int64_t n, int64_t g) 
     const int64_t at = g + PREFETCH_BLOCKS;  // in this row's block numbers
     const char* q = reinterpret_cast<const char*>(wt.qs) + (n * nb + at) * block_bytes(KIND);
     for (int64_t c = 0; c < 16 * block_bytes(KIND); c += 64) _mm_prefetch(q + c, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wt.d + n * nb + at), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(has_super_scales(KIND) ? wt.d + 2 * ((n * nb + at) / 8) : wt.d + n * nb + at), _MM_HINT_T0);
+    if (has_super_scales(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.sub + 2 * (n * nb + at)), _MM_HINT_T0);
     if (has_multipliers(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.mult + 2 * (n * nb + at)), _MM_HINT_T0);
     if (has_offsets(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.offsets + n * nb + at), _MM_HINT_T0);
 }
@@ -610,7 +632,7 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
     // kernel's way instead, a block per register (K = 576: 16 blocks across lanes and 2 alone).
     const int64_t across_end = nb % 16 > TAIL_ALONE_MAX ? nb : nb / 16 * 16;
     for (int64_t i = across_end; i < nb; i++) {
-        const float d = _cvtsh_ss(wt.d[n * nb + i]);
+        const float d = avx2::block_scale<KIND>(wt, n * nb + i);
         const __m512i w = load_block<KIND>(row, nb, mult, i);
         for (int b = 0; b < NB; b++) {
             const int64_t xo = (b0 + b) * xq.blocks + i;
@@ -626,15 +648,29 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
         prefetch_group<KIND>(wt, nb, n, g);
         __m512i w[8];
         load_across<KIND>(row, nb, g, left, w);
-        const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + n * nb + g));
         // per lane: the scale of each half (6-bit: d times its multiplier), and the offset
-        __m512 scale[2] = {d16, d16}, m16 = _mm512_setzero_ps();
+        __m512 d16, scale[2], m16 = _mm512_setzero_ps();
+        if constexpr (has_super_scales(KIND)) {  // g is a multiple of 16: super-blocks g/8 and g/8 + 1
+            const int64_t sb = (n * nb + g) / 8;
+            const __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(left > 8 ? 0xF : 0x3, wt.d + 2 * sb));
+            const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+            d16 = _mm512_permutexvar_ps(first, dd);
+            const __m512 dmin = _mm512_permutexvar_ps(_mm512_add_epi32(first, _mm512_set1_epi32(1)), dd);
+            // 2 bytes per block -> dword l = block l's scale and min as two int16
+            const __m512i pair = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), wt.sub + 2 * (n * nb + g)));
+            scale[0] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF))));
+            m16 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(pair, 16)));
+        } else {
+            d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + n * nb + g));
+            scale[0] = d16;
+        }
+        scale[1] = scale[0];
         if constexpr (has_multipliers(KIND)) {
             // 2 int8 per block -> dword l = block l's pair as two int16
             const __m512i pair = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), mult + 2 * g));
             scale[0] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pair, 16), 16)));
             scale[1] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_srai_epi32(pair, 16)));
-        } else {
+        } else if constexpr (!has_super_scales(KIND)) {
             m16 = has_offsets(KIND) ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.offsets + n * nb + g))
                                     : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
         }
@@ -769,7 +805,7 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
         const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
         const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
         for (int64_t i = 0; i < nb; i++) {
-            const float dv = _cvtsh_ss(w.d[r * nb + i]);
+            const float dv = avx2::block_scale<KIND>(w, r * nb + i);
             const __m512 d = _mm512_set1_ps(dv);
             const __m512 mo = _mm512_set1_ps(avx2::block_offset<KIND>(w, r * nb + i, dv));
             const __m512i q = load_block<KIND>(row, nb, mult, i);
@@ -1013,6 +1049,7 @@ template <typename Fn>
 inline void with_kind(int64_t kind, Fn&& fn) {
     switch (kind) {
         case KIND_Q4_MIN: fn(std::integral_constant<int64_t, KIND_Q4_MIN>{}); break;
+        case KIND_Q4_K: fn(std::integral_constant<int64_t, KIND_Q4_K>{}); break;
         case KIND_Q4: fn(std::integral_constant<int64_t, KIND_Q4>{}); break;
         case KIND_Q8: fn(std::integral_constant<int64_t, KIND_Q8>{}); break;
         case KIND_Q5_MIN: fn(std::integral_constant<int64_t, KIND_Q5_MIN>{}); break;
@@ -1128,6 +1165,14 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
     TORCH_CHECK(qs.size(1) == k / 32 * block_bytes(kind), "qs: wrong row length ", qs.size(1), " for K=", k);
     TORCH_CHECK(d_opt.has_value(), "d: block scales are required for block kinds");
     const torch::Tensor& d = *d_opt;
+    if (has_super_scales(kind)) {
+        TORCH_CHECK(k % 256 == 0, "Q4_K blocks: in_features must be a multiple of 256, got ", k);
+        TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
+                    d.size(1) == k / 128, "d: (N, K/256 * 2) contiguous float16 (d and dmin per super-block)");
+        TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
+                    m->size(0) == n && m->size(1) == k / 16, "m: (N, K/32 * 2) contiguous uint8 (scale and min per block)");
+        return;
+    }
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                 d.size(1) == k / 32, "d: (N, K/32) contiguous float16");
     if (has_offsets(kind)) {
@@ -1145,6 +1190,7 @@ static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c1
               nullptr, nullptr};
     if (has_offsets(kind)) w.offsets = reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>());
     if (has_multipliers(kind)) w.mult = m->data_ptr<int8_t>();
+    if (has_super_scales(kind)) w.sub = m->data_ptr<uint8_t>();
     return w;
 }
 
