@@ -220,6 +220,8 @@ def requantized_kinds() -> tuple[int, ...]:
     """The block kinds a model loaded now computes as 8-bit blocks (on the kernels' current instruction set)."""
     k = kernels(quiet=True)
     return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
+
+
 _Q4_1, _Q8_0, _Q4_K = 3, 8, 12
 
 

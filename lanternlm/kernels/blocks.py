@@ -32,14 +32,14 @@ Float kinds (KIND_BF16, KIND_F16, KIND_F32) are no blocks: qs is the plain (N, K
 (HF folders, F16/BF16 GGUFs), d and m are None, and K may be any length. The kernels widen each weight to
 float32 (quant_cpu.cpp, "float weights").
 
-Bit planes keep 5-, 6- and 3-bit values in their own bits (memory per weight about the file's) and cost the
-kernels one masked add per plane. K-quant super-block scales become per-block ones.
+The 5-bit kinds' bit plane keeps their values in their own bits (memory per weight about the file's) and costs
+the kernels one masked add per block.
 
 Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
 - Q4_K: the same values (exact), its 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a weight
-  against the file's 4.5); a tensor-parallel cut between super-blocks becomes KIND_Q4_MIN, as Q5_K does;
+  against the file's 4.5); a tensor-parallel cut inside super-blocks becomes KIND_Q4_MIN, as Q5_K is;
 - Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
   rounded to float16 (a relative change of at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);

@@ -33,8 +33,8 @@
 //
 // Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 3-,
 // 4- and 6-bit kinds as byte dot products 16 blocks across lanes, the others a block per 512-bit register, the
-// int16 dot product and accumulation in one instruction, a bit plane one masked add) and AVX2+FMA. Non-x86 builds and CPUs without AVX2 report isa() == 0, and the Python side keeps
-// PyTorch's kernels.
+// int16 dot product and accumulation in one instruction, a bit plane one masked add) and AVX2+FMA. Non-x86
+// builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -267,7 +267,7 @@ inline __m256i expand_plane(const uint8_t* p, int value) {
 
 // Block i of a weight row as 32 int16 (elements 0-15 in lo, 16-31 in hi): the integers its scale multiplies,
 // i.e. q, or (q - z) * multiplier for kinds with multipliers (`mult` is then the row's multipliers).
-// `nb` is the row's block count (where the 6-bit kind's crumbs start).
+// `nb` is the row's block count (where a grouped kind's second part is).
 template <int64_t KIND>
 inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64_t i, __m256i& lo, __m256i& hi) {
     const uint8_t* b = row + block_at(KIND, i);
@@ -449,17 +449,17 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
     return w;
 }
 
-// ---- Byte dot products, 16 blocks across lanes (the 4- and 6-bit kinds) ----
+// ---- Byte dot products, 16 blocks across lanes (the 3-, 4- and 6-bit kinds) ----
 // Their integers q fit a byte, so they go through vpdpbusd (64 byte products per instruction, unsigned times
 // signed) against the activations' two bytes: sum(q * qx) = 256 * sum(q * hi) + sum(lo * q), the same int32 as
 // the int16 dot product of the other kinds (the same qx: results differ from it only in float summation order).
 // A group of 16 blocks of a weight row is transposed in registers so that 32-bit lane l holds block l: step s
-// (s = 0..7) is a register of elements 4s..4s+3 (s < 4) or 16+4(s-4).. (s >= 4) of each of the 16 blocks, and
-// vpdpbusd over the 8 steps leaves each block's dot product in its own lane: steps 0-3 its first 16 elements,
-// 4-7 its last 16. One int32 -> float conversion and one multiply-add by the 16 blocks' scales then finish the
-// group, where a block per register (the int16 kernel) needs a conversion and a multiply-add per block. The
-// transpose is done once per weight row and group and shared by every activation row of a tile. Measured on
-// Zen 4 (2 threads, Q4_1 8192 x 2048 from DRAM): one row 37 -> 43 GMAC/s, eight rows 59 -> 100.
+// (s = 0..7) is a register of elements 4s..4s+3 of each of the 16 blocks, and vpdpbusd over the 8 steps leaves
+// each block's dot product in its own lane (steps 0-3: its first 16 elements, 4-7: its last 16). One int32 ->
+// float conversion and one multiply-add by the 16 blocks' scales then finish the group, where a block per
+// register (the int16 kernel) needs a conversion and a multiply-add per block. The transpose is done once per
+// weight row and group and shared by every activation row of a tile. Measured on Zen 4 (2 threads, Q4_1
+// 8192 x 2048 from DRAM): one row 37 -> 43 GMAC/s, eight rows 59 -> 100.
 // The 6-bit kind (Q6_K) adds each element's crumb (bits 4-5) to its nibble per step, keeps the two halves'
 // sums apart (each half has its own int8 multiplier), and subtracts its zero point as 32 * sum(qx) of the half
 // (XQuant::half_sums): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact.
