@@ -184,3 +184,17 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for prompt in ([5, 17, 90, 3], [200, 1, 44, 44, 9, 120, 7]):  # short: every product is the int16 kernel
         assert quant.generate(prompt, params).token_ids == exact.generate(prompt, params).token_ids
+
+
+def test_nibble_runs_are_repacked_in_one_pass_as_the_torch_fallback_repacks_them(monkeypatch):
+    # from_ggml repacks K-quant nibble runs with the kernels' one-pass pack_nibble_runs, straight from the file's
+    # strided fields (Q6_K ql in runs of 64 bytes, Q4_K and Q5_K qs in runs of 32); without the kernels, blocks.py
+    # does it in torch. (The exactness tests above check the kernels' result against gguf-py.)
+    import lanternlm.kernels.blocks as blocks_module
+    raw = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(257, 210), dtype=np.uint8))
+    cases = [(raw[:, 0:128], 64), (raw[:, 16:144], 32), (raw[:, 48:176], 32)]
+    fast = [blocks_module._pack_nibble_runs(field, run) for field, run in cases]
+    monkeypatch.setattr(blocks_module, "kernels", lambda quiet=False: None)
+    for (field, run), got in zip(cases, fast):
+        assert got.shape == (257, 8, 16)
+        assert torch.equal(got, blocks_module._pack_nibble_runs(field, run))

@@ -304,6 +304,9 @@ def _pack_nibble_runs(packed: torch.Tensor, run: int) -> torch.Tensor:
     operations instead of one byte per element.
     """
     n = packed.shape[0]
+    k = kernels(quiet=True)
+    if k is not None and packed.stride(-1) == 1:  # the same bytes in one pass (quant_cpu.cpp)
+        return k.pack_nibble_runs(packed, run)
     r = packed.reshape(n, -1, run // 32, 2, 16)  # (n, runs, sub-blocks per nibble half, bytes 0-15 | 16-31, 16)
     a, b = r[:, :, :, 0], r[:, :, :, 1]  # the bytes of elements j and j+16 of each sub-block
     low = (a & 0x0F) | (b << 4)  # uint8 shifts drop the bits pushed out

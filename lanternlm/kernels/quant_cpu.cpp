@@ -1374,6 +1374,37 @@ std::vector<torch::Tensor> quantize_q8(const torch::Tensor& w_in) {
     return {qs, d};
 }
 
+// K-quant nibble runs -> ggml's Q4_0 byte order per 32-element sub-block, as blocks._pack_nibble_runs computes in
+// torch: `packed` (B, bytes) holds per row runs of `run` bytes whose low nibbles are elements 0..run-1 and high
+// nibbles run..2run-1; out (B, bytes / 16, 16) gives per run its low-nibble sub-blocks, then its high-nibble ones,
+// byte j of a sub-block holding element j (low nibble) and j + 16 (high). One pass, 8 bytes per operation: the
+// torch version's five passes were the largest part of loading a Q4_K file's matrices.
+torch::Tensor pack_nibble_runs(const torch::Tensor& packed, int64_t run) {
+    TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.stride(1) == 1 &&
+                packed.device().is_cpu(), "packed: 2-D uint8 on the CPU, rows of contiguous bytes");
+    TORCH_CHECK(run > 0 && run % 32 == 0 && packed.size(1) % run == 0, "run: a multiple of 32 dividing the row");
+    const int64_t rows = packed.size(0), bytes = packed.size(1), stride = packed.stride(0), subs = run / 32;
+    auto out = torch::empty({rows, bytes / 16, 16}, packed.options());
+    const uint8_t* in = packed.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    constexpr uint64_t LOW = 0x0F0F0F0F0F0F0F0FULL, HIGH = 0xF0F0F0F0F0F0F0F0ULL;
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t at = 0; at < bytes; at += run)
+                for (int64_t s = 0; s < subs; s++)
+                    for (int half = 0; half < 2; half++) {  // 8 of the sub-block's 16 byte pairs at a time
+                        uint64_t a, b;
+                        std::memcpy(&a, in + r * stride + at + 32 * s + 8 * half, 8);
+                        std::memcpy(&b, in + r * stride + at + 32 * s + 16 + 8 * half, 8);
+                        const uint64_t low = (a & LOW) | ((b << 4) & HIGH), high = ((a >> 4) & LOW) | (b & HIGH);
+                        uint8_t* dst = o + r * bytes + at + 16 * s + 8 * half;
+                        std::memcpy(dst, &low, 8);
+                        std::memcpy(dst + 16 * subs, &high, 8);
+                    }
+    });
+    return out;
+}
+
 // decode_cpu.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
 torch::Tensor gated_act(const torch::Tensor& x, int64_t act);
@@ -1407,6 +1438,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("qmatmul_parts", &qmatmul_parts, "x (..., K) float32 @ [W_0; W_1; ...].T for block matrices of "
             "different kinds (lists qs, d, m, kinds) -> (..., N_0 + N_1 + ...), x quantized once, one parallel region",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("pack_nibble_runs", &pack_nibble_runs, "K-quant nibble runs (B, bytes) uint8 -> (B, bytes/16, 16) in "
+            "ggml's Q4_0 order per 32-element sub-block (low-nibble sub-blocks of a run first)",
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("quantize_q8", &quantize_q8, "(N, K) float32 -> (qs int8 (N, K), d float16 (N, K/32)), ggml's Q8_0 recipe",
             pybind11::call_guard<pybind11::gil_scoped_release>());
