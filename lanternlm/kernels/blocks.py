@@ -71,7 +71,8 @@ KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
-BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24, KIND_Q3: 12}
+BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24,
+               KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 GROUP_PARTS = {KIND_Q6: (16, 8), KIND_Q3: (8, 4)}  # kinds kept in groups of 16 blocks: the bytes of each part
@@ -152,7 +153,8 @@ def _q4_k_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def group_split(qs: torch.Tensor, nb: int, widths: tuple[int, int]) -> list[torch.Tensor]:
-    """A grouped kind's qs (n, nb * sum(widths)) -> each block's two parts, (n, nb, widths[0]) and (n, nb, widths[1])."""
+    """A grouped kind's qs (n, nb * sum(widths)) -> each block's two parts, (n, nb, widths[0]) and
+    (n, nb, widths[1])."""
     n, full, size = qs.shape[0], nb // 16, sum(widths)
     groups = qs[:, :full * 16 * size].reshape(n, full, 16 * size)
     tail = qs[:, full * 16 * size:]

@@ -105,8 +105,8 @@ constexpr int zero_point(int64_t kind) {
 constexpr bool offset_term(int64_t kind) {
     return has_offsets(kind) || has_super_scales(kind) || (zero_point(kind) && !has_multipliers(kind));
 }
-// The value bit plane p stands for: planes sit above the nibbles, or are the low bits themselves.
-constexpr int plane_value(int64_t kind, int p) { return (has_nibbles(kind) ? 16 : 1) << p; }
+// The value bit plane p stands for: planes sit above the nibbles (the 5-bit kinds' bit 4).
+constexpr int plane_value(int p) { return 16 << p; }
 
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
 struct Weights {
@@ -283,7 +283,7 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
         bytes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
     }
     for (int p = 0; p < planes(KIND); p++)
-        bytes = _mm256_or_si256(bytes, expand_plane(b + 16 * has_nibbles(KIND) + 4 * p, plane_value(KIND, p)));
+        bytes = _mm256_or_si256(bytes, expand_plane(b + 16 + 4 * p, plane_value(p)));
     if (KIND == KIND_Q6) bytes = _mm256_or_si256(bytes, expand_crumbs(row + second_at(KIND, nb, i), 4));
     if (KIND == KIND_Q3)
         bytes = _mm256_or_si256(expand_crumbs(b, 0), expand_high_bits(row + second_at(KIND, nb, i)));
@@ -422,8 +422,8 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(v, 4), 1);
     }
     for (int p = 0; p < planes(KIND); p++)  // a bit plane is a lane mask: add its value where the bit is set
-        w = _mm512_mask_add_epi16(w, _cvtu32_mask32(load_u32(b + 16 * has_nibbles(KIND) + 4 * p)), w,
-                                  _mm512_set1_epi16(static_cast<int16_t>(plane_value(KIND, p))));
+        w = _mm512_mask_add_epi16(w, _cvtu32_mask32(load_u32(b + 16 + 4 * p)), w,
+                                  _mm512_set1_epi16(static_cast<int16_t>(plane_value(p))));
     if (has_crumbs(KIND)) {  // lane e takes crumb byte 4*(e/16) + e%4, shifted right by 2*((e%16)/4) (avx2::expand_crumbs)
         alignas(64) static const int16_t at[32] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
                                                    4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7};
