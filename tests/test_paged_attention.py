@@ -4,7 +4,8 @@ A paged cache is, per layer, a pool of fixed-size blocks K and V (num_blocks, KV
 sequence, a block table mapping logical block i (positions i*bs .. i*bs+bs-1) to a physical block. The kernel
 rotates q and k, writes the new key and value through the table and attends over the window through it.
 
-- float32 pools give the contiguous kernel's numbers (decode_attention on the same history), for scrambled
+- float32 pools give the contiguous kernel's numbers exactly (decode_attention on the same history), on AVX-512's
+  register loops and on the per-row loops (AVX2, or a head_dim that is no multiple of 16), for scrambled
   tables, rows of different lengths, block sizes 16 and 32, sliding windows with released (-1) blocks before
   them, int32 and int64 tables; the kernel writes exactly one row per sequence and nothing else;
 - bfloat16 pools equal a float64 reference over the bf16-rounded keys and values, and the written rows are
@@ -106,7 +107,15 @@ def row_positions(B: int, bs: int, gen: torch.Generator) -> list[int]:
     return [edges[b] if b < len(edges) else int(torch.randint(0, 4 * bs + 5, (1,), generator=gen)) for b in range(B)]
 
 
-SHAPES = [(9, 3, 64, 64), (4, 1, 32, 16), (2, 2, 16, 16)]  # (H, KV, D, rot): the default model's; partial RoPE
+# (H, KV, D, rot): the default model's; partial RoPE; two heads per KV head; a head_dim that is no multiple of 16
+# (the per-row loops even on AVX-512); 5 heads per KV head (a run of 4 and a run of 1)
+SHAPES = [(9, 3, 64, 64), (4, 1, 32, 16), (2, 2, 16, 16), (4, 2, 24, 24), (10, 2, 48, 48)]
+SHAPE_IDS = ["9x3x64", "4x1x32-rot16", "2x2x16", "4x2x24", "10x2x48"]
+
+
+def attention_path(isa: int, D: int) -> int:
+    """The loops last_attention_path() names for this instruction set and head_dim: 2 AVX-512 registers, 1 per-row."""
+    return 2 if isa == 2 and D % 16 == 0 else 1
 
 
 @pytest.fixture(params=["threads", "one-thread"])
@@ -123,8 +132,8 @@ def threads(request):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("window", [0, 7, 20, 45])  # full attention; windows shorter and longer than a block
 @pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES, ids=["9x3x64", "4x1x32-rot16", "2x2x16"])
-def test_float32_pools_equal_the_contiguous_kernel(shape, bs, window, index_dtype, threads):
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_float32_pools_equal_the_contiguous_kernel(shape, bs, window, index_dtype, threads, isa):
     H, KV, D, rot = shape
     gen = torch.Generator().manual_seed(bs * 1000 + window * 10 + D)
     B = [1, 8, int(torch.randint(2, 8, (1,), generator=gen))][(window + bs // 16) % 3]
@@ -138,9 +147,11 @@ def test_float32_pools_equal_the_contiguous_kernel(shape, bs, window, index_dtyp
     pos = torch.tensor(positions)
 
     got = K.decode_attention_paged(q, k, v, cos, sin, k_pool, v_pool, tables, pos, scale, window)
+    assert K.last_attention_path() == attention_path(isa, D)
     want = K.decode_attention(q, k, v, cos, sin, k_cache, v_cache, torch.arange(B), pos, scale, window)
+    assert K.last_attention_path() == attention_path(isa, D)
     assert got.shape == (B, H * D) and got.dtype == torch.float32
-    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6), (got - want).abs().max()
+    assert torch.equal(got, want), (got - want).abs().max()  # the same loops over the same rows
     oracle = reference_paged(q, k, v, cos, sin, k_before.clone(), v_before.clone(), tables, pos, scale, window)
     assert torch.allclose(got.double(), oracle, atol=1e-5, rtol=1e-5)
 
@@ -162,8 +173,8 @@ def test_released_blocks_really_exist_in_the_windowed_cases():
 
 @pytest.mark.parametrize("window", [0, 20])
 @pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=["9x3x64", "4x1x32-rot16"])
-def test_bfloat16_pools_equal_the_reference_on_rounded_values(shape, bs, window, threads):
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:], ids=SHAPE_IDS[:2] + SHAPE_IDS[3:])
+def test_bfloat16_pools_equal_the_reference_on_rounded_values(shape, bs, window, threads, isa):
     H, KV, D, rot = shape
     gen = torch.Generator().manual_seed(bs + window + D)
     B = 8
@@ -175,6 +186,7 @@ def test_bfloat16_pools_equal_the_reference_on_rounded_values(shape, bs, window,
     pos = torch.tensor(positions)
 
     got = K.decode_attention_paged(q, k, v, cos, sin, k_pool, v_pool, tables, pos, 0.125, window)
+    assert K.last_attention_path() == attention_path(isa, D)
     oracle = reference_paged(q, k, v, cos, sin, k_ref, v_ref, tables, pos, 0.125, window)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), oracle, atol=1e-5, rtol=1e-5), (got.double() - oracle).abs().max()

@@ -3,17 +3,22 @@
 // whose dispatch cost, not arithmetic, dominated a decode step (measured: ~270 ops per token).
 //
 // Plain loops; the hot inner loops are compiled for AVX-512, AVX2 and baseline x86-64 (GCC target_clones
-// picks one at load). Shapes: B rows, H query heads, KV key/value heads, D head_dim, S cache length.
+// picks one at load), and attention has AVX-512 register loops beside them (used while isa() == 2). Shapes: B rows, H query heads, KV key/value heads, D head_dim, S cache length.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
@@ -110,87 +115,17 @@ torch::Tensor gated_act(const torch::Tensor& x, int64_t act) {
     return out;
 }
 
-// One new token per row b: rotate q (B, H, D) and k (B, KV, D) by cos/sin (B, rot) (rotate-half convention,
-// the first `rot` dims), write k and v (B, KV, D) into the caches (slots, KV, S, D) at row slots[b], position
-// positions[b], then attend over that row's positions max(0, p - window + 1)..p. Returns (B, H * D).
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache,
-                               torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& positions,
-                               double scale, int64_t window) {
-    for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, static_cast<const torch::Tensor*>(&k_cache), static_cast<const torch::Tensor*>(&v_cache)}) check_f32(*t, "decode_attention input");
-    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v: (B, heads, D)");
-    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v: unit stride in D");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches: contiguous 4-D");
-    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64,
-                "slots, positions: int64");
-    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k_cache.size(2);
-    const int64_t rot = cos.size(-1), half = rot / 2;
-    TORCH_CHECK(H % KV == 0 && k_cache.size(1) == KV && k_cache.size(3) == D && rot <= D, "decode_attention shapes");
-    auto cos_c = cos.reshape({B, rot}).contiguous(), sin_c = sin.reshape({B, rot}).contiguous();
-    auto slots_c = slots.contiguous(), pos_c = positions.contiguous();
-    const int64_t* slot = slots_c.data_ptr<int64_t>();
-    const int64_t* pos = pos_c.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; b++)
-        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && pos[b] >= 0 && pos[b] < S, "slot or position out of range");
-    auto out = torch::empty({B, H * D}, q.options());
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
-    const float* cp = cos_c.data_ptr<float>();
-    const float* sp = sin_c.data_ptr<float>();
-    const int64_t group = H / KV;
-
-    auto rope = [&](const float* x, const float* c, const float* s, float* o) {
-        for (int64_t i = 0; i < half; i++) {
-            o[i] = x[i] * c[i] - x[i + half] * s[i];
-            o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-        }
-        for (int64_t i = rot; i < D; i++) o[i] = x[i];
-    };
-    // Write the new keys (rotated) and values first; attention below reads them back from the cache.
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < KV; h++) {
-            const int64_t at = ((slot[b] * KV + h) * S + pos[b]) * D;
-            rope(k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1), cp + b * rot, sp + b * rot, kc + at);
-            const float* vs = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
-            std::copy(vs, vs + D, vc + at);
-        }
-    }
-    float* op = out.data_ptr<float>();
-    // Threads only pay off on long caches (the work per (row, head) grows with the cached length).
-    const int64_t longest = *std::max_element(pos, pos + B) + 1;
-    parallel_rows(B * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D)), [&](int64_t t0, int64_t t1) {
-        std::vector<float> qr(D), scores;
-        for (int64_t t = t0; t < t1; t++) {
-            const int64_t b = t / H, h = t % H, g = h / group;
-            rope(q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1), cp + b * rot, sp + b * rot, qr.data());
-            const int64_t last = pos[b];
-            const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-            const float* kb = kc + (slot[b] * KV + g) * S * D;
-            const float* vb = vc + (slot[b] * KV + g) * S * D;
-            scores.resize(last - first + 1);
-            float mx = -INFINITY;
-            for (int64_t j = first; j <= last; j++) {
-                const float sc = dot(qr.data(), kb + j * D, D) * static_cast<float>(scale);
-                scores[j - first] = sc;
-                mx = std::max(mx, sc);
-            }
-            float total = 0.0f;
-            for (auto& sc : scores) total += (sc = std::exp(sc - mx));
-            float* o = op + b * H * D + h * D;
-            std::fill(o, o + D, 0.0f);
-            const float inv = 1.0f / total;
-            for (int64_t j = first; j <= last; j++) axpy(scores[j - first] * inv, vb + j * D, o, D);
-        }
-    });
-    return out;
-}
-
-// ---- single-token attention over a paged cache ----
+// ---- single-token attention ----
 //
-// The cache of one layer is a pool of fixed-size blocks, K and V each (num_blocks, KV, bs, D), float32 or
-// bfloat16; a sequence's block table maps its logical block i (positions i*bs .. i*bs+bs-1) to a physical
-// block. Block tables are (B, max_blocks) int32 or int64; entries for blocks wholly before the attention
-// window may be -1 (released) and are never read.
+// A decode step attends one new query per sequence over that sequence's cached keys and values. The cache is
+// either contiguous per sequence (slots, KV, S, D) or paged: per layer a pool of fixed-size blocks, K and V each
+// (num_blocks, KV, bs, D), float32 or bfloat16, and per sequence a block table mapping its logical block i
+// (positions i*bs .. i*bs+bs-1) to a physical block. Block tables are (B, max_blocks) int32 or int64; entries for
+// blocks wholly before the attention window may be -1 (released) and are never read. Both caches hand the same
+// core (`attend_all`) the runs of rows a sequence's window covers, so a float32 paged cache gives the contiguous
+// cache's numbers exactly.
+
+int64_t isa();  // quant_cpu.cpp: 2 while the AVX-512 kernels are in use
 
 namespace {
 
@@ -221,8 +156,7 @@ LANTERN_CLONES void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * bf16_to_f32(x[i]);
 }
 
-// One element type per pool: float32 rows go through the same dot/axpy as decode_attention (so a paged fp32
-// cache gives decode_attention's numbers exactly), bfloat16 rows through the widening ones.
+// One element type per cache: float32 rows through dot/axpy, bfloat16 rows through the widening ones.
 inline float row_dot(const float* q, const float* k, int64_t n) { return dot(q, k, n); }
 inline float row_dot(const float* q, const uint16_t* k, int64_t n) { return dot_bf16(q, k, n); }
 inline void row_axpy(float a, const float* v, float* o, int64_t n) { axpy(a, v, o, n); }
@@ -232,7 +166,7 @@ inline void row_store(const float* x, uint16_t* dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(x[i]);
 }
 
-// Rotate-half RoPE on the first `rot` dims of one head, the rest copied (decode_attention's, op for op).
+// Rotate-half RoPE on the first `rot` dims of one head, the rest copied.
 void rope_head(const float* x, const float* c, const float* s, float* o, int64_t rot, int64_t d) {
     const int64_t half = rot / 2;
     for (int64_t i = 0; i < half; i++) {
@@ -250,6 +184,323 @@ inline void prefetch_row(const T* p, int64_t n) {
         __builtin_prefetch(reinterpret_cast<const char*>(p) + at);
 }
 
+// n consecutive cached positions of one sequence and one KV head: their K and V rows start at k and v, D apart.
+template <typename T>
+struct Span {
+    const T* k;
+    const T* v;
+    int64_t n;
+};
+
+// Each of G rows of scores (G, n), in place: softmax, then divided by its sum.
+void softmax_rows(float* s, int64_t G, int64_t n) {
+    for (int64_t h = 0; h < G; h++, s += n) {
+        const float mx = *std::max_element(s, s + n);
+        float total = 0.0f;
+        for (int64_t j = 0; j < n; j++) total += (s[j] = std::exp(s[j] - mx));
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < n; j++) s[j] *= inv;
+    }
+}
+
+// G query heads q (G, D), rotated, that share one KV head, over the n positions of `spans` (in order); out gets
+// the heads' outputs, D apart; s is scratch for (G, n) scores. These loops take one head at a time, a dot
+// product or an axpy per cached row (compiled for each instruction set by target_clones).
+template <typename T>
+void attend_rows(const float* q, int64_t G, int64_t D, const std::vector<Span<T>>& spans, int64_t n, float scale,
+                 float* s, float* out) {
+    for (int64_t h = 0; h < G; h++) {
+        int64_t j = 0;
+        for (size_t i = 0; i < spans.size(); i++) {
+            const T* next = i + 1 < spans.size() ? spans[i + 1].k : nullptr;
+            for (int64_t r = 0; r < spans[i].n; r++, j++) {
+                if (next) prefetch_row(next + r * D, D);
+                s[h * n + j] = row_dot(q + h * D, spans[i].k + r * D, D) * scale;
+            }
+        }
+    }
+    softmax_rows(s, G, n);
+    for (int64_t h = 0; h < G; h++) {
+        float* o = out + h * D;
+        std::fill(o, o + D, 0.0f);
+        int64_t j = 0;
+        for (size_t i = 0; i < spans.size(); i++) {
+            const T* next = i + 1 < spans.size() ? spans[i + 1].v : nullptr;
+            for (int64_t r = 0; r < spans[i].n; r++, j++) {
+                if (next) prefetch_row(next + r * D, D);
+                row_axpy(s[h * n + j], spans[i].v + r * D, o, D);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
+namespace {
+namespace wide {
+
+// The same attention for D a multiple of 16, in AVX-512 registers: each cached row is loaded once for all G heads
+// (G <= 4), and the outputs stay in registers across the rows instead of being read and written per row. On the
+// default model's 8-stream decode the per-row dot/axpy calls above took ~20% of a step.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The sums of 4 vectors' lanes, as the 4 lanes of one: pairs first within 128-bit lanes, then the four lanes.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a02 b02 a13 b13 per lane
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a b c d
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+// Scores of G heads against 4 keys k[0..3] (rows j..j+3; only the first `count` are stored): 4G accumulators
+// of 16-lane partial sums over D, each key piece loaded once for all G heads, then one sum4 per head.
+template <int G, typename T>
+inline void score_tile(const float* q, int64_t D, const T* const* k, float scale, float* s, int64_t n, int64_t j,
+                       int count) {
+    __m512 acc[G][4];
+    for (int h = 0; h < G; h++)
+        for (int p = 0; p < 4; p++) acc[h][p] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+        __m512 kc[4];
+        for (int p = 0; p < 4; p++) kc[p] = load16(k[p] + c);
+        for (int h = 0; h < G; h++) {
+            const __m512 qh = _mm512_loadu_ps(q + h * D + c);
+            for (int p = 0; p < 4; p++) acc[h][p] = _mm512_fmadd_ps(qh, kc[p], acc[h][p]);
+        }
+    }
+    const __m128 sc = _mm_set1_ps(scale);
+    for (int h = 0; h < G; h++)
+        _mm_mask_storeu_ps(s + h * n + j, static_cast<__mmask8>((1u << count) - 1),
+                           _mm_mul_ps(sum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), sc));
+}
+
+// s (G, n) = q_h . k_j * scale, four cached rows at a time (a tile may straddle two spans).
+template <int G, typename T>
+void scores(const float* q, int64_t D, const std::vector<Span<T>>& spans, int64_t n, float scale, float* s) {
+    const T* tile[4];
+    int m = 0;
+    int64_t j = 0;
+    for (size_t i = 0; i < spans.size(); i++) {
+        const T* next = i + 1 < spans.size() ? spans[i + 1].k : nullptr;
+        const T* k = spans[i].k;
+        for (int64_t r = 0; r < spans[i].n; r++, j++, k += D) {
+            if (next) prefetch_row(next + r * D, D);
+            tile[m++] = k;
+            if (m == 4) {
+                score_tile<G>(q, D, tile, scale, s, n, j - 3, 4);
+                m = 0;
+            }
+        }
+    }
+    if (m > 0) {
+        for (int p = m; p < 4; p++) tile[p] = tile[m - 1];  // repeats of a real row, not stored
+        score_tile<G>(q, D, tile, scale, s, n, j - m, m);
+    }
+}
+
+// out[h][c .. c + 16 C) = sum over rows j, in order, of p[h][j] * v_j[c .. c + 16 C).
+template <int G, int C, typename T>
+void weighted(const float* p, int64_t D, int64_t c, const std::vector<Span<T>>& spans, int64_t n, float* out) {
+    __m512 acc[G][C];
+    for (int h = 0; h < G; h++)
+        for (int u = 0; u < C; u++) acc[h][u] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (size_t i = 0; i < spans.size(); i++) {
+        const T* next = c == 0 && i + 1 < spans.size() ? spans[i + 1].v : nullptr;  // the first pass fetches
+        const T* v = spans[i].v + c;
+        for (int64_t r = 0; r < spans[i].n; r++, j++, v += D) {
+            if (next) prefetch_row(next + r * D, D);
+            __m512 x[C];
+            for (int u = 0; u < C; u++) x[u] = load16(v + 16 * u);
+            for (int h = 0; h < G; h++) {
+                const __m512 w = _mm512_set1_ps(p[h * n + j]);
+                for (int u = 0; u < C; u++) acc[h][u] = _mm512_fmadd_ps(w, x[u], acc[h][u]);
+            }
+        }
+    }
+    for (int h = 0; h < G; h++)
+        for (int u = 0; u < C; u++) _mm512_storeu_ps(out + h * D + c + 16 * u, acc[h][u]);
+}
+
+// e^x for x <= 0 (a softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is
+// exact), e^r by its Taylor series to r^7 (truncation under 1e-8 relative), times 2^n by scalef, which also
+// gives 0 where e^x is below float's range.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+// softmax_rows, 16 scores at a time (the scalar exp was a quarter of the attention's time).
+void softmax(float* s, int64_t G, int64_t n) {
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    for (int64_t h = 0; h < G; h++, s += n) {
+        __m512 m = lowest;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, k, s + j));
+        }
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mx));
+            _mm512_mask_storeu_ps(s + j, k, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+            _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv));
+        }
+    }
+}
+
+template <int G, typename T>
+void attend(const float* q, int64_t D, const std::vector<Span<T>>& spans, int64_t n, float scale, float* s,
+            float* out) {
+    scores<G>(q, D, spans, n, scale, s);
+    softmax(s, G, n);
+    // 64 dims at a time (4G <= 16 accumulators, independent chains), then what remains of D
+    int64_t c = 0;
+    for (; c + 64 <= D; c += 64) weighted<G, 4>(s, D, c, spans, n, out);
+    if (c + 32 <= D) weighted<G, 2>(s, D, c, spans, n, out), c += 32;
+    if (c < D) weighted<G, 1>(s, D, c, spans, n, out);
+}
+
+}  // namespace wide
+}  // namespace
+#pragma GCC pop_options
+#define LANTERN_WIDE_ATTENTION 1
+#endif
+
+namespace {
+
+constexpr int64_t MAX_RUN = 4;  // query heads attended together (sharing their KV head's rows)
+std::atomic<int64_t> LAST_ATTENTION_PATH{0};
+
+// One run of G <= MAX_RUN heads: the AVX-512 registers where they are in use and D allows, else the loops.
+template <typename T>
+void attend_run(const float* q, int64_t G, int64_t D, const std::vector<Span<T>>& spans, int64_t n, float scale,
+                float* s, float* out, bool wide_ok) {
+#ifdef LANTERN_WIDE_ATTENTION
+    if (wide_ok) {
+        switch (G) {
+            case 1: return wide::attend<1>(q, D, spans, n, scale, s, out);
+            case 2: return wide::attend<2>(q, D, spans, n, scale, s, out);
+            case 3: return wide::attend<3>(q, D, spans, n, scale, s, out);
+            default: return wide::attend<4>(q, D, spans, n, scale, s, out);
+        }
+    }
+#endif
+    attend_rows(q, G, D, spans, n, scale, s, out);
+}
+
+// Attention for every (row b, head h) of q (B, H, D), as tasks t = b * H + h split over the kernels' threads. A
+// task range's consecutive heads of one row that share a KV head run together (at most MAX_RUN), so their keys
+// and values are read once. spans_of(b, g, spans) fills row b's runs of cached rows for KV head g and returns
+// their positions in all; q is rotated here by row b's cos/sin (rot each). op: (B, H * D).
+template <typename T, typename SpansOf>
+void attend_all(const torch::Tensor& q, const float* cp, const float* sp, int64_t rot, int64_t KV, float scale,
+                int64_t longest, const SpansOf& spans_of, float* op) {
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), group = H / KV;
+    const bool wide_ok = isa() == 2 && D % 16 == 0;
+    LAST_ATTENTION_PATH = wide_ok ? 2 : 1;
+    const float* qp = q.data_ptr<float>();
+    // Threads only pay off on long caches (the work per (row, head) grows with the cached length).
+    parallel_rows(B * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D)), [&](int64_t t0, int64_t t1) {
+        std::vector<float> qr(MAX_RUN * D), scores;
+        std::vector<Span<T>> spans;
+        for (int64_t t = t0; t < t1;) {
+            const int64_t b = t / H, h = t % H, g = h / group;
+            const int64_t G = std::min({t1 - t, (g + 1) * group - h, MAX_RUN});
+            for (int64_t i = 0; i < G; i++)
+                rope_head(qp + b * q.stride(0) + (h + i) * q.stride(1), cp + b * rot, sp + b * rot, qr.data() + i * D,
+                          rot, D);
+            spans.clear();
+            const int64_t n = spans_of(b, g, spans);
+            scores.resize(G * n);
+            attend_run(qr.data(), G, D, spans, n, scale, scores.data(), op + (b * H + h) * D, wide_ok);
+            t += G;
+        }
+    });
+}
+
+}  // namespace
+
+// The attention loops the last decode_attention(_paged) call ran: 0 none yet, 1 the per-row loops, 2 AVX-512
+// registers (isa() == 2 and head_dim a multiple of 16).
+int64_t last_attention_path() { return LAST_ATTENTION_PATH.load(); }
+
+// One new token per row b: rotate q (B, H, D) and k (B, KV, D) by cos/sin (B, rot) (rotate-half convention,
+// the first `rot` dims), write k and v (B, KV, D) into the caches (slots, KV, S, D) at row slots[b], position
+// positions[b], then attend over that row's positions max(0, p - window + 1)..p. Returns (B, H * D).
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& positions,
+                               double scale, int64_t window) {
+    for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, static_cast<const torch::Tensor*>(&k_cache), static_cast<const torch::Tensor*>(&v_cache)}) check_f32(*t, "decode_attention input");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v: (B, heads, D)");
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v: unit stride in D");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches: contiguous 4-D");
+    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64,
+                "slots, positions: int64");
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k_cache.size(2);
+    const int64_t rot = cos.size(-1);
+    TORCH_CHECK(H % KV == 0 && k_cache.size(1) == KV && k_cache.size(3) == D && rot <= D, "decode_attention shapes");
+    auto cos_c = cos.reshape({B, rot}).contiguous(), sin_c = sin.reshape({B, rot}).contiguous();
+    auto slots_c = slots.contiguous(), pos_c = positions.contiguous();
+    const int64_t* slot = slots_c.data_ptr<int64_t>();
+    const int64_t* pos = pos_c.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++)
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && pos[b] >= 0 && pos[b] < S, "slot or position out of range");
+    auto out = torch::empty({B, H * D}, q.options());
+    if (B == 0) return out;
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    const float* cp = cos_c.data_ptr<float>();
+    const float* sp = sin_c.data_ptr<float>();
+    // Write the new keys (rotated) and values first; attention below reads them back from the cache.
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < KV; h++) {
+            const int64_t at = ((slot[b] * KV + h) * S + pos[b]) * D;
+            rope_head(k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1), cp + b * rot, sp + b * rot, kc + at,
+                      rot, D);
+            const float* vs = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
+            std::copy(vs, vs + D, vc + at);
+        }
+    }
+    const int64_t longest = *std::max_element(pos, pos + B) + 1;
+    attend_all<float>(q, cp, sp, rot, KV, static_cast<float>(scale), longest,
+                      [&](int64_t b, int64_t g, std::vector<Span<float>>& spans) {
+                          const int64_t last = pos[b];
+                          const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+                          const int64_t base = ((slot[b] * KV + g) * S + first) * D;
+                          spans.push_back({kc + base, vc + base, last - first + 1});
+                          return last - first + 1;
+                      },
+                      out.data_ptr<float>());
+    return out;
+}
+
+namespace {
+
 // A (B, max_blocks) block table of int32 or int64 entries, read as int64.
 struct BlockTable {
     const int32_t* i32 = nullptr;
@@ -262,7 +513,7 @@ template <typename T>
 void paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const float* cp,
                      const float* sp, int64_t rot, T* kp, T* vp, const BlockTable& table, const int64_t* pos,
                      int64_t bs, float scale, int64_t window, float* op) {
-    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), group = H / KV;
+    const int64_t B = q.size(0), D = q.size(2), KV = k.size(1);
     // (physical block, kv head, offset) -> first element of that row in a pool
     auto row = [&](int64_t block, int64_t h, int64_t off) { return ((block * KV + h) * bs + off) * D; };
     // Write the new keys (rotated) and values first; attention below reads them back from the pool.
@@ -277,45 +528,19 @@ void paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch
         }
     }
     const int64_t longest = *std::max_element(pos, pos + B) + 1;
-    parallel_rows(B * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * D)), [&](int64_t t0, int64_t t1) {
-        std::vector<float> qr(D), scores;
-        for (int64_t t = t0; t < t1; t++) {
-            const int64_t b = t / H, h = t % H, g = h / group;
-            rope_head(q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1), cp + b * rot, sp + b * rot, qr.data(),
-                      rot, D);
-            const int64_t last = pos[b];
-            const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-            scores.resize(last - first + 1);
-            float mx = -INFINITY;
-            // positions first..last: in each block they touch, a run of consecutive rows j0..j1
-            const int64_t first_block = first / bs, last_block = last / bs;
-            for (int64_t lb = first_block; lb <= last_block; lb++) {
-                const int64_t j0 = std::max(first, lb * bs), j1 = std::min(last, lb * bs + bs - 1);
-                const T* k0 = kp + row(table.at(b, lb), g, j0 - lb * bs);
-                const T* next = lb < last_block ? kp + row(table.at(b, lb + 1), g, 0) : nullptr;
-                for (int64_t j = j0; j <= j1; j++) {
-                    if (next) prefetch_row(next + (j - j0) * D, D);
-                    const float sc = row_dot(qr.data(), k0 + (j - j0) * D, D) * scale;
-                    scores[j - first] = sc;
-                    mx = std::max(mx, sc);
-                }
-            }
-            float total = 0.0f;
-            for (auto& sc : scores) total += (sc = std::exp(sc - mx));
-            float* o = op + b * H * D + h * D;
-            std::fill(o, o + D, 0.0f);
-            const float inv = 1.0f / total;
-            for (int64_t lb = first_block; lb <= last_block; lb++) {
-                const int64_t j0 = std::max(first, lb * bs), j1 = std::min(last, lb * bs + bs - 1);
-                const T* v0 = vp + row(table.at(b, lb), g, j0 - lb * bs);
-                const T* next = lb < last_block ? vp + row(table.at(b, lb + 1), g, 0) : nullptr;
-                for (int64_t j = j0; j <= j1; j++) {
-                    if (next) prefetch_row(next + (j - j0) * D, D);
-                    row_axpy(scores[j - first] * inv, v0 + (j - j0) * D, o, D);
-                }
-            }
-        }
-    });
+    // positions first..last: in each block they touch, a run of consecutive rows
+    attend_all<T>(q, cp, sp, rot, KV, scale, longest,
+                  [&](int64_t b, int64_t g, std::vector<Span<T>>& spans) {
+                      const int64_t last = pos[b];
+                      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+                      for (int64_t lb = first / bs; lb <= last / bs; lb++) {
+                          const int64_t j0 = std::max(first, lb * bs), j1 = std::min(last, lb * bs + bs - 1);
+                          const int64_t at = row(table.at(b, lb), g, j0 - lb * bs);
+                          spans.push_back({kp + at, vp + at, j1 - j0 + 1});
+                      }
+                      return last - first + 1;
+                  },
+                  op);
 }
 
 }  // namespace
@@ -621,4 +846,6 @@ void register_decode_stack(pybind11::module& mod) {
             "decode_attention over a paged cache: pools (num_blocks, KV, block_size, D) float32 or bfloat16, "
             "block_tables (B, max_blocks) int32/int64, positions (B,) int64 -> (B, H*D)",
             pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("last_attention_path", &last_attention_path,
+            "the loops of the last decode attention: 0 none yet, 1 per-row dot/axpy, 2 AVX-512 registers");
 }
