@@ -329,6 +329,21 @@ def test_rms_norm_and_gated_activations_equal_the_readable_modules():
         assert torch.allclose(fuse_for_cpu_module(mlp)(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("act", [0, 1], ids=["silu", "gelu-tanh"])
+def test_gated_act_over_the_whole_float_range_on_each_instruction_set(act, isa):
+    # AVX-512's loops compute both as g * sigmoid(a) with their own exp; AVX2 keeps the scalar expf/tanhf. Rows
+    # whose width is no multiple of 16 (the masked tail), values out to where exp overflows and underflows.
+    g = torch.cat([torch.linspace(-120, 120, 2001), torch.randn(999) * 4, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    u = torch.randn(g.numel())
+    x = torch.cat([g, u]).view(1, -1).repeat(3, 1)
+    got = K.gated_act(x, act)
+    f = torch.nn.functional
+    want = (f.silu(g.double()) if act == 0 else f.gelu(g.double(), approximate="tanh")) * u.double()
+    assert got.shape == (3, g.numel()) and torch.isfinite(got).all()
+    for row in got:
+        torch.testing.assert_close(row.double(), want, atol=1e-6, rtol=2e-6)
+
+
 def fuse_for_cpu_module(module):
     """A copy of one module with its fused class, as fuse_for_cpu swaps it in a model."""
     from lanternlm import fused

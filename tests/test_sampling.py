@@ -18,6 +18,7 @@ from lanternlm.errors import LanternError
 from lanternlm.generation.sampling import (
     SamplingParams,
     SamplingParamsError,
+    argmax,
     make_generator,
     process_logits,
     sample,
@@ -266,6 +267,23 @@ def test_input_errors():
             sample(nan_row, SamplingParams(temperature=0), None)
         with pytest.raises(LanternError, match="NaN"):
             sample(process_logits(nan_row, SamplingParams(temperature=0), [], []), SamplingParams(temperature=0), None)
+
+
+def test_argmax_is_torch_argmax_on_ties_nans_infinities_and_strided_rows():
+    rows = [random_logits(s) for s in range(5)] + [
+        torch.tensor([1.0, 3.0, 3.0, 2.0]),                      # ties: the first
+        torch.tensor([1.0, math.nan, 3.0, math.nan]),            # a NaN wins, the first one
+        torch.full((6,), -math.inf),                             # nothing left: index 0, as torch says
+        torch.tensor([math.inf, 1.0, math.inf]),
+        random_logits(9)[::3],                                   # a strided view
+        torch.tensor([0.5]),
+    ]
+    for row in rows:
+        assert argmax(row) == int(row.argmax())
+        assert argmax(row.double()) == int(row.argmax())     # other dtypes take torch's own
+    with torch.inference_mode():
+        assert argmax(torch.tensor([0.0, 2.0, 1.0])) == 1
+    assert argmax(torch.tensor([0.0, 2.0], requires_grad=True)) == 1
 
 
 # --- Parameters.

@@ -22,7 +22,7 @@ from ..errors import LanternError
 from ..kernels import serial_torch_ops
 from ..text.tokenizer import Tokenizer
 from .guide import Guide
-from .sampling import SamplingParams, inverse_cdf_draw, process_logits, sample, stages
+from .sampling import SamplingParams, argmax, inverse_cdf_draw, process_logits, sample, stages
 
 
 @dataclass
@@ -127,7 +127,7 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
             raise LanternError("the logits contain NaN; the model produced invalid numbers" if torch.isnan(x).any()
                                else "no token is left to choose: every logit is -inf after processing")
         if count == 1:  # greedy's last stage (or a constraint that leaves one token): nothing to sort or sum
-            best = int(x.argmax())
+            best = argmax(x)
             lse = float(x[best])
             top = [{**_name(tokenizer, best, names), "logit": lse, "prob": 1.0}]
         else:
@@ -149,7 +149,7 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
 
     if params.greedy:
         # What sampling.sample does for greedy (arg-max, first index on ties), the NaN check done above.
-        token = stage_list[-1]["top"][0]["id"] if count == 1 else int(final_x.argmax())
+        token = stage_list[-1]["top"][0]["id"] if count == 1 else argmax(final_x)
         draw = None
     else:
         final_probs = final_x.softmax(-1)  # the very distribution sampling.sample draws from

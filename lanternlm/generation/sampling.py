@@ -293,9 +293,18 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """torch.argmax of one (V,) row as an int: the first index on ties, a NaN's if there is one. A CPU float32 row
+    goes through numpy's arg-max (the same answer, SIMD): on one thread over 262,144 float32, 19 us against
+    torch's 218 (measured on the project's Zen 4 VM), and greedy decoding takes two per token."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+        return int(logits.detach().numpy().argmax())
+    return int(logits.argmax())
+
+
 def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy decoding as a stage: only the arg-max keeps its logit (the first one on ties, like argmax)."""
-    best = logits.argmax()
+    best = argmax(logits)
     out = torch.full_like(logits, -math.inf)
     out[best] = logits[best]
     return out
@@ -377,7 +386,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise LanternError(f"logits must be one row of shape (vocab_size,), got {shape}")
     if params.greedy:
-        token = int(logits.argmax())  # a NaN anywhere wins the arg-max, so one pass also finds it
+        token = argmax(logits)  # a NaN anywhere wins the arg-max, so one pass also finds it
         best = float(logits[token])
         if math.isnan(best):
             raise LanternError(_NAN)
@@ -412,7 +421,7 @@ __all__ = [
     "SamplingParams", "SamplingParamsError", "make_generator", "stages", "process_logits", "sample",
     "inverse_cdf_draw",
     "apply_logit_bias", "apply_repetition_penalty", "apply_frequency_presence_penalty",
-    "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "keep_argmax", "apply_constraint",
+    "apply_temperature", "apply_top_k", "apply_top_p", "apply_min_p", "argmax", "keep_argmax", "apply_constraint",
     "token_logprobs",
 ]
 
