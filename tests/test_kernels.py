@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_un
 def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
     rng = np.random.default_rng(seed)
-    if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q6_K):
+    if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
         raw = random_k_blocks(qtype, n, k, rng)
     else:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
@@ -112,9 +112,9 @@ def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-6
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
-# 1, 3, 18, 19, 25 and 32 blocks: odd counts, partial groups of 16 (AVX-512 computes the 4-bit kinds 16 blocks at
-# a time across lanes, and a last group of up to 6 blocks a block at a time), whole groups
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0])
+# 1, 3, 18, 19, 25 and 32 blocks: odd counts, partial groups of 16 (AVX-512 computes the 4- and 5-bit kinds 16
+# blocks at a time across lanes, and a last group of up to 6 blocks a block at a time), whole groups
 @pytest.mark.parametrize("k", [32, 96, 576, 608, 800, 1024])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
@@ -133,18 +133,21 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
 
 
 @pytest.mark.parametrize("qtype,wide_path", [(T.Q4_0, BLOCK_PATH_ACROSS), (T.Q4_1, BLOCK_PATH_ACROSS),
-                                             (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q6_K, BLOCK_PATH_ACROSS),
-                                             (T.Q3_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16)])
+                                             (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q5_0, BLOCK_PATH_ACROSS),
+                                             (T.Q5_1, BLOCK_PATH_ACROSS), (T.Q5_K, BLOCK_PATH_ACROSS),
+                                             (T.Q6_K, BLOCK_PATH_ACROSS), (T.Q3_K, BLOCK_PATH_ACROSS),
+                                             (T.Q8_0, BLOCK_PATH_INT16)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
-    """AVX-512 computes the 3-, 4- and 6-bit kinds with byte dot products, 16 blocks across the lanes of a
+    """AVX-512 computes the 3- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
     register, and the 8-bit kind with int16 ones; AVX2 all with int16 ones. Across lanes, every (weight row,
     activation row) pair adds its blocks in the same order whatever the batch: a row's result has the same bits
     alone and in any batch."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
-    # super-blocks of 256, and Q6_K's and Q3_K's matrices (kept in groups of 16 blocks) are also cut between blocks
-    # (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
-    cases = [(k, None) for k in ((256, 768) if qtype in (T.Q3_K, T.Q4_K, T.Q6_K) else (256, 576, 800))]
-    cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q6_K) else []
+    # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
+    # blocks (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
+    k_quant = qtype in (T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+    cases = [(k, None) for k in ((256, 768) if k_quant else (256, 576, 800))]
+    cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K) else []
     for k, cut in cases:
         raw, _ = ggml_blocks(qtype, 45, k, seed=k)
         b = from_ggml(raw, qtype, (45, k))

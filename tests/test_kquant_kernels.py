@@ -198,3 +198,20 @@ def test_nibble_runs_are_repacked_in_one_pass_as_the_torch_fallback_repacks_them
     for (field, run), got in zip(cases, fast):
         assert got.shape == (257, 8, 16)
         assert torch.equal(got, blocks_module._pack_nibble_runs(field, run))
+
+
+def test_high_bits_are_transposed_in_one_pass_as_the_torch_fallback_transposes_them(monkeypatch):
+    # The 5-bit kinds' fifth bits: ggml's plane (bit e of a little-endian uint32: element e) -> 4 bytes, byte j
+    # holding at bit s that of element 4s + j (the byte kernel's step s takes bit s of each byte). The kernels do
+    # it in one pass straight from the file's strided qh field; without them, blocks.py in torch.
+    import lanternlm.kernels.blocks as blocks_module
+    planes = np.random.default_rng(5).integers(0, 256, size=(1001, 22), dtype=np.uint8)[:, 2:6]  # Q5_0's qh
+    bits = np.unpackbits(np.ascontiguousarray(planes), axis=1, bitorder="little")  # (n, 32): element e
+    want = np.zeros((1001, 4), dtype=np.uint8)
+    for j in range(4):
+        for s_ in range(8):
+            want[:, j] |= bits[:, 4 * s_ + j] << s_
+    fast = blocks_module._plane_high_bits(planes)
+    monkeypatch.setattr(blocks_module, "kernels", lambda quiet=False: None)
+    slow = blocks_module._plane_high_bits(planes)
+    assert np.array_equal(fast.numpy(), want) and np.array_equal(slow.numpy(), want)

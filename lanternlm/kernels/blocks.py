@@ -8,22 +8,22 @@ KIND_Q4_K keeps Q4_K's own scales instead: d (N, K/256 * 2) float16, each super-
 (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn.
 
 Block bytes, by kind (the nibble bytes are ggml's Q4_0 order: byte j holds element j in its low nibble and
-element j+16 in its high one; a bit plane is a little-endian uint32 whose bit e belongs to element e):
+element j+16 in its high one):
 
   kind          bytes  qs per block                       weight                    from
   KIND_Q4_MIN   16     nibbles                            d*q + m                   Q4_1
   KIND_Q4_K     16     nibbles                            D*sc*q - DMIN*mn          Q4_K
   KIND_Q4       16     nibbles                            d*(q - 8)                 Q4_0
   KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
-  KIND_Q5_MIN   20     nibbles, bit-4 plane               d*q + m                   Q5_1, Q5_K
-  KIND_Q5       20     nibbles, bit-4 plane               d*(q - 16)                Q5_0
+  KIND_Q5_MIN   20     nibbles; high bits (see below)     d*q + m                   Q5_1, Q5_K
+  KIND_Q5       20     nibbles; high bits (see below)     d*(q - 16)                Q5_0
   KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     crumbs; high bits (see below)      d*m[half]*(q - 4)         Q3_K
 
-KIND_Q6 and KIND_Q3 rows are not block after block: each group of 16 blocks (fewer in the row's last) holds one
-part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). KIND_Q6: 16 nibble bytes, then
-8 crumb bytes per block, a crumb being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4
-high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j
+The 5-, 6- and 3-bit kinds' rows are not block after block: each group of 16 blocks (fewer in the row's last)
+holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). KIND_Q5/KIND_Q5_MIN:
+16 nibble bytes, then 4 high-bit bytes (bit 4) per block; KIND_Q6: 16 nibble bytes, then 8 crumb bytes, a crumb
+being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j
 holds at bit s that of element 4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
 blocks per step (quant_cpu.cpp, avx512::load_across): each part then gives a step's bits with one shift, and a
 row stays one sequential stream of bytes.
@@ -31,9 +31,6 @@ row stays one sequential stream of bytes.
 Float kinds (KIND_BF16, KIND_F16, KIND_F32) are no blocks: qs is the plain (N, K) matrix in its stored type
 (HF folders, F16/BF16 GGUFs), d and m are None, and K may be any length. The kernels widen each weight to
 float32 (quant_cpu.cpp, "float weights").
-
-The 5-bit kinds' bit plane keeps their values in their own bits (memory per weight about the file's) and costs
-the kernels one masked add per block.
 
 Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
@@ -75,7 +72,8 @@ BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5
                KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
-GROUP_PARTS = {KIND_Q6: (16, 8), KIND_Q3: (8, 4)}  # kinds kept in groups of 16 blocks: the bytes of each part
+# kinds kept in groups of 16 blocks: the bytes of each part
+GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q6: (16, 8), KIND_Q3: (8, 4)}
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
 _F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
@@ -267,12 +265,16 @@ def from_ggml(raw: np.ndarray | torch.Tensor, ggml_type: int, shape: tuple[int, 
             out = _fill(alloc, "qs", qs.reshape(specs["qs"][0]))
         return Blocks(out, _fill(alloc, "d", d.reshape(specs["d"][0])), _fill(alloc, "m", m.reshape(specs["m"][0])),
                       kind, (n, k))
-    # 32-element types: fields only moved apart (qs, then qh for the 5-bit ones: ggml's orders already), by numpy
-    # (it copies these narrow strided fields ~20x faster than torch does).
+    # 32-element types: fields only moved apart (qs: ggml's order already), by numpy (it copies these narrow
+    # strided fields ~20x faster than torch does); the 5-bit ones' qh becomes high-bit bytes, grouped.
     f = block_fields(data.numpy().reshape(-1, type_layout(ggml_type)[1]), ggml_type)  # (n_blocks, width) views
     d = _fill_bytes(alloc, "d", *specs["d"], f["d"])
     m = _fill_bytes(alloc, "m", *specs["m"], f["m"]) if "m" in f else None
-    qs = _fill_bytes(alloc, "qs", *specs["qs"], *[f[name] for name in ("qs", "qh") if name in f])
+    if kind in GROUP_PARTS:
+        parts = [torch.from_numpy(f["qs"]), _plane_high_bits(f["qh"])]
+        qs = group_join([p.reshape(n, nb, -1) for p in parts], alloc("qs", *specs["qs"]))
+    else:
+        qs = _fill_bytes(alloc, "qs", *specs["qs"], f["qs"])
     return Blocks(qs, d, m, kind, (n, k))
 
 
@@ -330,10 +332,13 @@ def _convert_q4_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> (nibbles (n, 8, 16), high bits (n, 8, 4)) per super-block (from_ggml groups them), each block's scale
+    d*sc and offset -dmin*mn as float16."""
     scales, mins = k_scales_mins(f["scales"])
     qs = _pack_nibble_runs(f["qs"], 32)  # (n, 8, 16), Q4_K's nibbles and scales at Q5_K's offsets
-    high = _planes(run_bits(f["qh"]))  # (n, 8, 4): bit s of the 32 bytes is sub-block s's fifth bit
-    return torch.cat([qs, high], dim=2), (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
+    planes = _planes(run_bits(f["qh"]))  # (n, 8, 4): bit s of the 32 bytes is sub-block s's fifth bit
+    high = _plane_high_bits(planes.reshape(-1, 4).numpy()).view(planes.shape)
+    return (qs, high), (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
 
 
 def _transpose_fields(words: torch.Tensor, swaps: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -364,6 +369,20 @@ def _high_bits(mask: torch.Tensor) -> torch.Tensor:
     words = mask.reshape(n, 8, 4).transpose(1, 2).contiguous().view(torch.int64)  # (n, j)
     bits = _transpose_fields(words, ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)))
     return bits.view(torch.uint8).view(n, 4, 8).transpose(1, 2)  # (n, sub-block t, byte j)
+
+
+def _plane_high_bits(plane: np.ndarray) -> torch.Tensor:
+    """Bit planes (n, 4) uint8 (a little-endian uint32 whose bit e belongs to element e, as ggml's qh) -> (n, 4)
+    high-bit bytes (byte j holds at bit s that of element 4s + j). Element 4s + j is bit j of nibble s; with
+    nibble s spread to byte s, each plane is an 8 x 8 bit matrix whose transpose holds, in byte j, bits s."""
+    n = plane.shape[0]
+    k = kernels(quiet=True)
+    if k is not None and plane.strides[1] == 1:  # the same bytes in one pass (quant_cpu.cpp)
+        return k.high_bits(torch.from_numpy(plane))
+    nibbles = np.stack([plane & 0x0F, plane >> 4], axis=-1)  # (n, 4, 2): byte i's low and high nibble
+    words = torch.from_numpy(np.ascontiguousarray(nibbles).reshape(n, 8).view(np.int64).reshape(n))  # byte s = nibble s
+    bits = _transpose_fields(words, ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)))
+    return bits.view(torch.uint8).view(n, 8)[:, :4]
 
 
 def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -456,11 +475,20 @@ def quantize_q4_1(w: torch.Tensor) -> Blocks:
 QUANTIZERS = {"q8_0": quantize_q8, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}  # --quantize choices
 
 
-def _plane_bits(planes: torch.Tensor) -> torch.Tensor:
-    """Bit planes (n, nb, p*4) uint8 -> (n, nb, p, 32) in 0..1, element order."""
-    n, nb, width = planes.shape
-    bits = (planes.reshape(n, nb, width // 4, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(n, nb, width // 4, 32)
+def _crumb_values(crumb_bytes: torch.Tensor) -> torch.Tensor:
+    """Crumb bytes (n, nb, 8) -> (n, nb, 32) int32 crumbs in element order (byte 4c + j holds at bits 2s those of
+    element 16c + 4s + j)."""
+    n, nb = crumb_bytes.shape[:2]
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(1, 1, 1, 4, 1)  # s
+    return ((crumb_bytes.reshape(n, nb, 2, 1, 4) >> shifts) & 3).reshape(n, nb, 32).int()
+
+
+def _high_bit_values(high: torch.Tensor) -> torch.Tensor:
+    """High-bit bytes (n, nb, 4) -> (n, nb, 32) int32 bits in element order (byte j holds at bit s that of
+    element 4s + j)."""
+    n, nb = high.shape[:2]
+    bits = (high.reshape(n, nb, 1, 4) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+    return bits.reshape(n, nb, 32).int()
 
 
 def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
@@ -475,21 +503,14 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     q = torch.zeros(n, nb, 32, dtype=torch.int32)
     if kind in GROUP_PARTS:
         first, second = group_split(blocks.qs, nb, GROUP_PARTS[kind])
-        crumb_bytes = (second if kind == KIND_Q6 else first).reshape(n, nb, 2, 1, 4)  # (n, nb, c, -, j)
-        shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(1, 1, 1, 4, 1)  # s
-        crumbs = ((crumb_bytes >> shifts) & 3).reshape(n, nb, 32).int()  # element 16c + 4s + j
-        if kind == KIND_Q6:
-            q += torch.cat([first & 0x0F, first >> 4], dim=-1).int() + (crumbs << 4)  # nibbles: elements j, j + 16
-        else:
-            high = (second.reshape(n, nb, 1, 4) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
-            q += crumbs + (high.reshape(n, nb, 32).int() << 2)  # element 4s + j
+        if kind == KIND_Q3:
+            q += _crumb_values(first) + (_high_bit_values(second) << 2)
+        else:  # nibbles: elements j, j + 16
+            q += torch.cat([first & 0x0F, first >> 4], dim=-1).int()
+            q += _crumb_values(second) << 4 if kind == KIND_Q6 else _high_bit_values(second) << 4
     else:
-        raw = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
-        packed = raw[..., :16]
+        packed = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
         q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
-        bits = _plane_bits(raw[..., 16:]).int()  # (n, nb, planes, 32)
-        for p in range(bits.shape[2]):
-            q += bits[:, :, p] * (16 << p)
     if kind == KIND_Q4_K:
         scale, offset = _q4_k_block_scales(blocks)
         return (q.float() * scale[..., None] + offset[..., None]).reshape(n, k)

@@ -6,11 +6,11 @@
 // changing a value (Q5_K's scales become per-block float16 ones; Q4_K, Q6_K and Q3_K keep theirs):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
 //      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
-//      a fifth bit comes as a 4-byte bit plane (a little-endian uint32, bit e for element e). The 8-bit kind
-//      holds 32 int8 instead (int8 dtype). The 6- and 3-bit kinds (Q6_K, Q3_K) are grouped: each group of 16
-//      blocks of a row (fewer in its last) holds one part of every block, then the other. The 6-bit kind:
-//      16 nibble bytes, then 8 "crumb" bytes per block, an element's bits 4-5; the 3-bit kind: 8 crumb bytes
-//      (bits 0-1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element
+//      the 8-bit kind holds 32 int8 instead (int8 dtype). The 5-, 6- and 3-bit kinds (Q5_0, Q5_1, Q5_K, Q6_K,
+//      Q3_K) are grouped: each group of 16 blocks of a row (fewer in its last) holds one part of every block,
+//      then the other. The 5-bit kinds: 16 nibble bytes, then 4 high-bit bytes per block (bit 4); the 6-bit
+//      kind: 16 nibble bytes, then 8 "crumb" bytes, an element's bits 4-5; the 3-bit kind: 8 crumb bytes (bits
+//      0-1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element
 //      16c + 4s + j; high-bit byte j holds at bit s that of element 4s + j (one shift per step of the byte
 //      dot product, see avx512::load_across; one stream of bytes per row, which this VM's prefetcher follows
 //      far better than two);
@@ -31,9 +31,9 @@
 // small models: SmolLM2-135M answers "L'Étoile, ..." instead of "The capital of France is Paris." with them,
 // llama.cpp included.)
 //
-// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 3-,
-// 4- and 6-bit kinds as byte dot products 16 blocks across lanes, the others a block per 512-bit register, the
-// int16 dot product and accumulation in one instruction, a bit plane one masked add) and AVX2+FMA. Non-x86
+// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 3- to
+// 6-bit kinds as byte dot products 16 blocks across lanes, the 8-bit kind a block per 512-bit register, the
+// int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
 // builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
 
 #include <torch/extension.h>
@@ -62,10 +62,10 @@ namespace {
 constexpr int64_t KIND_Q4_MIN = 0;  // 4-bit, stored offset m (ggml Q4_1, Q4_K)
 constexpr int64_t KIND_Q4 = 1;      // 4-bit, zero point 8 (ggml Q4_0)
 constexpr int64_t KIND_Q8 = 2;      // 8-bit signed (ggml Q8_0; types without a kind of their own requantized)
-constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + a bit-4 plane, stored offset m (ggml Q5_1, Q5_K)
-constexpr int64_t KIND_Q5 = 4;      // 5-bit, zero point 16 (ggml Q5_0)
-constexpr int64_t KIND_Q6 = 5;      // 6-bit: nibbles + bit-4 and bit-5 planes, zero point 32, multipliers (Q6_K)
-constexpr int64_t KIND_Q3 = 6;      // 3-bit: bit-0, bit-1 and bit-2 planes, zero point 4, multipliers (Q3_K)
+constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + high bits (bit 4), stored offset m (ggml Q5_1, Q5_K)
+constexpr int64_t KIND_Q5 = 4;      // 5-bit: nibbles + high bits (bit 4), zero point 16 (ggml Q5_0)
+constexpr int64_t KIND_Q6 = 5;      // 6-bit: nibbles + crumbs (bits 4-5), zero point 32, multipliers (Q6_K)
+constexpr int64_t KIND_Q3 = 6;      // 3-bit: crumbs (bits 0-1) + high bits (bit 2), zero point 4, multipliers (Q3_K)
 constexpr int64_t KIND_BF16 = 7;    // plain bfloat16 weights (N, K): HF folders, BF16 GGUFs (see "float weights")
 constexpr int64_t KIND_F16 = 8;     // plain float16 weights (N, K)
 constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
@@ -73,19 +73,21 @@ constexpr int64_t KIND_Q4_K = 10;   // 4-bit, Q4_K's own scales: per block a 6-b
 constexpr int64_t KIND_COUNT = 11;
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
-constexpr int planes(int64_t kind) { return kind == KIND_Q5_MIN || kind == KIND_Q5 ? 1 : 0; }
 // The 6- and 3-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit one),
-// and the 3-bit kind its bit 2 as a high bit, in groups of 16 blocks (see the header).
+// the 5- and 3-bit kinds their top bit as a high bit (see the header).
 constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
+constexpr bool has_high_bits(int64_t kind) { return kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_Q3; }
+constexpr int high_bit(int64_t kind) { return kind == KIND_Q3 ? 2 : 4; }  // the value bit a high bit is
 constexpr int64_t block_bytes(int64_t kind) {
-    return kind == KIND_Q8 ? 32 : kind == KIND_Q3 ? 12 : 16 * has_nibbles(kind) + 4 * planes(kind) + 8 * has_crumbs(kind);
+    return kind == KIND_Q8 ? 32 : 16 * has_nibbles(kind) + 8 * has_crumbs(kind) + 4 * has_high_bits(kind);
 }
-// The grouped kinds (has_crumbs): each group of 16 blocks of a row (fewer in its last) holds a first part of every
-// block (the 6-bit kind's nibbles, the 3-bit kind's crumbs), then a second one (crumbs, high bits).
-constexpr int64_t first_part(int64_t kind) { return kind == KIND_Q6 ? 16 : 8; }
+// The grouped kinds: each group of 16 blocks of a row (fewer in its last) holds a first part of every block (the
+// 5- and 6-bit kinds' nibbles, the 3-bit kind's crumbs), then a second one (high bits, crumbs, high bits).
+constexpr bool grouped(int64_t kind) { return has_crumbs(kind) || has_high_bits(kind); }
+constexpr int64_t first_part(int64_t kind) { return has_nibbles(kind) ? 16 : 8; }
 // Where block i of a row of nb blocks starts (a grouped kind: its first part), and where its second part is.
 constexpr int64_t block_at(int64_t kind, int64_t i) {
-    return has_crumbs(kind) ? block_bytes(kind) * (i - i % 16) + first_part(kind) * (i % 16) : block_bytes(kind) * i;
+    return grouped(kind) ? block_bytes(kind) * (i - i % 16) + first_part(kind) * (i % 16) : block_bytes(kind) * i;
 }
 constexpr int64_t second_at(int64_t kind, int64_t nb, int64_t i) {
     const int64_t g = i - i % 16;
@@ -105,8 +107,6 @@ constexpr int zero_point(int64_t kind) {
 constexpr bool offset_term(int64_t kind) {
     return has_offsets(kind) || has_super_scales(kind) || (zero_point(kind) && !has_multipliers(kind));
 }
-// The value bit plane p stands for: planes sit above the nibbles (the 5-bit kinds' bit 4).
-constexpr int plane_value(int p) { return 16 << p; }
 
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
 struct Weights {
@@ -248,21 +248,11 @@ inline __m256i expand_crumbs(const uint8_t* p, int shift) {
     return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(3)), shift);
 }
 
-// A 3-bit block's 4 high-bit bytes (at p) -> 32 bytes, element e's bit 2 in byte e: byte j holds at bit s that of
-// element 4s + j.
-inline __m256i expand_high_bits(const uint8_t* p) {
+// A block's 4 high-bit bytes (at p) -> 32 bytes, element e's high bit at bit `value_bit` of byte e: byte j holds at
+// bit s that of element 4s + j.
+inline __m256i expand_high_bits(const uint8_t* p, int value_bit) {
     const __m256i s = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(load_u32(p))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(1)), 2);
-}
-
-// A bit plane (32 bits at p) -> 32 bytes, `value` where the element's bit is set and 0 elsewhere.
-inline __m256i expand_plane(const uint8_t* p, int value) {
-    // byte k of the result looks at byte k/8 of the plane (shuffle works within 128-bit lanes, and every
-    // 32-bit lane holds all four bytes), then at its bit k%8
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(load_u32(p))),
-        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(static_cast<char>(value)));
+    return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(1)), value_bit);
 }
 
 // Block i of a weight row as 32 int16 (elements 0-15 in lo, 16-31 in hi): the integers its scale multiplies,
@@ -282,11 +272,10 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
         bytes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
     }
-    for (int p = 0; p < planes(KIND); p++)
-        bytes = _mm256_or_si256(bytes, expand_plane(b + 16 + 4 * p, plane_value(p)));
     if (KIND == KIND_Q6) bytes = _mm256_or_si256(bytes, expand_crumbs(row + second_at(KIND, nb, i), 4));
-    if (KIND == KIND_Q3)
-        bytes = _mm256_or_si256(expand_crumbs(b, 0), expand_high_bits(row + second_at(KIND, nb, i)));
+    if (KIND == KIND_Q3) bytes = expand_crumbs(b, 0);
+    if (has_high_bits(KIND))
+        bytes = _mm256_or_si256(bytes, expand_high_bits(row + second_at(KIND, nb, i), high_bit(KIND)));
     lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes));
     hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(bytes, 1));
     if (has_multipliers(KIND)) {
@@ -421,9 +410,6 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
         w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(v, 4), 1);
     }
-    for (int p = 0; p < planes(KIND); p++)  // a bit plane is a lane mask: add its value where the bit is set
-        w = _mm512_mask_add_epi16(w, _cvtu32_mask32(load_u32(b + 16 + 4 * p)), w,
-                                  _mm512_set1_epi16(static_cast<int16_t>(plane_value(p))));
     if (has_crumbs(KIND)) {  // lane e takes crumb byte 4*(e/16) + e%4, shifted right by 2*((e%16)/4) (avx2::expand_crumbs)
         alignas(64) static const int16_t at[32] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
                                                    4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7};
@@ -434,7 +420,7 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         const __m512i c = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512(at), bytes), _mm512_load_si512(shift));
         w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(3)), KIND == KIND_Q6 ? 4 : 0));
     }
-    if (KIND == KIND_Q3) {  // lane e takes bit e/4 of high-bit byte e%4 (avx2::expand_high_bits)
+    if (has_high_bits(KIND)) {  // lane e takes bit e/4 of high-bit byte e%4 (avx2::expand_high_bits)
         alignas(64) static const int16_t at[32] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
                                                    0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
         alignas(64) static const int16_t shift[32] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
@@ -442,14 +428,14 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_cvtsi32_si128(
             static_cast<int>(load_u32(row + second_at(KIND, nb, i))))));
         const __m512i h = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512(at), bytes), _mm512_load_si512(shift));
-        w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(1)), 2));
+        w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(1)), high_bit(KIND)));
     }
     if (has_multipliers(KIND))
         w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
     return w;
 }
 
-// ---- Byte dot products, 16 blocks across lanes (the 3-, 4- and 6-bit kinds) ----
+// ---- Byte dot products, 16 blocks across lanes (the 3- to 6-bit kinds) ----
 // Their integers q fit a byte, so they go through vpdpbusd (64 byte products per instruction, unsigned times
 // signed) against the activations' two bytes: sum(q * qx) = 256 * sum(q * hi) + sum(lo * q), the same int32 as
 // the int16 dot product of the other kinds (the same qx: results differ from it only in float summation order).
@@ -465,9 +451,11 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // (XQuant::half_sums): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact.
 // The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4. A
 // 2048 x 8192 Q6_K product from DRAM at one row: 0.80 ms with the int16 kernel, 0.59 ms as 8-bit blocks,
-// 0.54-0.59 ms this way (with the software prefetch below).
-// Not for the other kinds, measured slower or no faster this way: the 8-bit kind's 16 x 8 transpose costs what
-// the conversions save, and the 5-bit kinds' bit plane, spread to bytes per step, more than that.
+// 0.54-0.59 ms this way (with the software prefetch below). The 5-bit kinds add each element's high bit (bit 4)
+// to its nibble per step, one shift and one ternary-logic op: a Q5_0 8192 x 2048 product from DRAM, 1 / 8 rows,
+// 0.39-0.40 / 1.73-1.78 ms with the int16 kernel (a bit plane, one masked add per block), 0.335 / 1.28-1.34 ms
+// this way; Q5_1 0.39 / 1.84-1.87 -> 0.36-0.39 / 1.31-1.38 ms.
+// Not for the 8-bit kind, measured no faster this way: its 16 x 8 transpose costs what the conversions save.
 // (The ceiling either way: one vpdpbusd or vpdpwssd per cycle on Zen 4, so int16 activations get at most 32
 // multiply-adds per cycle, int8 ones 64.)
 
@@ -475,9 +463,7 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // a group across lanes costs about what 6 blocks one at a time do).
 constexpr int64_t TAIL_ALONE_MAX = 6;
 
-constexpr bool across_kind(int64_t kind) {
-    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q4_K || kind == KIND_Q6 || kind == KIND_Q3;
-}
+constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8; }
 
 void transpose_16x8(const __m512i z[8], __m512i out[8]);
 
@@ -554,8 +540,8 @@ inline __m512i load_dwords(const uint8_t* p, int64_t dwords) {
 }
 
 // The 8 steps of blocks g..g+left-1 of a weight row of nb blocks, q as bytes (`left` <= 16; lanes past it are
-// zero): the nibbles, and for the 6-bit kind each element's crumb at bits 4-5; for the 3-bit kind each
-// element's crumb at bits 0-1 and its high bit at bit 2. Shifts of whole dwords move a byte's bits only within
+// zero): the nibbles, and for the 5-bit kinds each element's high bit at bit 4, for the 6-bit kind its crumb at
+// bits 4-5; for the 3-bit kind each element's crumb at bits 0-1 and its high bit at bit 2. Shifts of whole dwords move a byte's bits only within
 // the byte where the mask keeps them.
 template <int64_t KIND>
 inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m512i w[8]) {
@@ -596,6 +582,16 @@ inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m
                 const __m512i cr = _mm512_srli_epi32(c[st / 4], 2 * (st % 4));
                 w[st] = _mm512_ternarylogic_epi32(cr, _mm512_and_si512(h, bit2), bits01, 0xEC);  // (a & c) | b
             }
+        }
+    }
+    if constexpr (has_high_bits(KIND) && has_nibbles(KIND)) {
+        // the 5-bit kinds: one high-bit dword per block, 16 blocks in one register; step s takes bit s of each
+        // byte, moved to bit 4
+        const __m512i hb = load_dwords(row + second_at(KIND, nb, g), left);
+        const __m512i bit4 = _mm512_set1_epi8(0x10);
+        for (int st = 0; st < 8; st++) {
+            const __m512i h = st <= 4 ? _mm512_slli_epi32(hb, 4 - st) : _mm512_srli_epi32(hb, st - 4);
+            w[st] = _mm512_ternarylogic_epi32(w[st], h, bit4, 0xF8);  // a | (b & c)
         }
     }
 }
@@ -787,14 +783,9 @@ void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y
     // follows one sequential stream far better than several interleaved rows (Zen 4 VM, one thread streaming
     // fp16 rows from DRAM: 23 GB/s one row at a time, 10 for 4 rows; 40 vs 12 in 2 MiB pages). All products of
     // a 1B Q4_K/Q6_K file at one row: 35.7 ms in tiles of 4 rows, 27.1 ms one by one; SmolLM2 Q4_1 5.0 either
-    // way. Small batches take weight rows in pairs, each weight block widened once for both (one by one was
-    // no faster at 8 rows and slower from 16); 8-bit rows always one at a time.
-    int64_t n = n0;
-    if constexpr (KIND != KIND_Q8 && !across_kind(KIND)) {  // across lanes: a weight row's transpose serves all rows
-        if (m > 2)
-            for (; n + 2 <= n1; n += 2) rows_block<KIND, 2>(w, k, xq, m, y, n_out, n);
-    }
-    for (; n < n1; n++) rows_block<KIND, 1>(w, k, xq, m, y, n_out, n);
+    // way. Across lanes, a weight row's transpose serves every activation row; the 8-bit kind's rows go one at
+    // a time as well.
+    for (int64_t n = n0; n < n1; n++) rows_block<KIND, 1>(w, k, xq, m, y, n_out, n);
 }
 
 // Rows of blocks -> float32 or bfloat16 (round to nearest even), 16 values per instruction.
@@ -1405,6 +1396,38 @@ torch::Tensor pack_nibble_runs(const torch::Tensor& packed, int64_t run) {
     return out;
 }
 
+// Bit planes -> high-bit bytes, as blocks._plane_high_bits computes in torch: `planes` (B, 4) holds per row a
+// little-endian uint32 whose bit e belongs to element e (ggml's qh); out (B, 4): byte j holds at bit s that of
+// element 4s + j. Element 4s + j is bit j of nibble s: with nibble s spread to byte s of a uint64, the word is an
+// 8 x 8 bit matrix whose transpose (three swaps, Hacker's Delight 7-3) holds in byte j the bits s. One pass over
+// the file's strided field (the torch version took 0.58 s for a 0.5B file's 7.9M Q5_0 blocks).
+torch::Tensor high_bits(const torch::Tensor& planes) {
+    TORCH_CHECK(planes.scalar_type() == torch::kUInt8 && planes.dim() == 2 && planes.size(1) == 4 &&
+                planes.stride(1) == 1 && planes.device().is_cpu(), "planes: (B, 4) uint8 on the CPU, rows contiguous");
+    const int64_t rows = planes.size(0), stride = planes.stride(0);
+    auto out = torch::empty({rows, 4}, planes.options());
+    const uint8_t* in = planes.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    auto spread = [](uint64_t x) {  // byte i of a uint32 -> byte 2i
+        x = (x | (x << 16)) & 0x0000FFFF0000FFFFULL;
+        return (x | (x << 8)) & 0x00FF00FF00FF00FFULL;
+    };
+    at::parallel_for(0, rows, 1 << 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint64_t w = load_u32(in + r * stride);
+            uint64_t x = spread(w & 0x0F0F0F0Fu) | (spread((w >> 4) & 0x0F0F0F0Fu) << 8);  // byte s: nibble s
+            for (const auto& [delta, mask] : {std::pair<int, uint64_t>{7, 0x00AA00AA00AA00AAULL},
+                                              {14, 0x0000CCCC0000CCCCULL}, {28, 0x00000000F0F0F0F0ULL}}) {
+                const uint64_t t = ((x >> delta) ^ x) & mask;
+                x ^= t ^ (t << delta);
+            }
+            const uint32_t bytes = static_cast<uint32_t>(x);
+            std::memcpy(o + 4 * r, &bytes, 4);
+        }
+    });
+    return out;
+}
+
 // decode_cpu.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
 torch::Tensor gated_act(const torch::Tensor& x, int64_t act);
@@ -1442,6 +1465,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("pack_nibble_runs", &pack_nibble_runs, "K-quant nibble runs (B, bytes) uint8 -> (B, bytes/16, 16) in "
             "ggml's Q4_0 order per 32-element sub-block (low-nibble sub-blocks of a run first)",
             pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("high_bits", &high_bits, "bit planes (B, 4) uint8 (bit e: element e) -> (B, 4) high-bit bytes (byte j, "
+            "bit s: element 4s + j)", pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("quantize_q8", &quantize_q8, "(N, K) float32 -> (qs int8 (N, K), d float16 (N, K/32)), ggml's Q8_0 recipe",
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
