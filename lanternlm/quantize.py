@@ -222,17 +222,17 @@ def requantized_kinds() -> tuple[int, ...]:
     return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
 
 
-_Q4_1, _Q8_0, _Q4_K = 3, 8, 12
+_Q4_1, _Q5_1, _Q8_0, _Q4_K, _Q5_K = 3, 7, 8, 12, 13
 
 
 def _loaded_type(ggml_type: int, cols: tuple[int, int] | None = None) -> int:
     """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds); a Q4_K
-    matrix whose kept columns `cols` cut its super-blocks (a tensor-parallel rank's) in Q4_1's, per-block scales
-    (blocks.Blocks.columns)."""
+    (Q5_K) matrix whose kept columns `cols` cut its super-blocks (a tensor-parallel rank's) in Q4_1's (Q5_1's),
+    per-block scales (blocks.Blocks.columns)."""
     if kind_for(ggml_type) in requantized_kinds():
         return _Q8_0
-    if ggml_type == _Q4_K and cols is not None and (cols[0] % 256 or cols[1] % 256):
-        return _Q4_1
+    if ggml_type in (_Q4_K, _Q5_K) and cols is not None and (cols[0] % 256 or cols[1] % 256):
+        return _Q4_1 if ggml_type == _Q4_K else _Q5_1
     return ggml_type
 
 

@@ -5,7 +5,8 @@ For every type, on AVX-512 VNNI and on AVX2 (forced through set_isa; AVX-512 ski
 - the blocks keep the type's own bits: their kind is the type's native one (not the 8-bit fallback) and they
   take about the file's bytes;
 - dequantization (the torch reference and the kernel's, used by the dense prefill and the embedding) equals
-  gguf-py's: exactly, or for Q4_K/Q5_K within the float16 rounding of each sub-block's scale and offset;
+  gguf-py's exactly (Q4_K and Q5_K keep their own scales; their per-block float16 rounding, what a
+  tensor-parallel cut inside super-blocks takes, is checked separately);
 - the product equals the float32 product of the dequantized weights within the int16 activation rounding,
   for 1, 3 and 8 activation rows, odd N and several K;
 and a tiny Llama written with these types decodes the greedy tokens of its exact float32 path.
@@ -29,6 +30,7 @@ from lanternlm.kernels.blocks import (
     KIND_Q4_K,
     KIND_Q4_MIN,
     KIND_Q5,
+    KIND_Q5_K,
     KIND_Q5_MIN,
     KIND_Q6,
     blocks_nbytes,
@@ -44,9 +46,8 @@ from tiny_models import make_hf_model
 K = kernels(quiet=True)
 pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
 
-NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_MIN, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
+NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_K, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
           T.Q4_K: KIND_Q4_K}
-ROUNDED = {T.Q5_K}  # per-sub-block scale and offset rounded to float16
 K_TYPES = {T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 # Super-block scales small enough that weights stay about 0.01-0.5, like a trained model's.
 SUPER_SCALES = {T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
@@ -80,7 +81,8 @@ def widths(qtype: T) -> list[int]:
 
 
 def scale_rounding_bound(raw: np.ndarray, qtype: T, n: int, k: int) -> torch.Tensor:
-    """Q4_K/Q5_K: value = q*scale - offset with scale and offset each rounded to float16, a relative change of
+    """Q4_K/Q5_K cut into per-block scales: value = q*scale - offset with scale and offset each rounded to
+    float16, a relative change of
     at most 2^-11 of each term (2^-25 absolute below float16's normal range): bound per weight, (n, k)."""
     fields = block_fields(torch.from_numpy(raw.copy()).view(-1, type_layout(qtype)[1]), qtype)
     scales, mins = k_scales_mins(fields["scales"])
@@ -115,10 +117,13 @@ def test_blocks_keep_the_type_bits_and_dequantize_like_gguf_py(isa, qtype):
         bf16 = K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, k, torch.bfloat16)
         assert torch.equal(f32, torch_ref)
         assert torch.equal(bf16, torch_ref.to(torch.bfloat16))
-        if qtype in ROUNDED:
-            assert torch.all((f32 - ref).abs() <= scale_rounding_bound(raw, qtype, n, k))
-        else:
-            assert torch.equal(f32, ref)
+        assert torch.equal(f32, ref)
+        if qtype in (T.Q4_K, T.Q5_K):  # a cut inside super-blocks: per-block float16 scales and offsets
+            cut = blocks.columns(96, k - 96)
+            assert cut.kind == (KIND_Q4_MIN if qtype == T.Q4_K else KIND_Q5_MIN)
+            got = dequantize_blocks(cut)
+            assert torch.all((got - ref[:, 96:k - 96]).abs() <= scale_rounding_bound(raw, qtype, n, k)[:, 96:k - 96])
+            assert torch.equal(K.dequantize(cut.qs, cut.d, cut.m, cut.kind, k - 192, torch.float32), got)
 
 
 @pytest.mark.parametrize("qtype", list(NATIVE), ids=lambda t: t.name)
@@ -180,7 +185,7 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     quant = LLM(str(tmp_path / "m.gguf"), exact=False)
     exact = LLM(str(tmp_path / "m.gguf"), exact=True)
     kinds = {m.kind for m in quant.model.modules() if isinstance(m, QuantLinear)}
-    assert {KIND_Q5_MIN, KIND_Q6, KIND_Q5, KIND_Q3} <= kinds  # (lm_head's Q4_K only when it is not tied)
+    assert {KIND_Q5_K, KIND_Q6, KIND_Q5, KIND_Q3} <= kinds  # (lm_head's Q4_K only when it is not tied)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for prompt in ([5, 17, 90, 3], [200, 1, 44, 44, 9, 120, 7]):  # short: every product is the int16 kernel
         assert quant.generate(prompt, params).token_ids == exact.generate(prompt, params).token_ids

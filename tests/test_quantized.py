@@ -11,7 +11,7 @@ from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import blocks as blocks_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_Q4_K, KIND_Q5_MIN, KIND_Q6, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8, dequantize_blocks
 from lanternlm import load as load_module
 from lanternlm.load import load
 from lanternlm.model import KVCache
@@ -122,8 +122,8 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path, isa):
         parts = [f"{name.rsplit('.', 1)[0]}.{p}" for p in names[suffix]] if suffix in names else [name]
         w = torch.cat([ref.get_submodule(p).weight for p in parts])
         got = dequantize_blocks(module.weight_blocks())
-        # Q4_K/Q5_K: float16 rounding of the combined scale and offset (2^-11 of each term, bounded by 2^-10 of
-        # the block's max); Q6_K exact. The bound below (half an 8-bit step plus that) covers every kind.
+        # Q4_K, Q5_K and Q6_K exact; Q8_0 requantized ones (AVX2's Q6_K) within half an 8-bit step. The bound
+        # below (that plus 2^-9 of the block's max) covers every kind.
         block_max = w.view(w.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape)
         assert torch.all((got - w).abs() <= block_max * (1 / 254 + 2.0 ** -9) + 1e-6), name
         xi = x[:, :module.in_features]
@@ -133,7 +133,7 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path, isa):
     kinds = {m.kind for m in quant.modules() if isinstance(m, QuantLinear)}
     # Q4_K and Q5_K in their own bits; Q6_K too with AVX-512, as 8-bit blocks with AVX2 (quantize.requantized_kinds:
     # its AVX2 kernel is slower than the 8-bit one); the head is Q8_0.
-    assert kinds == {KIND_Q4_K, KIND_Q5_MIN, KIND_Q8} | ({KIND_Q6} if isa == 2 else set())
+    assert kinds == {KIND_Q4_K, KIND_Q5_K, KIND_Q8} | ({KIND_Q6} if isa == 2 else set())
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 

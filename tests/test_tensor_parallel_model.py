@@ -129,6 +129,8 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
     from lanternlm.kernels.blocks import (
         KIND_Q4_K,
         KIND_Q4_MIN,
+        KIND_Q5_K,
+        KIND_Q5_MIN,
         dequantize_blocks,
         float_blocks,
         from_ggml,
@@ -151,8 +153,8 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
         cut = part.of_blocks(blocks)
         want = whole[[4, 5, 0], 96:352]
         assert cut.shape == (3, 256)
-        if blocks.kind == KIND_Q4_K:  # a cut inside super-blocks: per-block scales rounded to float16 (test_kernels)
-            assert cut.kind == KIND_Q4_MIN
+        if blocks.kind in (KIND_Q4_K, KIND_Q5_K):  # a cut inside super-blocks: per-block scales rounded to float16
+            assert cut.kind == {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN}[blocks.kind]  # (test_kquant_kernels)
             assert torch.allclose(dequantize_blocks(cut), want, rtol=0, atol=2.0 ** -10 * float(want.abs().max()))
         else:
             assert torch.equal(dequantize_blocks(cut), want)

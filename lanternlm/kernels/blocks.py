@@ -4,8 +4,8 @@ A matrix (N, K) is kept as 32-element blocks, row after row (quant_cpu.cpp reads
 - qs (N, K/32 * block_bytes): each block's integer values, uint8 (int8 for the 8-bit kind);
 - d (N, K/32) float16: one scale per block;
 - m: per kind, (N, K/32) float16 offsets, or (N, K/16) int8 multipliers of 16-element halves, or None.
-KIND_Q4_K keeps Q4_K's own scales instead: d (N, K/256 * 2) float16, each super-block's D and DMIN, and m
-(N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn.
+KIND_Q4_K and KIND_Q5_K keep the K-quants' own scales instead: d (N, K/256 * 2) float16, each super-block's D and
+DMIN, and m (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn.
 
 Block bytes, by kind (the nibble bytes are ggml's Q4_0 order: byte j holds element j in its low nibble and
 element j+16 in its high one):
@@ -15,13 +15,14 @@ element j+16 in its high one):
   KIND_Q4_K     16     nibbles                            D*sc*q - DMIN*mn          Q4_K
   KIND_Q4       16     nibbles                            d*(q - 8)                 Q4_0
   KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
-  KIND_Q5_MIN   20     nibbles; high bits (see below)     d*q + m                   Q5_1, Q5_K
+  KIND_Q5_MIN   20     nibbles; high bits (see below)     d*q + m                   Q5_1
+  KIND_Q5_K     20     nibbles; high bits (see below)     D*sc*q - DMIN*mn          Q5_K
   KIND_Q5       20     nibbles; high bits (see below)     d*(q - 16)                Q5_0
   KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     crumbs; high bits (see below)      d*m[half]*(q - 4)         Q3_K
 
 The 5-, 6- and 3-bit kinds' rows are not block after block: each group of 16 blocks (fewer in the row's last)
-holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). KIND_Q5/KIND_Q5_MIN:
+holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). The 5-bit kinds:
 16 nibble bytes, then 4 high-bit bytes (bit 4) per block; KIND_Q6: 16 nibble bytes, then 8 crumb bytes, a crumb
 being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j
 holds at bit s that of element 4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
@@ -35,10 +36,10 @@ float32 (quant_cpu.cpp, "float weights").
 Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
-- Q4_K: the same values (exact), its 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a weight
-  against the file's 4.5); a tensor-parallel cut inside super-blocks becomes KIND_Q4_MIN, as Q5_K is;
-- Q5_K: each 32-element sub-block becomes a block with stored offset, its scale d*sc and offset -dmin*m
-  rounded to float16 (a relative change of at most 2^-11 per term, far inside 4-bit rounding);
+- Q4_K, Q5_K: the same values (exact), their 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a
+  weight against the file's 4.5, KIND_Q5_K 5.625 against 5.5); a tensor-parallel cut inside super-blocks becomes
+  per-block scales D*sc and offsets -DMIN*mn rounded to float16 (KIND_Q4_MIN, KIND_Q5_MIN: a relative change of
+  at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);
 - every other type (Q2_K): dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an error
   of at most half a step, max|w|/254, per weight.
@@ -60,25 +61,27 @@ from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_s
 from . import kernels
 
 (KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
- KIND_Q4_K) = range(11)
+ KIND_Q4_K, KIND_Q5_K) = range(12)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
-              KIND_Q4_K: "4-bit blocks with Q4_K's scales",
+              KIND_Q4_K: "4-bit blocks with Q4_K's scales", KIND_Q5_K: "5-bit blocks with Q5_K's scales",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
-BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q6: 24,
+BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q5_K: 20,
+               KIND_Q6: 24,
                KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 # kinds kept in groups of 16 blocks: the bytes of each part
-GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q6: (16, 8), KIND_Q3: (8, 4)}
+GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q5_K: (16, 4), KIND_Q6: (16, 8), KIND_Q3: (8, 4)}
+_SUPER_SCALES = {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN}  # kinds with the K-quants' scales -> per-block kind
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
 _F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
 _KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
-            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_MIN, _Q6_K: KIND_Q6}
+            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_K, _Q6_K: KIND_Q6}
 
 
 @dataclass
@@ -106,8 +109,8 @@ class Blocks:
         n, k = self.shape
         if is_float_kind(self.kind):
             return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
-        if self.kind == KIND_Q4_K and (start % 256 or end % 256):  # the cut's blocks keep scales of their own
-            return q4_k_as_q4_min(self).columns(start, end)
+        if self.kind in _SUPER_SCALES and (start % 256 or end % 256):  # the cut's blocks keep scales of their own
+            return per_block_scales(self).columns(start, end)
         if start % 32 or end % 32 or not 0 <= start <= end <= k:
             raise ValueError(f"columns {start}..{end - 1} of a {k}-column matrix do not fall on 32-element blocks")
         b0, b1 = start // 32, end // 32
@@ -117,10 +120,10 @@ class Blocks:
             parts = [p[:, b0:b1] for p in group_split(self.qs, k // 32, GROUP_PARTS[self.kind])]
             qs = group_join(parts, torch.empty(n, (b1 - b0) * per_block, dtype=torch.uint8))
         m, d = self.m, self.d[:, b0:b1]
-        if self.kind == KIND_Q4_K:  # whole super-blocks: d and dmin of each, scale and min of each block
+        if self.kind in _SUPER_SCALES:  # whole super-blocks: d and dmin of each, scale and min of each block
             d = self.d[:, start // 128:end // 128]
         if m is not None:
-            m = m[:, start // 16:end // 16] if self.kind in (*_MULTIPLIERS, KIND_Q4_K) else m[:, b0:b1]
+            m = m[:, start // 16:end // 16] if self.kind in (*_MULTIPLIERS, *_SUPER_SCALES) else m[:, b0:b1]
             m = m.contiguous()
         return Blocks(qs.contiguous(), d.contiguous(), m, self.kind, (n, end - start))
 
@@ -136,14 +139,16 @@ class Blocks:
                       (sum(p.shape[0] for p in parts), k))
 
 
-def q4_k_as_q4_min(blocks: Blocks) -> Blocks:
-    """KIND_Q4_K blocks as KIND_Q4_MIN ones: each block's scale D*sc and offset -DMIN*mn rounded to float16."""
-    scale, offset = _q4_k_block_scales(blocks)
-    return Blocks(blocks.qs, scale.half(), offset.half(), KIND_Q4_MIN, blocks.shape)
+def per_block_scales(blocks: Blocks) -> Blocks:
+    """KIND_Q4_K (KIND_Q5_K) blocks as KIND_Q4_MIN (KIND_Q5_MIN) ones: each block's scale D*sc and offset -DMIN*mn
+    rounded to float16; the values stay as they are."""
+    scale, offset = _super_block_scales(blocks)
+    return Blocks(blocks.qs, scale.half(), offset.half(), _SUPER_SCALES[blocks.kind], blocks.shape)
 
 
-def _q4_k_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """KIND_Q4_K's per-block scale D*sc and offset -DMIN*mn, (n, nb) float32 each (exact products)."""
+def _super_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIND_Q4_K's or KIND_Q5_K's per-block scale D*sc and offset -DMIN*mn, (n, nb) float32 each (exact
+    products)."""
     n, nb = blocks.shape[0], blocks.shape[1] // 32
     super_scales = blocks.d.float().view(n, nb // 8, 1, 2).expand(n, nb // 8, 8, 2).reshape(n, nb, 2)
     sub = blocks.m.view(n, nb, 2).float()
@@ -207,7 +212,7 @@ def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
     nb = k // 32
     specs = {"qs": ((n, nb * BLOCK_BYTES[kind]) if kind != KIND_Q8 else (n, k), torch.int8 if kind == KIND_Q8 else
                     torch.uint8), "d": ((n, nb), torch.float16)}
-    if kind == KIND_Q4_K:
+    if kind in _SUPER_SCALES:
         specs["d"], specs["m"] = ((n, k // 128), torch.float16), ((n, nb * 2), torch.uint8)
     elif kind in _OFFSETS:
         specs["m"] = ((n, nb), torch.float16)
@@ -332,13 +337,12 @@ def _convert_q4_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 def _convert_q5_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """-> (nibbles (n, 8, 16), high bits (n, 8, 4)) per super-block (from_ggml groups them), each block's scale
-    d*sc and offset -dmin*mn as float16."""
-    scales, mins = k_scales_mins(f["scales"])
-    qs = _pack_nibble_runs(f["qs"], 32)  # (n, 8, 16), Q4_K's nibbles and scales at Q5_K's offsets
+    """-> (nibbles (n, 8, 16), high bits (n, 8, 4)) per super-block (from_ggml groups them), (D, DMIN) (n, 2)
+    float16, (sc, mn) per sub-block (n, 8, 2) uint8: Q4_K's nibbles and scales at Q5_K's offsets."""
+    nibbles, super_scales, sub = _convert_q4_k(f)
     planes = _planes(run_bits(f["qh"]))  # (n, 8, 4): bit s of the 32 bytes is sub-block s's fifth bit
     high = _plane_high_bits(planes.reshape(-1, 4).numpy()).view(planes.shape)
-    return (qs, high), (f16(f["d"]) * scales).half(), (-f16(f["dmin"]) * mins).half()
+    return (nibbles, high), super_scales, sub
 
 
 def _transpose_fields(words: torch.Tensor, swaps: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -511,8 +515,8 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     else:
         packed = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
         q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
-    if kind == KIND_Q4_K:
-        scale, offset = _q4_k_block_scales(blocks)
+    if kind in _SUPER_SCALES:
+        scale, offset = _super_block_scales(blocks)
         return (q.float() * scale[..., None] + offset[..., None]).reshape(n, k)
     d = blocks.d.float()[..., None]
     if kind in _MULTIPLIERS:

@@ -3,7 +3,7 @@
 // Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
 // that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
-// changing a value (Q5_K's scales become per-block float16 ones; Q4_K, Q6_K and Q3_K keep theirs):
+// changing a value (Q4_K, Q5_K, Q6_K and Q3_K keep their scales):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
 //      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
 //      the 8-bit kind holds 32 int8 instead (int8 dtype). The 5-, 6- and 3-bit kinds (Q5_0, Q5_1, Q5_K, Q6_K,
@@ -14,12 +14,13 @@
 //      16c + 4s + j; high-bit byte j holds at bit s that of element 4s + j (one shift per step of the byte
 //      dot product, see avx512::load_across; one stream of bytes per row, which this VM's prefetcher follows
 //      far better than two);
-//   d (N, K/32) float16, one scale per block (KIND_Q4_K: (N, K/256 * 2), d and dmin of each super-block);
+//   d (N, K/32) float16, one scale per block (KIND_Q4_K, KIND_Q5_K: (N, K/256 * 2), d and dmin of each
+//      super-block);
 //   m: (N, K/32) float16 offsets (kinds with stored offsets), or (N, K/16) int8 multipliers, one per 16
 //      elements (KIND_Q6, KIND_Q3), or (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn
-//      (KIND_Q4_K), or nothing.
+//      (KIND_Q4_K, KIND_Q5_K), or nothing.
 // A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), d*mult*(q - z) (multipliers), or
-// d*sc*q - dmin*mn (KIND_Q4_K).
+// d*sc*q - dmin*mn (KIND_Q4_K, KIND_Q5_K).
 //
 // Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
@@ -62,7 +63,7 @@ namespace {
 constexpr int64_t KIND_Q4_MIN = 0;  // 4-bit, stored offset m (ggml Q4_1, Q4_K)
 constexpr int64_t KIND_Q4 = 1;      // 4-bit, zero point 8 (ggml Q4_0)
 constexpr int64_t KIND_Q8 = 2;      // 8-bit signed (ggml Q8_0; types without a kind of their own requantized)
-constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + high bits (bit 4), stored offset m (ggml Q5_1, Q5_K)
+constexpr int64_t KIND_Q5_MIN = 3;  // 5-bit: nibbles + high bits (bit 4), stored offset m (ggml Q5_1)
 constexpr int64_t KIND_Q5 = 4;      // 5-bit: nibbles + high bits (bit 4), zero point 16 (ggml Q5_0)
 constexpr int64_t KIND_Q6 = 5;      // 6-bit: nibbles + crumbs (bits 4-5), zero point 32, multipliers (Q6_K)
 constexpr int64_t KIND_Q3 = 6;      // 3-bit: crumbs (bits 0-1) + high bits (bit 2), zero point 4, multipliers (Q3_K)
@@ -70,13 +71,16 @@ constexpr int64_t KIND_BF16 = 7;    // plain bfloat16 weights (N, K): HF folders
 constexpr int64_t KIND_F16 = 8;     // plain float16 weights (N, K)
 constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
 constexpr int64_t KIND_Q4_K = 10;   // 4-bit, Q4_K's own scales: per block a 6-bit scale and min, per super-block d, dmin
-constexpr int64_t KIND_COUNT = 11;
+constexpr int64_t KIND_Q5_K = 11;   // 5-bit (nibbles + high bits), Q5_K's own scales, as KIND_Q4_K's
+constexpr int64_t KIND_COUNT = 12;
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
 // The 6- and 3-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit one),
 // the 5- and 3-bit kinds their top bit as a high bit (see the header).
 constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
-constexpr bool has_high_bits(int64_t kind) { return kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_Q3; }
+constexpr bool has_high_bits(int64_t kind) {
+    return kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_Q5_K || kind == KIND_Q3;
+}
 constexpr int high_bit(int64_t kind) { return kind == KIND_Q3 ? 2 : 4; }  // the value bit a high bit is
 constexpr int64_t block_bytes(int64_t kind) {
     return kind == KIND_Q8 ? 32 : 16 * has_nibbles(kind) + 8 * has_crumbs(kind) + 4 * has_high_bits(kind);
@@ -95,9 +99,9 @@ constexpr int64_t second_at(int64_t kind, int64_t nb, int64_t i) {
            (block_bytes(kind) - first_part(kind)) * (i % 16);
 }
 constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind == KIND_Q5_MIN; }
-// Q4_K's scales as stored: d and dmin per super-block of 8 blocks, a 6-bit scale and min per block; a weight is
-// d*scale*q - dmin*min.
-constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K; }
+// Q4_K's and Q5_K's scales as stored: d and dmin per super-block of 8 blocks, a 6-bit scale and min per block; a
+// weight is d*scale*q - dmin*min.
+constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K || kind == KIND_Q5_K; }
 constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
 constexpr int zero_point(int64_t kind) {
     return kind == KIND_Q4 ? 8 : kind == KIND_Q5 ? 16 : kind == KIND_Q6 ? 32 : kind == KIND_Q3 ? 4 : 0;
@@ -111,10 +115,10 @@ constexpr bool offset_term(int64_t kind) {
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
 struct Weights {
     const uint8_t* qs;
-    const uint16_t* d;         // (N, K/32) float16; KIND_Q4_K: (N, K/256 * 2), d and dmin of each super-block
+    const uint16_t* d;         // (N, K/32) float16; KIND_Q4_K/Q5_K: (N, K/256 * 2), d and dmin of each super-block
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
-    const uint8_t* sub = nullptr;  // KIND_Q4_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min
+    const uint8_t* sub = nullptr;  // KIND_Q4_K/Q5_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min
 };
 
 
@@ -1041,6 +1045,7 @@ inline void with_kind(int64_t kind, Fn&& fn) {
     switch (kind) {
         case KIND_Q4_MIN: fn(std::integral_constant<int64_t, KIND_Q4_MIN>{}); break;
         case KIND_Q4_K: fn(std::integral_constant<int64_t, KIND_Q4_K>{}); break;
+        case KIND_Q5_K: fn(std::integral_constant<int64_t, KIND_Q5_K>{}); break;
         case KIND_Q4: fn(std::integral_constant<int64_t, KIND_Q4>{}); break;
         case KIND_Q8: fn(std::integral_constant<int64_t, KIND_Q8>{}); break;
         case KIND_Q5_MIN: fn(std::integral_constant<int64_t, KIND_Q5_MIN>{}); break;
@@ -1157,7 +1162,7 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
     TORCH_CHECK(d_opt.has_value(), "d: block scales are required for block kinds");
     const torch::Tensor& d = *d_opt;
     if (has_super_scales(kind)) {
-        TORCH_CHECK(k % 256 == 0, "Q4_K blocks: in_features must be a multiple of 256, got ", k);
+        TORCH_CHECK(k % 256 == 0, "Q4_K/Q5_K blocks: in_features must be a multiple of 256, got ", k);
         TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                     d.size(1) == k / 128, "d: (N, K/256 * 2) contiguous float16 (d and dmin per super-block)");
         TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
