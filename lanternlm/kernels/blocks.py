@@ -24,8 +24,9 @@ element j+16 in its high one):
 The 5-, 6- and 3-bit kinds' rows are not block after block: each group of 16 blocks (fewer in the row's last)
 holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). The 5-bit kinds:
 16 nibble bytes, then 4 high-bit bytes (bit 4) per block; KIND_Q6: 16 nibble bytes, then 8 crumb bytes, a crumb
-being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j
-holds at bit s that of element 4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
+being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4 high-bit bytes (bit 2). Crumb
+byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j holds at bit s that of element
+4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
 blocks per step (quant_cpu.cpp, avx512::load_across): each part then gives a step's bits with one shift, and a
 row stays one sequential stream of bytes.
 
@@ -70,8 +71,7 @@ KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks",
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q5_K: 20,
-               KIND_Q6: 24,
-               KIND_Q3: 12}
+               KIND_Q6: 24, KIND_Q3: 12}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 # kinds kept in groups of 16 blocks: the bytes of each part
@@ -365,13 +365,17 @@ def _crumbs(runs: torch.Tensor) -> torch.Tensor:
     return crumbs.permute(0, 1, 4, 2, 3).reshape(n, 8, 8)  # (n, sub-block 4h + t, byte 4c + j)
 
 
+# The swaps that transpose an 8 x 8 bit matrix held in an int64, byte r = row r (Hacker's Delight, 7-3).
+_TRANSPOSE_8X8 = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
+
+
 def _high_bits(mask: torch.Tensor) -> torch.Tensor:
     """Q3_K's hmask (n, 32) (bit s of byte l: element l of sub-block s) -> (n, 8, 4) high-bit bytes per sub-block
     (byte j holds at bit s that of element 4s + j). For each j, the bytes l = 4s + j (s = 0..7) as one int64
     hold bit (s, t) at 8s + t; its transpose holds, in byte t, that byte of sub-block t."""
     n = mask.shape[0]
     words = mask.reshape(n, 8, 4).transpose(1, 2).contiguous().view(torch.int64)  # (n, j)
-    bits = _transpose_fields(words, ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)))
+    bits = _transpose_fields(words, _TRANSPOSE_8X8)
     return bits.view(torch.uint8).view(n, 4, 8).transpose(1, 2)  # (n, sub-block t, byte j)
 
 
@@ -384,9 +388,8 @@ def _plane_high_bits(plane: np.ndarray) -> torch.Tensor:
     if k is not None and plane.strides[1] == 1:  # the same bytes in one pass (quant_cpu.cpp)
         return k.high_bits(torch.from_numpy(plane))
     nibbles = np.stack([plane & 0x0F, plane >> 4], axis=-1)  # (n, 4, 2): byte i's low and high nibble
-    words = torch.from_numpy(np.ascontiguousarray(nibbles).reshape(n, 8).view(np.int64).reshape(n))  # byte s = nibble s
-    bits = _transpose_fields(words, ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)))
-    return bits.view(torch.uint8).view(n, 8)[:, :4]
+    words = torch.from_numpy(np.ascontiguousarray(nibbles).reshape(n, 8).view(np.int64).reshape(n))  # byte s: nibble s
+    return _transpose_fields(words, _TRANSPOSE_8X8).view(torch.uint8).view(n, 8)[:, :4]
 
 
 def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -489,7 +489,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache,
                                torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& positions,
                                double scale, int64_t window) {
-    for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, static_cast<const torch::Tensor*>(&k_cache), static_cast<const torch::Tensor*>(&v_cache)}) check_f32(*t, "decode_attention input");
+    for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, static_cast<const torch::Tensor*>(&k_cache),
+                                   static_cast<const torch::Tensor*>(&v_cache)})
+        check_f32(*t, "decode_attention input");
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v: (B, heads, D)");
     TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v: unit stride in D");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches: contiguous 4-D");
@@ -503,7 +505,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     const int64_t* slot = slots_c.data_ptr<int64_t>();
     const int64_t* pos = pos_c.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; b++)
-        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && pos[b] >= 0 && pos[b] < S, "slot or position out of range");
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && pos[b] >= 0 && pos[b] < S,
+                    "slot or position out of range");
     auto out = torch::empty({B, H * D}, q.options());
     if (B == 0) return out;
     float* kc = k_cache.data_ptr<float>();

@@ -545,8 +545,8 @@ inline __m512i load_dwords(const uint8_t* p, int64_t dwords) {
 
 // The 8 steps of blocks g..g+left-1 of a weight row of nb blocks, q as bytes (`left` <= 16; lanes past it are
 // zero): the nibbles, and for the 5-bit kinds each element's high bit at bit 4, for the 6-bit kind its crumb at
-// bits 4-5; for the 3-bit kind each element's crumb at bits 0-1 and its high bit at bit 2. Shifts of whole dwords move a byte's bits only within
-// the byte where the mask keeps them.
+// bits 4-5; for the 3-bit kind each element's crumb at bits 0-1 and its high bit at bit 2. Shifts of whole dwords
+// move a byte's bits only within the byte where the mask keeps them.
 template <int64_t KIND>
 inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m512i w[8]) {
     const uint8_t* p = row + block_at(KIND, g);  // g is a multiple of 16
