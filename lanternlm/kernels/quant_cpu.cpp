@@ -709,7 +709,8 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
-// accumulators, since only the sum of all lanes matters.
+// accumulators, since only the sum of all lanes matters. Since every kind but the 8-bit one goes across lanes,
+// only KIND_Q8 takes this int16 body, and rows_all calls it with R = 1 (the R and offset generality is unused).
 template <int64_t KIND, int R, int NB>
 inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
     if constexpr (across_kind(KIND)) {  // one weight row at a time (rows_all)
