@@ -29,15 +29,14 @@ Two implementations, picked by what the machine has:
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import pages
 from .errors import LanternError
 from .kernels import kernels
 from .kernels.blocks import (
@@ -465,6 +464,7 @@ def _replace_linears(model: CausalLM, src) -> CausalLM:
         # The embedding shares the tied head's blocks (one copy in memory), or gets its own.
         embedding = model.lm_head.weight_blocks() if tied else src.arena.place(src.get(EMBEDDING))
         model.model.embed_tokens = QuantEmbedding(embedding)
+        src.arena.ready(model)
     return model
 
 
@@ -502,21 +502,24 @@ def quantize_from_float(model: CausalLM, tensors, quantize: str | None = None,
 
 
 class _Arena:
-    """One buffer for every quantized weight, marked for transparent huge pages (Linux), filled in order.
+    """One buffer for every quantized weight, filled in order, then moved to 2 MiB pages (pages.py).
 
-    A decode step streams all the weights, and with 4 KiB pages each page costs a TLB miss: weights in 2 MiB
-    pages decoded ~8% faster on the project's 2-core VM (131 -> 142 tokens/s on SmolLM2). Sized up front
-    from the file's tensor table, so each matrix is copied in once, and faulted in at creation (GGUFWeights is
-    made while the tokenizer builds on another thread)."""
+    Sized up front from the file's tensor table, so each matrix is copied in once, and faulted in at creation
+    (GGUFWeights is made while the tokenizer builds on another thread). `ready` is called once the model holds
+    every weight: it starts promoting the buffer to huge pages in the background."""
 
     ALIGN = 64
 
     def __init__(self, nbytes: int):
-        huge = 2 << 20
+        huge = pages.HUGE_PAGE
         self.buffer = torch.empty(nbytes + huge, dtype=torch.uint8)
-        self.offset = (-self.buffer.data_ptr()) % huge
+        self.start = self.offset = (-self.buffer.data_ptr()) % huge
         self.end = self.offset + nbytes
-        _huge_pages_faulted_in(self.buffer.data_ptr() + self.offset, (nbytes + huge - 1) // huge * huge)
+        pages.fault_in(self.buffer.data_ptr() + self.offset, (nbytes + huge - 1) // huge * huge)
+
+    def ready(self, owner: object):
+        """Every weight is in: promote the filled part to 2 MiB pages while `owner` (the model) lives."""
+        return pages.promote_later(owner, self.buffer.data_ptr() + self.start, self.offset - self.start)
 
     @classmethod
     def slot(cls, nbytes: int) -> int:
@@ -567,16 +570,3 @@ def _row_runs(alloc, kind: int, rows: list[int], k: int) -> tuple[Blocks, list]:
         return alloc_rows
 
     return fused, [run(s, r) for s, r in zip(starts, rows)]
-
-
-def _huge_pages_faulted_in(address: int, length: int) -> None:
-    """Ask Linux for 2 MiB pages over the range and to fault it in now, in one call that releases the GIL (ctypes
-    does): the loader's copies then find their pages there. Hints only: nothing happens elsewhere or on failure."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; a hint only
-        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), 23)  # MADV_POPULATE_WRITE (Linux 5.14+)
-    except (OSError, AttributeError):
-        pass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import sys
 import types
 
 import pytest
@@ -189,3 +191,48 @@ def test_lantern_no_kernels_wins_over_a_prebuilt_build(folder, monkeypatch):
     monkeypatch.setattr(lk.platform, "machine", lambda: "x86_64")
     assert lk.kernels(quiet=True) is None and lk.why_unavailable() == "LANTERN_NO_KERNELS is set"
     assert folder.imported == []
+
+
+@pytest.fixture
+def run_time_cache(tmp_path, monkeypatch):
+    """An empty run-time build cache, and a torch loader that records being asked instead of compiling."""
+    import torch.utils.cpp_extension as cpp
+
+    real = lk.kernels()  # before anything is faked
+    monkeypatch.setattr(lk, "_state", {})
+    monkeypatch.setattr(lk, "cache_dir", lambda: tmp_path)
+    asked = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: asked.append(kw["name"]) or fake_kernels())
+    return types.SimpleNamespace(path=tmp_path, asked=asked, real=real)
+
+
+def test_a_finished_run_time_build_is_imported_without_torchs_loader(run_time_cache, monkeypatch):
+    # A real extension is needed to import one: the kernels this process runs on, copied into the cache under the
+    # name a run-time build of theirs would have (the module's init symbol is named after it).
+    real = run_time_cache.real
+    if real is None:
+        pytest.skip(f"no kernels here: {lk.why_unavailable()}")
+    name = real.__name__.rpartition(".")[2]
+    monkeypatch.setattr(lk, "_build_name", lambda: ("key", name))
+    (run_time_cache.path / name).mkdir()
+    shutil.copy(real.__file__, run_time_cache.path / name / f"{name}.so")
+    before = sys.modules.get(name)
+    try:
+        module = lk._compile(quiet=True)
+    finally:  # the copy must not stand in for the real module in later tests
+        if before is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = before
+    # torch's loader (cpp_extension, setuptools, ninja) was not needed. (Python may hand back the module it already
+    # has under that name, with its own __file__: both are the same build.)
+    assert run_time_cache.asked == [] and module.isa() == real.isa()
+    assert lk._state["origin"]["origin"] == "built at run time"
+
+
+def test_a_run_time_build_that_does_not_import_is_built_again(run_time_cache, monkeypatch):
+    monkeypatch.setattr(lk, "_build_name", lambda: ("key", "key_abc"))
+    (run_time_cache.path / "key_abc").mkdir()
+    (run_time_cache.path / "key_abc" / "key_abc.so").write_bytes(b"cut short by a killed build")
+    module = lk._compile(quiet=True)
+    assert run_time_cache.asked == ["key_abc"] and module.isa() == 2
