@@ -296,6 +296,35 @@ def test_quant_linear_both_paths(rows):
     assert torch.all((got - ref).abs() <= bound)
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q4_K, T.Q6_K, T.F16])
+def test_the_dense_path_dequantizes_a_chunk_of_rows_at_a_time(ggml_type, monkeypatch):
+    # 16-row chunks of a 56-row matrix (the last one short): the same numbers as one bf16 matmul over the whole
+    # matrix dequantized at once, from one dequantize call per chunk.
+    import lanternlm.quantize as quantize
+
+    k = 256
+    raw, w = ggml_blocks(ggml_type, 56, k, seed=9)
+    layer = QuantLinear(from_ggml(raw, ggml_type, (56, k)), None)
+    x = torch.randn(3, DENSE_FROM_ROWS, k)
+    whole = (x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()).float()
+    assert torch.equal(layer(x), whole)  # one chunk: 56 rows of 256 bf16 are far below DENSE_CHUNK_BYTES
+    module, rows = quantize.kernels(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def dequantize(self, qs, *rest):
+            rows.append(qs.shape[0])
+            return module.dequantize(qs, *rest)
+
+    monkeypatch.setattr(quantize, "kernels", Counting)
+    monkeypatch.setattr(quantize, "DENSE_CHUNK_BYTES", 16 * 2 * k)
+    got = layer(x)
+    assert rows == [16, 16, 16, 8]
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)  # oneDNN's sums over k may group differently
+
+
 def test_quant_embedding_rows_are_exact():
     raw, w = ggml_blocks(T.Q8_0, 50, 64, seed=6)
     emb = QuantEmbedding(from_ggml(raw, T.Q8_0, (50, 64)))
