@@ -30,6 +30,7 @@ Two implementations, picked by what the machine has:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +132,22 @@ class _BlocksModule(nn.Module):
         return Blocks(self.qs, self.d, self.m, self.kind, self.shape)
 
 
+class _Scratch(threading.local):
+    """Each thread's bf16 buffer for the dense path's dequantized chunks (QuantLinear._dense), made at its first
+    use: DENSE_CHUNK_BYTES, or one chunk of a matrix whose rows are longer than that."""
+
+    buffer: torch.Tensor | None = None
+
+    def take(self, rows: int, k: int) -> torch.Tensor:
+        """(rows, k) bf16 in the buffer: valid until this thread's next take."""
+        if self.buffer is None or self.buffer.numel() < rows * k:
+            self.buffer = torch.empty(max(rows * k, DENSE_CHUNK_BYTES // 2), dtype=torch.bfloat16)
+        return self.buffer[:rows * k].view(rows, k)
+
+
+_SCRATCH = _Scratch()
+
+
 class QuantLinear(_BlocksModule):
     """y = x @ W.T (+ b) with W kept in 32-element blocks (or as a plain bf16/fp16/fp32 matrix, the float kinds)
     and multiplied by Lantern's CPU kernel; float32 activations in, float32 out."""
@@ -148,22 +165,21 @@ class QuantLinear(_BlocksModule):
         return y if self.bias is None else y + self.bias
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for bf16 x through oneDNN, W dequantized to bf16 a chunk of rows at a time (DENSE_CHUNK_BYTES).
-        A chunk is still in the L3 cache for its matmul, and its memory is the allocator's to reuse: a whole
-        matrix past glibc's mmap threshold (32 MiB of bf16: a 1B model's MLP) came as fresh pages, faulted in on
-        every call (8192 x 2048 Q4_K on the project's VM: 11.4 ms to dequantize whole, 1.7 ms in reused
-        memory; a 32-token prefill of a 1B Q4_K_M file spent ~0.6 s so)."""
+        """x @ W.T for bf16 x through oneDNN, W dequantized to bf16 a chunk of rows at a time into this thread's
+        scratch buffer (DENSE_CHUNK_BYTES, reused by every call): a chunk is still in the L3 cache for its
+        matmul, and no call asks the allocator for fresh memory. A matrix dequantized whole into a new tensor was
+        fresh pages each time, faulted in on every call (8192 x 2048 Q4_K on the project's VM: 11.4 ms to
+        dequantize whole, 1.7 ms into reused memory; a 32-token prefill of a 1B Q4_K_M file spent ~0.6 s so)."""
         if self.kind == KIND_BF16:  # used as stored
             return (x @ self.qs.t()).float()
         n, k = self.out_features, self.in_features
         rows = max(16, DENSE_CHUNK_BYTES // (2 * k))
-        if rows >= n:
-            return (x @ kernels().dequantize(self.qs, self.d, self.m, self.kind, k, torch.bfloat16).t()).float()
         y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
         for r0 in range(0, n, rows):
             part = slice(r0, min(n, r0 + rows))
-            w = kernels().dequantize(self.qs[part], None if self.d is None else self.d[part],
-                                     None if self.m is None else self.m[part], self.kind, k, torch.bfloat16)
+            w = kernels().dequantize_into(self.qs[part], None if self.d is None else self.d[part],
+                                          None if self.m is None else self.m[part], self.kind, k,
+                                          _SCRATCH.take(part.stop - r0, k))
             y[..., part] = x @ w.t()
         return y
 

@@ -299,7 +299,7 @@ def test_quant_linear_both_paths(rows):
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q4_K, T.Q6_K, T.F16])
 def test_the_dense_path_dequantizes_a_chunk_of_rows_at_a_time(ggml_type, monkeypatch):
     # 16-row chunks of a 56-row matrix (the last one short): the same numbers as one bf16 matmul over the whole
-    # matrix dequantized at once, from one dequantize call per chunk.
+    # matrix dequantized at once, from one dequantize call per chunk, each into the same scratch memory.
     import lanternlm.quantize as quantize
 
     k = 256
@@ -308,21 +308,34 @@ def test_the_dense_path_dequantizes_a_chunk_of_rows_at_a_time(ggml_type, monkeyp
     x = torch.randn(3, DENSE_FROM_ROWS, k)
     whole = (x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()).float()
     assert torch.equal(layer(x), whole)  # one chunk: 56 rows of 256 bf16 are far below DENSE_CHUNK_BYTES
-    module, rows = quantize.kernels(), []
+    module, calls = quantize.kernels(), []
 
     class Counting:
         def __getattr__(self, name):
             return getattr(module, name)
 
-        def dequantize(self, qs, *rest):
-            rows.append(qs.shape[0])
-            return module.dequantize(qs, *rest)
+        def dequantize_into(self, qs, *rest):
+            calls.append((qs.shape[0], rest[-1].data_ptr()))
+            return module.dequantize_into(qs, *rest)
 
     monkeypatch.setattr(quantize, "kernels", Counting)
     monkeypatch.setattr(quantize, "DENSE_CHUNK_BYTES", 16 * 2 * k)
     got = layer(x)
-    assert rows == [16, 16, 16, 8]
+    assert [rows for rows, _ in calls] == [16, 16, 16, 8]
+    assert len({ptr for _, ptr in calls}) == 1  # no fresh memory per chunk
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)  # oneDNN's sums over k may group differently
+
+
+def test_dequantize_into_checks_its_output():
+    raw, w = ggml_blocks(T.Q4_K, 4, 256, seed=3)
+    b = from_ggml(raw, T.Q4_K, (4, 256))
+    out = torch.empty(4, 256)
+    assert K.dequantize_into(b.qs, b.d, b.m, b.kind, 256, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, w)  # gguf-py's values
+    for bad in (torch.empty(4, 255), torch.empty(3, 256), torch.empty(256, 4).t(),
+                torch.empty(4, 256, dtype=torch.float16)):
+        with pytest.raises(RuntimeError, match="out:|float32 or bfloat16"):
+            K.dequantize_into(b.qs, b.d, b.m, b.kind, 256, bad)
 
 
 def test_quant_embedding_rows_are_exact():

@@ -1325,14 +1325,20 @@ torch::Tensor qmatmul_parts(const torch::Tensor& x_in, const std::vector<torch::
 }
 
 // The weights as an (N, K) float32 or bfloat16 tensor.
-torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
-                         const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::ScalarType dtype) {
+// Blocks -> `out`, (N, K) float32 or bfloat16.
+void dequantize_to(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
+                   const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::Tensor& out) {
     check(qs, d, m, kind, k);
-    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
-    if (is_float_kind(kind)) return qs.to(dtype);  // a copy only when the type changes
-    auto out = torch::empty({qs.size(0), k}, qs.options().dtype(dtype));
-    float* f = dtype == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
-    uint16_t* h = dtype == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+    TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == qs.size(0) && out.size(1) == k &&
+                out.is_contiguous(), "out: a contiguous (N, K) tensor on the CPU");
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
+                "dequantize to float32 or bfloat16");
+    if (is_float_kind(kind)) {
+        out.copy_(qs);
+        return;
+    }
+    float* f = out.scalar_type() == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
+    uint16_t* h = out.scalar_type() == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     const Weights w = weights(qs, *d, m, kind);
     // PyTorch's own threads, not the pool (pool.cpp): a dense forward alternates this with oneDNN's matmuls,
@@ -1345,6 +1351,25 @@ torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Ten
         });
     });
 #endif
+}
+
+torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
+                         const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::ScalarType dtype) {
+    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
+    if (is_float_kind(kind)) {
+        check(qs, d, m, kind, k);
+        return qs.to(dtype);  // a copy only when the type changes
+    }
+    auto out = torch::empty({qs.size(0), k}, qs.options().dtype(dtype));
+    dequantize_to(qs, d, m, kind, k, out);
+    return out;
+}
+
+// The same into `out`: a caller's buffer, reused between calls (QuantLinear's dense path: a fresh one of
+// megabytes is fresh pages, faulted in each time).
+torch::Tensor dequantize_into(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
+                              const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::Tensor out) {
+    dequantize_to(qs, d, m, kind, k, out);
     return out;
 }
 
@@ -1477,4 +1502,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
             pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("dequantize_into", &dequantize_into, "split blocks (qs, d, m, kind, K) -> `out`, a contiguous (N, K) "
+            "float32 or bfloat16 tensor, returned", pybind11::call_guard<pybind11::gil_scoped_release>());
 }
