@@ -3,9 +3,12 @@
 A decode step streams every weight, and with 4 KiB pages each page costs a TLB miss: weights in 2 MiB pages
 decode ~7% faster on the project's 2-core VM (SmolLM2 Q4_1: 217-227 -> 233-246 tokens/s). Asking for 2 MiB
 pages at load time, though, makes the load wait for them: on that VM a fresh process's first 400 MB of huge pages
-took 0.04-0.92 s to fault in (the hypervisor backs them as they are first touched), against a steady 0.12-0.13 s
+took 0.04-0.92 s to fault in (no compaction stalls were counted: likely the hypervisor backing them), against 0.12-0.13 s
 in 4 KiB pages. So the arena is faulted in small pages, filled, and then collapsed into huge pages by a
-low-priority thread while the model is already usable (MADV_COLLAPSE, Linux 6.1+).
+background thread while the model is already usable (MADV_COLLAPSE, Linux 6.1+). The thread keeps the ordinary
+priority: at the lowest one (nice 19) a decode started right away starved it, and a 1B file's 666 MiB took ~6 s
+of slower decoding to collapse; at the ordinary one they are collapsed during the first 64 tokens (1B Q4_K_M
+shapes: 25 tokens/s for those, then 40-42, as with pages faulted in huge at load).
 
 Every call here is a hint: on other systems, or when the kernel refuses, nothing happens and nothing fails.
 """
@@ -13,7 +16,6 @@ Every call here is a hint: on other systems, or when the kernel refuses, nothing
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 import weakref
@@ -44,10 +46,9 @@ def fault_in(address: int, length: int) -> None:
 
 
 def promote_later(owner: object, address: int, length: int) -> threading.Thread | None:
-    """Start a daemon thread that collapses [address, address + length) into 2 MiB pages, a chunk at a time, at
-    the lowest CPU priority (so a generation started right away keeps the cores). It stops as soon as `owner`
-    (whatever keeps the memory alive, e.g. the model) is gone, and holds it only during one chunk. Returns the
-    thread (for tests to join), or None where huge pages cannot be asked for."""
+    """Start a daemon thread that collapses [address, address + length) into 2 MiB pages, a chunk at a time.
+    It stops as soon as `owner` (whatever keeps the memory alive, e.g. the model) is gone, and holds it only
+    during one chunk. Returns the thread (for tests to join), or None where huge pages cannot be asked for."""
     if not sys.platform.startswith("linux") or length < HUGE_PAGE:
         return None
     start = (address + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # only whole huge pages inside the range
@@ -61,10 +62,6 @@ def promote_later(owner: object, address: int, length: int) -> threading.Thread 
 
 
 def _collapse(owner: weakref.ref, start: int, end: int) -> None:
-    try:  # this thread only: on Linux a thread id names one thread to setpriority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError):
-        pass
     for address in range(start, end, CHUNK):
         alive = owner()
         if alive is None:  # the memory may be freed already: touch nothing
