@@ -300,7 +300,7 @@ def test_quant_linear_both_paths(rows):
 def test_the_dense_path_dequantizes_a_chunk_of_rows_at_a_time(ggml_type, monkeypatch):
     # 16-row chunks of a 56-row matrix (the last one short): the same numbers as one bf16 matmul over the whole
     # matrix dequantized at once, from one dequantize call per chunk, each into the same scratch memory.
-    import lanternlm.quantize as quantize
+    from lanternlm import quantize
 
     k = 256
     raw, w = ggml_blocks(ggml_type, 56, k, seed=9)
