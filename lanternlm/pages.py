@@ -1,7 +1,7 @@
 """Memory pages for the weight arena (Linux): faulted in at load, promoted to 2 MiB pages after it.
 
 A decode step streams every weight, and with 4 KiB pages each page costs a TLB miss: weights in 2 MiB pages
-decode ~7% faster on the project's 2-core VM (SmolLM2 Q4_1: 217-227 -> 233-246 tokens/s). Asking for 2 MiB
+decode ~7% faster on the project's 2-core VM (SmolLM2 Q4_1: 215-227 -> 232-246 tokens/s). Asking for 2 MiB
 pages at load time, though, makes the load wait for them: on that VM a fresh process's first 400 MB of huge pages
 took 0.04-0.92 s to fault in (no compaction stalls were counted: likely the hypervisor backing them), against
 0.12-0.13 s in 4 KiB pages. So the arena is faulted in small pages, filled, and then collapsed into huge pages by a

@@ -554,8 +554,9 @@ class _Arena:
         self.end = self.offset + nbytes
         pages.fault_in(self.buffer.data_ptr() + self.offset, (nbytes + huge - 1) // huge * huge)
 
-    def ready(self, owner: object):
-        """Every weight is in: promote the filled part to 2 MiB pages while `owner` (the model) lives."""
+    def ready(self, owner: object) -> threading.Thread | None:
+        """Every weight is in: promote the filled part to 2 MiB pages while `owner` (the model) lives (the thread
+        doing it, pages.promote_later)."""
         return pages.promote_later(owner, self.buffer.data_ptr() + self.start, self.offset - self.start)
 
     @classmethod
