@@ -15,6 +15,7 @@ Every call here is a hint: on other systems, or when the kernel refuses, nothing
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import sys
 import threading
@@ -26,6 +27,20 @@ MADV_COLLAPSE = 25  # Linux 6.1+
 HUGE_PAGE = 2 << 20
 # Collapsed per call: the thread checks between calls that the weights' owner is still alive.
 CHUNK = 16 * HUGE_PAGE
+
+# Set when the interpreter exits: a collapsing thread then returns after its current call and is joined, so that
+# none is left inside a system call while Python finalizes. A daemon thread left there aborted the process
+# ("terminate called without an active exception", exit status 134) in 3 of 6 runs of `lantern tokenize`, which
+# exits right after its load.
+_EXITING = threading.Event()
+_RUNNING: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    _EXITING.set()
+    for thread in list(_RUNNING):
+        thread.join()
 
 
 def _madvise(address: int, length: int, advice: int) -> int:
@@ -48,7 +63,7 @@ def fault_in(address: int, length: int) -> None:
 def promote_later(owner: object, address: int, length: int) -> threading.Thread | None:
     """Start a daemon thread that collapses [address, address + length) into 2 MiB pages, a chunk at a time.
     It stops as soon as `owner` (whatever keeps the memory alive, e.g. the model) is gone, and holds it only
-    during one chunk. Returns the thread (for tests to join), or None where huge pages cannot be asked for."""
+    during one chunk; at the interpreter's exit it is stopped and joined (_finish_at_exit). Returns the thread (for tests to join), or None where huge pages cannot be asked for."""
     if not sys.platform.startswith("linux") or length < HUGE_PAGE:
         return None
     start = (address + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # only whole huge pages inside the range
@@ -57,6 +72,7 @@ def promote_later(owner: object, address: int, length: int) -> threading.Thread 
         return None
     thread = threading.Thread(target=_collapse, args=(weakref.ref(owner), start, end), daemon=True,
                               name="lantern-huge-pages")
+    _RUNNING.add(thread)
     thread.start()
     return thread
 
@@ -64,7 +80,7 @@ def promote_later(owner: object, address: int, length: int) -> threading.Thread 
 def _collapse(owner: weakref.ref, start: int, end: int) -> None:
     for address in range(start, end, CHUNK):
         alive = owner()
-        if alive is None:  # the memory may be freed already: touch nothing
+        if alive is None or _EXITING.is_set():  # the memory may be freed already: touch nothing
             return
         length = min(CHUNK, end - address)
         _madvise(address, length, MADV_HUGEPAGE)  # also lets khugepaged keep them huge later

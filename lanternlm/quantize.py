@@ -141,7 +141,10 @@ class _Scratch(threading.local):
     def take(self, rows: int, k: int) -> torch.Tensor:
         """(rows, k) bf16 in the buffer: valid until this thread's next take."""
         if self.buffer is None or self.buffer.numel() < rows * k:
-            self.buffer = torch.empty(max(rows * k, DENSE_CHUNK_BYTES // 2), dtype=torch.bfloat16)
+            # A normal tensor even when first asked for under torch.inference_mode(): an inference tensor could
+            # not be written (copy_) by a later call outside it.
+            with torch.inference_mode(False):
+                self.buffer = torch.empty(max(rows * k, DENSE_CHUNK_BYTES // 2), dtype=torch.bfloat16)
         return self.buffer[:rows * k].view(rows, k)
 
 

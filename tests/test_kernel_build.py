@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -207,27 +207,33 @@ def run_time_cache(tmp_path, monkeypatch):
 
 
 def test_a_finished_run_time_build_is_imported_without_torchs_loader(run_time_cache, monkeypatch):
-    # A real extension is needed to import one: the kernels this process runs on, copied into the cache under the
-    # name a run-time build of theirs would have (the module's init symbol is named after it).
+    monkeypatch.setattr(lk, "_build_name", lambda: ("key", "key_abc"))
+    (run_time_cache.path / "key_abc").mkdir()
+    built = run_time_cache.path / "key_abc" / "key_abc.so"
+    built.write_bytes(b"a build")
+    imported, module = [], fake_kernels()
+    monkeypatch.setattr(lk, "_import_built", lambda name, path: imported.append((name, path)) or module)
+    assert lk._compile(quiet=True) is module
+    # torch's loader (cpp_extension, setuptools, ninja) was not needed
+    assert imported == [("key_abc", built)] and run_time_cache.asked == []
+    assert lk._state["origin"]["origin"] == "built at run time"
+
+
+def test_a_built_extension_imports_by_its_file(run_time_cache):
+    # The kernels this process runs on, imported again from their file under their own name (Python hands back
+    # the module it has: a second copy of the library would register its classes twice, which pybind11 refuses).
     real = run_time_cache.real
     if real is None:
         pytest.skip(f"no kernels here: {lk.why_unavailable()}")
-    name = real.__name__.rpartition(".")[2]
-    monkeypatch.setattr(lk, "_build_name", lambda: ("key", name))
-    (run_time_cache.path / name).mkdir()
-    shutil.copy(real.__file__, run_time_cache.path / name / f"{name}.so")
-    before = sys.modules.get(name)
+    before = sys.modules.get(real.__name__)
     try:
-        module = lk._compile(quiet=True)
-    finally:  # the copy must not stand in for the real module in later tests
+        module = lk._import_built(real.__name__, Path(real.__file__))
+    finally:  # the module object must stay the one the rest of the process uses
         if before is None:
-            sys.modules.pop(name, None)
+            sys.modules.pop(real.__name__, None)
         else:
-            sys.modules[name] = before
-    # torch's loader (cpp_extension, setuptools, ninja) was not needed. (Python may hand back the module it already
-    # has under that name, with its own __file__: both are the same build.)
-    assert run_time_cache.asked == [] and module.isa() == real.isa()
-    assert lk._state["origin"]["origin"] == "built at run time"
+            sys.modules[real.__name__] = before
+    assert module is not None and module.isa() == real.isa()
 
 
 def test_a_run_time_build_that_does_not_import_is_built_again(run_time_cache, monkeypatch):

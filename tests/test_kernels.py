@@ -326,6 +326,29 @@ def test_the_dense_path_dequantizes_a_chunk_of_rows_at_a_time(ggml_type, monkeyp
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)  # oneDNN's sums over k may group differently
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.F16])
+def test_the_dense_paths_scratch_serves_calls_in_and_outside_inference_mode(ggml_type):
+    # The thread's scratch is made by whichever call comes first; made under inference_mode it must still be
+    # writable by a call outside it (the float kinds fill it with copy_, which refuses inference tensors).
+    import threading
+
+    raw, w = ggml_blocks(ggml_type, 56, 256, seed=4)
+    layer = QuantLinear(from_ggml(raw, ggml_type, (56, 256)), None)
+    x = torch.randn(DENSE_FROM_ROWS, 256)
+    want = (x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()).float()
+    got = {}
+
+    def run():  # a thread of its own: a fresh scratch, made first under inference_mode
+        with torch.inference_mode():
+            got["inside"] = layer(x).clone()
+        got["outside"] = layer(x)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert torch.equal(got["inside"], want) and torch.equal(got["outside"], want)
+
+
 def test_dequantize_into_checks_its_output():
     raw, w = ggml_blocks(T.Q4_K, 4, 256, seed=3)
     b = from_ggml(raw, T.Q4_K, (4, 256))

@@ -89,3 +89,28 @@ def test_a_filled_buffer_ends_up_in_huge_pages():
     thread.join(timeout=60)
     assert _anon_huge_kib(start) >= 8 * 2048, "the kernel did not collapse the range (MADV_COLLAPSE: Linux 6.1+)"
     assert bool((buffer == 7).all())  # collapsing moves pages, never their contents
+
+
+def test_at_exit_a_running_collapse_stops_after_its_call_and_is_joined(monkeypatch):
+    # A daemon thread left inside madvise while Python finalized aborted `lantern tokenize` ("terminate called
+    # without an active exception"). The exit hook lets the call in progress finish, then joins the thread.
+    import threading
+
+    monkeypatch.setattr(pages, "_EXITING", threading.Event())
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def slow(address, length, advice):
+        seen.append(advice)
+        inside.set()
+        release.wait(timeout=60)
+        return 0
+
+    monkeypatch.setattr(pages, "_madvise", slow)
+    owner = Owner()
+    thread = pages.promote_later(owner, 0, 64 * pages.CHUNK)  # 64 chunks to go
+    assert inside.wait(timeout=60)  # the thread is inside its first call
+    pages._EXITING.set()  # as the exit hook does first; then the call returns
+    release.set()
+    pages._finish_at_exit()
+    assert not thread.is_alive()
+    assert seen == [pages.MADV_HUGEPAGE, pages.MADV_COLLAPSE]  # the chunk it was in, and nothing after
