@@ -63,7 +63,8 @@ def fault_in(address: int, length: int) -> None:
 def promote_later(owner: object, address: int, length: int) -> threading.Thread | None:
     """Start a daemon thread that collapses [address, address + length) into 2 MiB pages, a chunk at a time.
     It stops as soon as `owner` (whatever keeps the memory alive, e.g. the model) is gone, and holds it only
-    during one chunk; at the interpreter's exit it is stopped and joined (_finish_at_exit). Returns the thread (for tests to join), or None where huge pages cannot be asked for."""
+    during one chunk; at the interpreter's exit it is stopped and joined (_finish_at_exit). Returns the thread
+    (for tests to join), or None where huge pages cannot be asked for."""
     if not sys.platform.startswith("linux") or length < HUGE_PAGE:
         return None
     start = (address + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # only whole huge pages inside the range
@@ -80,7 +81,7 @@ def promote_later(owner: object, address: int, length: int) -> threading.Thread 
 def _collapse(owner: weakref.ref, start: int, end: int) -> None:
     for address in range(start, end, CHUNK):
         alive = owner()
-        if alive is None or _EXITING.is_set():  # the memory may be freed already: touch nothing
+        if alive is None or _EXITING.is_set():  # the memory may be freed, or Python be exiting: stop
             return
         length = min(CHUNK, end - address)
         _madvise(address, length, MADV_HUGEPAGE)  # also lets khugepaged keep them huge later
