@@ -254,24 +254,26 @@ def uses_kernels(gguf: GGUFFile) -> bool:
 # 0.68 / 3.20 ms. The 5-bit kinds stay in their own bits everywhere: against 8-bit blocks they cost 4-5% of
 # decode on the files where they are most of the weights (Qwen2-0.5B shapes 65 vs 68, SmolLM2's Q4_K_M 163 vs
 # 171) and nothing on the 1B file, and they load in about half the time (0.5B shapes 0.93-0.98 s vs 1.28-1.60 s)
-# into ~110 MB less memory.
+# into ~110 MB less memory. Q2_K stays in its own bits everywhere too (2.625 bits a weight against 8.5): 8192 x 2048
+# from DRAM at 1 / 8 rows, AVX-512 0.34 / 1.23 ms native vs 0.70 / 1.76 as 8-bit blocks; AVX2 1.44 / 4.8 vs 1.37 /
+# 3.5 ms, slower in batches there, but a Q2_K file is chosen to fit in memory, and would take 3.2x its size.
 def requantized_kinds() -> tuple[int, ...]:
     """The block kinds a model loaded now computes as 8-bit blocks (on the kernels' current instruction set)."""
     k = kernels(quiet=True)
     return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
 
 
-_Q4_1, _Q5_1, _Q8_0, _Q4_K, _Q5_K = 3, 7, 8, 12, 13
+_Q4_1, _Q5_1, _Q8_0, _Q2_K, _Q4_K, _Q5_K = 3, 7, 8, 10, 12, 13
 
 
 def _loaded_type(ggml_type: int, cols: tuple[int, int] | None = None) -> int:
     """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds); a Q4_K
     (Q5_K) matrix whose kept columns `cols` cut its super-blocks (a tensor-parallel rank's) in Q4_1's (Q5_1's),
-    per-block scales (blocks.Blocks.columns)."""
+    per-block scales, a Q2_K one as 8-bit blocks (blocks.Blocks.columns)."""
     if kind_for(ggml_type) in requantized_kinds():
         return _Q8_0
-    if ggml_type in (_Q4_K, _Q5_K) and cols is not None and (cols[0] % 256 or cols[1] % 256):
-        return _Q4_1 if ggml_type == _Q4_K else _Q5_1
+    if ggml_type in (_Q2_K, _Q4_K, _Q5_K) and cols is not None and (cols[0] % 256 or cols[1] % 256):
+        return {_Q2_K: _Q8_0, _Q4_K: _Q4_1, _Q5_K: _Q5_1}[ggml_type]
     return ggml_type
 
 

@@ -1,12 +1,12 @@
-"""The native kernels for the 3-, 5- and 6-bit ggml types (Q5_0, Q5_1, Q5_K, Q6_K, Q3_K) and Q4_K, against
-gguf-py and the float32 product.
+"""The native kernels for the 2-, 3-, 5- and 6-bit ggml types (Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K) and Q4_K,
+against gguf-py and the float32 product.
 
 For every type, on AVX-512 VNNI and on AVX2 (forced through set_isa; AVX-512 skipped on CPUs without it):
 - the blocks keep the type's own bits: their kind is the type's native one (not the 8-bit fallback) and they
   take about the file's bytes;
 - dequantization (the torch reference and the kernel's, used by the dense prefill and the embedding) equals
-  gguf-py's exactly (Q4_K and Q5_K keep their own scales; their per-block float16 rounding, what a
-  tensor-parallel cut inside super-blocks takes, is checked separately);
+  gguf-py's exactly (Q4_K, Q5_K and Q2_K keep their own scales; what a tensor-parallel cut inside super-blocks
+  takes, per-block float16 scales or Q2_K's 8-bit blocks, is checked separately);
 - the product equals the float32 product of the dequantized weights within the int16 activation rounding,
   for 1, 3 and 8 activation rows, odd N and several K;
 and a tiny Llama written with these types decodes the greedy tokens of its exact float32 path.
@@ -26,6 +26,7 @@ from lanternlm import LLM, SamplingParams
 from lanternlm.kernels import kernels, why_unavailable
 from lanternlm.kernels.blocks import (
     BLOCK_BYTES,
+    KIND_Q2_K,
     KIND_Q3,
     KIND_Q4_K,
     KIND_Q4_MIN,
@@ -33,6 +34,7 @@ from lanternlm.kernels.blocks import (
     KIND_Q5_K,
     KIND_Q5_MIN,
     KIND_Q6,
+    KIND_Q8,
     blocks_nbytes,
     dequantize_blocks,
     from_ggml,
@@ -47,17 +49,17 @@ K = kernels(quiet=True)
 pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
 
 NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_K, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
-          T.Q4_K: KIND_Q4_K}
-K_TYPES = {T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+          T.Q4_K: KIND_Q4_K, T.Q2_K: KIND_Q2_K}
+K_TYPES = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 # Super-block scales small enough that weights stay about 0.01-0.5, like a trained model's.
-SUPER_SCALES = {T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
+SUPER_SCALES = {T.Q2_K: {"d": (0.0005, 0.003), "dmin": (0.0005, 0.003)}, T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
                 T.Q5_K: {"d": (0.0001, 0.0004), "dmin": (0.0002, 0.0008)}, T.Q6_K: {"d": (0.00002, 0.0001)}}
 
 
 def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Valid K-quant blocks (gguf-py has no K-quant quantizer): random bytes, then small fp16 super-block scales
     at the offsets ggml's block struct gives them."""
-    size = {T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
+    size = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
     blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
     for field, (lo, hi) in SUPER_SCALES[qtype].items():
         start = BLOCK_FIELDS[qtype][field][0]
@@ -109,8 +111,11 @@ def test_blocks_keep_the_type_bits_and_dequantize_like_gguf_py(isa, qtype):
         assert blocks.kind == NATIVE[qtype]  # the native kind, not the 8-bit fallback
         held = sum(t.numel() * t.element_size() for t in blocks.tensors())
         assert held == sum(blocks_nbytes(qtype, (n, k)))
-        # about the file's bytes: per-block float16 scales cost K-quants at most 0.5625 bit per weight more
+        # about the file's bytes: per-block float16 scales cost K-quants at most 0.5625 bit per weight more;
+        # Q2_K keeps exactly the file's
         assert held <= raw.size + n * k * 0.5625 / 8
+        if qtype == T.Q2_K:
+            assert held == raw.size
         assert blocks.qs.shape == (n, k // 32 * BLOCK_BYTES[blocks.kind])
         torch_ref = dequantize_blocks(blocks)
         f32 = K.dequantize(blocks.qs, blocks.d, blocks.m, blocks.kind, k, torch.float32)
@@ -124,6 +129,12 @@ def test_blocks_keep_the_type_bits_and_dequantize_like_gguf_py(isa, qtype):
             got = dequantize_blocks(cut)
             assert torch.all((got - ref[:, 96:k - 96]).abs() <= scale_rounding_bound(raw, qtype, n, k)[:, 96:k - 96])
             assert torch.equal(K.dequantize(cut.qs, cut.d, cut.m, cut.kind, k - 192, torch.float32), got)
+        if qtype == T.Q2_K:  # a cut inside super-blocks: its values as 8-bit blocks, within half a step
+            cut = blocks.columns(96, k - 96)
+            assert cut.kind == KIND_Q8
+            want = ref[:, 96:k - 96].reshape(n, -1, 32)
+            step = want.abs().amax(-1, keepdim=True) / 127
+            assert torch.all((dequantize_blocks(cut).view_as(want) - want).abs() <= 0.5 * step * 1.002)
 
 
 @pytest.mark.parametrize("qtype", list(NATIVE), ids=lambda t: t.name)
@@ -169,7 +180,7 @@ def test_malformed_multipliers_are_refused():
 
 
 TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.Q5_K, "v_proj": T.Q6_K, "o_proj": T.Q5_0, "gate_proj": T.Q3_K,
-                   "up_proj": T.Q3_K, "down_proj": T.Q6_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
+                   "up_proj": T.Q3_K, "down_proj": T.Q2_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
 
 
 def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path(tmp_path, monkeypatch):
@@ -185,7 +196,7 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     quant = LLM(str(tmp_path / "m.gguf"), exact=False)
     exact = LLM(str(tmp_path / "m.gguf"), exact=True)
     kinds = {m.kind for m in quant.model.modules() if isinstance(m, QuantLinear)}
-    assert {KIND_Q5_K, KIND_Q6, KIND_Q5, KIND_Q3} <= kinds  # (lm_head's Q4_K only when it is not tied)
+    assert {KIND_Q5_K, KIND_Q6, KIND_Q5, KIND_Q3, KIND_Q2_K} <= kinds  # (lm_head's Q4_K only when it is not tied)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for prompt in ([5, 17, 90, 3], [200, 1, 44, 44, 9, 120, 7]):  # short: every product is the int16 kernel
         assert quant.generate(prompt, params).token_ids == exact.generate(prompt, params).token_ids

@@ -4,8 +4,9 @@ A matrix (N, K) is kept as 32-element blocks, row after row (quant_cpu.cpp reads
 - qs (N, K/32 * block_bytes): each block's integer values, uint8 (int8 for the 8-bit kind);
 - d (N, K/32) float16: one scale per block;
 - m: per kind, (N, K/32) float16 offsets, or (N, K/16) int8 multipliers of 16-element halves, or None.
-KIND_Q4_K and KIND_Q5_K keep the K-quants' own scales instead: d (N, K/256 * 2) float16, each super-block's D and
-DMIN, and m (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn.
+KIND_Q4_K, KIND_Q5_K and KIND_Q2_K keep the K-quants' own scales instead: d (N, K/256 * 2) float16, each
+super-block's D and DMIN, and m (N, K/32 * 2) uint8: each block's 6-bit scale sc and min mn (KIND_Q4_K, KIND_Q5_K),
+or each 16-element half's 4-bit scale and min, sc | mn << 4, the file's bytes (KIND_Q2_K).
 
 Block bytes, by kind (the nibble bytes are ggml's Q4_0 order: byte j holds element j in its low nibble and
 element j+16 in its high one):
@@ -20,13 +21,15 @@ element j+16 in its high one):
   KIND_Q5       20     nibbles; high bits (see below)     d*(q - 16)                Q5_0
   KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     crumbs; high bits (see below)      d*m[half]*(q - 4)         Q3_K
+  KIND_Q2_K      8     crumbs (see below)                 D*sc[half]*q - DMIN*mn[half]  Q2_K
 
 The 5-, 6- and 3-bit kinds' rows are not block after block: each group of 16 blocks (fewer in the row's last)
 holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). The 5-bit kinds:
 16 nibble bytes, then 4 high-bit bytes (bit 4) per block; KIND_Q6: 16 nibble bytes, then 8 crumb bytes, a crumb
 being an element's bits 4 and 5; KIND_Q3: 8 crumb bytes (bits 0 and 1), then 4 high-bit bytes (bit 2). Crumb
 byte 4c + j holds at bits 2s, 2s+1 those of element 16c + 4s + j; high-bit byte j holds at bit s that of element
-4s + j. The AVX-512 kernel's byte dot products take 4 elements of each of 16
+4s + j. KIND_Q2_K's 8 crumb bytes (bits 0 and 1) are its whole block, block after block. The AVX-512 kernel's
+byte dot products take 4 elements of each of 16
 blocks per step (quant_cpu.cpp, avx512::load_across): each part then gives a step's bits with one shift, and a
 row stays one sequential stream of bytes.
 
@@ -37,13 +40,17 @@ float32 (quant_cpu.cpp, "float weights").
 Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations, no loop over blocks):
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q3_K: the same values (exact); Q6_K/Q3_K keep their int8 multipliers per
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
+- Q2_K: the same values and the file's 2.625 bits a weight (its crumbs regrouped per block, its scale bytes and
+  super-block d, dmin as stored); a tensor-parallel cut inside super-blocks becomes 8-bit blocks (as below);
 - Q4_K, Q5_K: the same values (exact), their 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a
   weight against the file's 4.5, KIND_Q5_K 5.625 against 5.5); a tensor-parallel cut inside super-blocks becomes
   per-block scales D*sc and offsets -DMIN*mn rounded to float16 (KIND_Q4_MIN, KIND_Q5_MIN: a relative change of
   at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);
-- every other type (Q2_K): dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an error
-  of at most half a step, max|w|/254, per weight.
+- a type without a kind here would be dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an
+  error of at most half a step, max|w|/254, per weight; every type loader/quants decodes has a kind, and the
+  others (the IQ types and the like) are refused there with a clear error. The same 8-bit blocks are what a
+  model computes the kinds in quantize.requantized_kinds() as.
 
 Quantization of float weights at load (`quantize`: q8_0, q4_0, q4_1) follows ggml's reference recipes
 (quantize_row_q8_0/q4_0/q4_1_ref), as whole-matrix torch operations.
@@ -62,26 +69,29 @@ from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_s
 from . import kernels
 
 (KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
- KIND_Q4_K, KIND_Q5_K) = range(12)
+ KIND_Q4_K, KIND_Q5_K, KIND_Q2_K) = range(13)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
               KIND_Q4_K: "4-bit blocks with Q4_K's scales", KIND_Q5_K: "5-bit blocks with Q5_K's scales",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
+              KIND_Q2_K: "2-bit blocks with Q2_K's scales",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q5_K: 20,
-               KIND_Q6: 24, KIND_Q3: 12}
+               KIND_Q6: 24, KIND_Q3: 12, KIND_Q2_K: 8}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 # kinds kept in groups of 16 blocks: the bytes of each part
 GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q5_K: (16, 4), KIND_Q6: (16, 8), KIND_Q3: (8, 4)}
-_SUPER_SCALES = {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN}  # kinds with the K-quants' scales -> per-block kind
+# kinds with the K-quants' scales -> the per-block kind a cut inside super-blocks takes
+_SUPER_SCALES = {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN, KIND_Q2_K: KIND_Q8}
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
-_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = 0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30
+_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = (0, 1, 2, 3, 6, 7, 8, 10, 11, 12,
+                                                                                    13, 14, 30)
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
 _KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
-            _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_K, _Q6_K: KIND_Q6}
+            _Q2_K: KIND_Q2_K, _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_K, _Q6_K: KIND_Q6}
 
 
 @dataclass
@@ -141,16 +151,22 @@ class Blocks:
 
 def per_block_scales(blocks: Blocks) -> Blocks:
     """KIND_Q4_K (KIND_Q5_K) blocks as KIND_Q4_MIN (KIND_Q5_MIN) ones: each block's scale D*sc and offset -DMIN*mn
-    rounded to float16; the values stay as they are."""
+    rounded to float16; the values stay as they are. KIND_Q2_K's halves have scales and mins of their own, which
+    no per-block kind keeps: its blocks become 8-bit ones (quantize_q8 of its values)."""
+    if blocks.kind == KIND_Q2_K:
+        return quantize_q8(dequantize_blocks(blocks))
     scale, offset = _super_block_scales(blocks)
     return Blocks(blocks.qs, scale.half(), offset.half(), _SUPER_SCALES[blocks.kind], blocks.shape)
 
 
 def _super_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """KIND_Q4_K's or KIND_Q5_K's per-block scale D*sc and offset -DMIN*mn, (n, nb) float32 each (exact
-    products)."""
+    products); KIND_Q2_K's per half, (n, nb, 2) each."""
     n, nb = blocks.shape[0], blocks.shape[1] // 32
     super_scales = blocks.d.float().view(n, nb // 8, 1, 2).expand(n, nb // 8, 8, 2).reshape(n, nb, 2)
+    if blocks.kind == KIND_Q2_K:
+        sub = blocks.m.view(n, nb, 2)
+        return (super_scales[..., :1] * (sub & 0x0F).float(), -(super_scales[..., 1:] * (sub >> 4).float()))
     sub = blocks.m.view(n, nb, 2).float()
     return super_scales[..., 0] * sub[..., 0], -(super_scales[..., 1] * sub[..., 1])
 
@@ -399,6 +415,13 @@ def _convert_q6_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (_pack_nibble_runs(f["ql"], 64), _crumbs(f["qh"])), d, f["scales"].contiguous().view(torch.int8)
 
 
+def _convert_q2_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> crumbs (n, 8, 8) per super-block, (D, DMIN) (n, 2) float16, the 16 scale bytes (n, 16) uint8 as stored
+    (one per 16 elements: scale in the low nibble, min in the high one). Q2_K's qs are Q3_K's crumb runs."""
+    super_scales = torch.cat([f["d"], f["dmin"]], dim=1).contiguous().view(torch.float16)
+    return _crumbs(f["qs"]), super_scales, f["scales"]
+
+
 def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """-> (crumbs (n, 8, 8), high bits (n, 8, 4)) per super-block (from_ggml groups them), d, multipliers. ggml's
     set high bit means +4 over the stored value - 4: q = low bits + 4 * high bit, zero point 4."""
@@ -407,7 +430,8 @@ def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (_crumbs(f["qs"]), _high_bits(f["hmask"])), d, q3_k_scales(f["scales"])
 
 
-_CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k}
+_CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k,
+              _Q2_K: _convert_q2_k}
 
 
 # Rows converted at a time when a whole matrix would need a float32 copy: ~16 MB of float32 for K = 896 (a 151k x
@@ -515,9 +539,15 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
         else:  # nibbles: elements j, j + 16
             q += torch.cat([first & 0x0F, first >> 4], dim=-1).int()
             q += _crumb_values(second) << 4 if kind == KIND_Q6 else _high_bit_values(second) << 4
+    elif kind == KIND_Q2_K:
+        q += _crumb_values(blocks.qs.view(n, nb, 8))
     else:
         packed = blocks.qs.view(n, nb, BLOCK_BYTES[kind])
         q += torch.cat([packed & 0x0F, packed >> 4], dim=-1).int()  # (n, nb, 32) in element order
+    if kind == KIND_Q2_K:  # each half its own scale and offset
+        scale, offset = _super_block_scales(blocks)  # (n, nb, 2)
+        halves = q.float().view(n, nb, 2, 16)
+        return (halves * scale[..., None] + offset[..., None]).reshape(n, k)
     if kind in _SUPER_SCALES:
         scale, offset = _super_block_scales(blocks)
         return (q.float() * scale[..., None] + offset[..., None]).reshape(n, k)

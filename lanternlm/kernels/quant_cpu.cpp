@@ -3,24 +3,26 @@
 // Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
 // that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
-// changing a value (Q4_K, Q5_K, Q6_K and Q3_K keep their scales):
+// changing a value (Q4_K, Q5_K, Q6_K, Q3_K and Q2_K keep their scales):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
 //      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
 //      the 8-bit kind holds 32 int8 instead (int8 dtype). The 5-, 6- and 3-bit kinds (Q5_0, Q5_1, Q5_K, Q6_K,
 //      Q3_K) are grouped: each group of 16 blocks of a row (fewer in its last) holds one part of every block,
 //      then the other. The 5-bit kinds: 16 nibble bytes, then 4 high-bit bytes per block (bit 4); the 6-bit
 //      kind: 16 nibble bytes, then 8 "crumb" bytes, an element's bits 4-5; the 3-bit kind: 8 crumb bytes (bits
-//      0-1), then 4 high-bit bytes (bit 2). Crumb byte 4c + j holds at bits 2s, 2s+1 those of element
+//      0-1), then 4 high-bit bytes (bit 2). The 2-bit kind (Q2_K) is 8 crumb bytes per block, block after
+//      block. Crumb byte 4c + j holds at bits 2s, 2s+1 those of element
 //      16c + 4s + j; high-bit byte j holds at bit s that of element 4s + j (one shift per step of the byte
 //      dot product, see avx512::load_across; one stream of bytes per row, which this VM's prefetcher follows
 //      far better than two);
-//   d (N, K/32) float16, one scale per block (KIND_Q4_K, KIND_Q5_K: (N, K/256 * 2), d and dmin of each
+//   d (N, K/32) float16, one scale per block (KIND_Q4_K, KIND_Q5_K, KIND_Q2_K: (N, K/256 * 2), d and dmin of each
 //      super-block);
 //   m: (N, K/32) float16 offsets (kinds with stored offsets), or (N, K/16) int8 multipliers, one per 16
 //      elements (KIND_Q6, KIND_Q3), or (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn
-//      (KIND_Q4_K, KIND_Q5_K), or nothing.
-// A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), d*mult*(q - z) (multipliers), or
-// d*sc*q - dmin*mn (KIND_Q4_K, KIND_Q5_K).
+//      (KIND_Q4_K, KIND_Q5_K) or each 16-element half's 4-bit scale sc and min mn, sc | mn << 4 (KIND_Q2_K, as in
+//      the file), or nothing.
+// A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), d*mult*(q - z) (multipliers),
+// d*sc*q - dmin*mn (KIND_Q4_K, KIND_Q5_K), or d*sc[half]*q - dmin*mn[half] (KIND_Q2_K).
 //
 // Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
@@ -32,7 +34,7 @@
 // small models: SmolLM2-135M answers "L'Étoile, ..." instead of "The capital of France is Paris." with them,
 // llama.cpp included.)
 //
-// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 3- to
+// Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 2- to
 // 6-bit kinds as byte dot products 16 blocks across lanes, the 8-bit kind a block per 512-bit register, the
 // int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
 // builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
@@ -41,6 +43,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -72,12 +75,14 @@ constexpr int64_t KIND_F16 = 8;     // plain float16 weights (N, K)
 constexpr int64_t KIND_F32 = 9;     // plain float32 weights (N, K)
 constexpr int64_t KIND_Q4_K = 10;   // 4-bit, Q4_K's own scales: per block a 6-bit scale and min, per super-block d, dmin
 constexpr int64_t KIND_Q5_K = 11;   // 5-bit (nibbles + high bits), Q5_K's own scales, as KIND_Q4_K's
-constexpr int64_t KIND_COUNT = 12;
+constexpr int64_t KIND_Q2_K = 12;   // 2-bit: crumbs, Q2_K's own scales: per 16 elements a 4-bit scale and min, per
+                                    // super-block d, dmin
+constexpr int64_t KIND_COUNT = 13;
 
-constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3; }
-// The 6- and 3-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit one),
-// the 5- and 3-bit kinds their top bit as a high bit (see the header).
-constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
+constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3 && kind != KIND_Q2_K; }
+// The 6-, 3- and 2-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit
+// one, the whole 2-bit one), the 5- and 3-bit kinds their top bit as a high bit (see the header).
+constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3 || kind == KIND_Q2_K; }
 constexpr bool has_high_bits(int64_t kind) {
     return kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_Q5_K || kind == KIND_Q3;
 }
@@ -99,17 +104,21 @@ constexpr int64_t second_at(int64_t kind, int64_t nb, int64_t i) {
            (block_bytes(kind) - first_part(kind)) * (i % 16);
 }
 constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind == KIND_Q5_MIN; }
-// Q4_K's and Q5_K's scales as stored: d and dmin per super-block of 8 blocks, a 6-bit scale and min per block; a
-// weight is d*scale*q - dmin*min.
-constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K || kind == KIND_Q5_K; }
+// The K-quants' scales as stored: d and dmin per super-block of 8 blocks, and 2 bytes per block: Q4_K's and Q5_K's
+// 6-bit scale and min of the block (a weight is d*scale*q - dmin*min), or Q2_K's scale (low nibble) and min (high
+// nibble) of each 16-element half (a weight is d*scale[half]*q - dmin*min[half]: `half_scales`).
+constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K || kind == KIND_Q5_K || kind == KIND_Q2_K; }
+constexpr bool half_scales(int64_t kind) { return kind == KIND_Q2_K; }
 constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
 constexpr int zero_point(int64_t kind) {
     return kind == KIND_Q4 ? 8 : kind == KIND_Q5 ? 16 : kind == KIND_Q6 ? 32 : kind == KIND_Q3 ? 4 : 0;
 }
 // Whether a block's product gets the term m * dx*sum(qx): stored offsets, or a zero point left out of the
 // integer weights (kinds with multipliers subtract theirs before multiplying).
+// (Q2_K's mins, one per half, are a term of their own: see half_offset.)
 constexpr bool offset_term(int64_t kind) {
-    return has_offsets(kind) || has_super_scales(kind) || (zero_point(kind) && !has_multipliers(kind));
+    return has_offsets(kind) || (has_super_scales(kind) && !half_scales(kind)) ||
+           (zero_point(kind) && !has_multipliers(kind));
 }
 
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
@@ -118,8 +127,18 @@ struct Weights {
     const uint16_t* d;         // (N, K/32) float16; KIND_Q4_K/Q5_K: (N, K/256 * 2), d and dmin of each super-block
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
-    const uint8_t* sub = nullptr;  // KIND_Q4_K/Q5_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min
+    const uint8_t* sub = nullptr;  // KIND_Q4_K/Q5_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min;
+                                   // KIND_Q2_K: each half's 4-bit scale (low nibble) and min (high nibble)
 };
+
+// The per-half integer multipliers of row n (nb blocks) that load_block multiplies a block's values by: int8
+// multipliers, or Q2_K's half scales (the low nibbles of its `sub` bytes); nullptr for other kinds.
+template <int64_t KIND>
+inline const int8_t* row_multipliers(const Weights& w, int64_t n, int64_t nb) {
+    if (has_multipliers(KIND)) return w.mult + n * 2 * nb;
+    if (half_scales(KIND)) return reinterpret_cast<const int8_t*>(w.sub + n * 2 * nb);
+    return nullptr;
+}
 
 
 // The largest |qx|.
@@ -260,7 +279,7 @@ inline __m256i expand_high_bits(const uint8_t* p, int value_bit) {
 }
 
 // Block i of a weight row as 32 int16 (elements 0-15 in lo, 16-31 in hi): the integers its scale multiplies,
-// i.e. q, or (q - z) * multiplier for kinds with multipliers (`mult` is then the row's multipliers).
+// i.e. q, or (q - z) * multiplier for kinds with multipliers, q * scale for Q2_K (`mult`: row_multipliers).
 // `nb` is the row's block count (where a grouped kind's second part is).
 template <int64_t KIND>
 inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64_t i, __m256i& lo, __m256i& hi) {
@@ -277,7 +296,7 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
         bytes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
     }
     if (KIND == KIND_Q6) bytes = _mm256_or_si256(bytes, expand_crumbs(row + second_at(KIND, nb, i), 4));
-    if (KIND == KIND_Q3) bytes = expand_crumbs(b, 0);
+    if (KIND == KIND_Q3 || KIND == KIND_Q2_K) bytes = expand_crumbs(b, 0);
     if (has_high_bits(KIND))
         bytes = _mm256_or_si256(bytes, expand_high_bits(row + second_at(KIND, nb, i), high_bit(KIND)));
     lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes));
@@ -287,50 +306,102 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
         lo = _mm256_mullo_epi16(_mm256_sub_epi16(lo, z), _mm256_set1_epi16(mult[2 * i]));
         hi = _mm256_mullo_epi16(_mm256_sub_epi16(hi, z), _mm256_set1_epi16(mult[2 * i + 1]));
     }
+    if (half_scales(KIND)) {  // Q2_K: each half's 4-bit scale
+        lo = _mm256_mullo_epi16(lo, _mm256_set1_epi16(mult[2 * i] & 0x0F));
+        hi = _mm256_mullo_epi16(hi, _mm256_set1_epi16(mult[2 * i + 1] & 0x0F));
+    }
 }
 
 // Block `at` (= row * K/32 + i)'s scale, for the kernels that take a block at a time.
 template <int64_t KIND>
 inline float block_scale(const Weights& w, int64_t at) {
+    if (half_scales(KIND)) return _cvtsh_ss(w.d[2 * (at / 8)]);  // the halves' scales are in load_block's integers
     if (has_super_scales(KIND)) return _cvtsh_ss(w.d[2 * (at / 8)]) * static_cast<float>(w.sub[2 * at]);
     return _cvtsh_ss(w.d[at]);
 }
 
+// Q2_K: half h (elements 16h..16h+15) of block `at`'s offset, -dmin*min[half].
+template <int64_t KIND>
+inline float half_offset(const Weights& w, int64_t at, int h) {
+    return half_scales(KIND) ? -_cvtsh_ss(w.d[2 * (at / 8) + 1]) * static_cast<float>(w.sub[2 * at + h] >> 4) : 0.0f;
+}
+
 // The block's offset: stored, -dmin*min (Q4_K's scales), -z*d for an implicit zero point outside the integers,
-// else 0.
+// else 0 (Q2_K: its halves' offsets, half_offset).
 template <int64_t KIND>
 inline float block_offset(const Weights& w, int64_t at, float d) {
+    if (half_scales(KIND)) return 0.0f;
     if (has_offsets(KIND)) return _cvtsh_ss(w.offsets[at]);
     if (has_super_scales(KIND)) return -_cvtsh_ss(w.d[2 * (at / 8) + 1]) * static_cast<float>(w.sub[2 * at + 1]);
     return offset_term(KIND) ? -static_cast<float>(zero_point(KIND)) * d : 0.0f;
 }
 
-// y[b, n] for n in [n0, n1) and all m activation rows, one block at a time.
+// y[b, n] for activation rows b0..b0+NB-1 and weight row n, one block at a time: each block is widened once for
+// the NB rows, where it was widened again for each (Zen 4, 2 threads, 8192 x 2048 from DRAM at 8 rows: Q4_1 5.6 ->
+// 4.0 ms, Q4_K 7.2 -> 4.3, Q6_K 7.6 -> 4.0, Q2_K 9.4 -> 5.2; one row unchanged). Each (row, activation row) pair
+// adds its blocks in the same order whatever NB. Not inlined: inlined into rows_all, the one-row tile lost its
+// registers (Q4_K at one row 1.4-1.5 -> 1.6-1.9 ms).
+template <int64_t KIND, int NB>
+__attribute__((noinline)) void rows_tile(const Weights& w, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
+    const int64_t nb = k / 32;
+    const uint8_t* row = w.qs + n * nb * block_bytes(KIND);
+    const int8_t* mult = row_multipliers<KIND>(w, n, nb);
+    __m256 acc0[NB], acc1[NB];  // even and odd blocks
+    float madd[NB];
+    const int16_t* xr[NB];  // each activation row's values, scales and scaled sums (hoisted: measured faster)
+    const float *xd[NB], *xs[NB];
+    for (int b = 0; b < NB; b++) {
+        acc0[b] = acc1[b] = _mm256_setzero_ps();
+        madd[b] = 0.0f;
+        xr[b] = xq.q + (b0 + b) * xq.blocks * 32;
+        xd[b] = xq.d + (b0 + b) * xq.blocks;
+        xs[b] = xq.s + (b0 + b) * xq.blocks;
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = block_scale<KIND>(w, n * nb + i);
+        __m256i w0, w1;
+        load_block<KIND>(row, nb, mult, i, w0, w1);
+        __m256i m0, m1;  // Q2_K: each half's min
+        float dmin = 0.0f;
+        if constexpr (half_scales(KIND)) {
+            const uint8_t* sub = w.sub + 2 * (n * nb + i);
+            m0 = _mm256_set1_epi16(sub[0] >> 4);
+            m1 = _mm256_set1_epi16(sub[1] >> 4);
+            dmin = _cvtsh_ss(w.d[2 * ((n * nb + i) / 8) + 1]);
+        }
+        for (int b = 0; b < NB; b++) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[b] + 32 * i));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[b] + 32 * i + 16));
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            // explicit FMAs: a product and a sum the compiler may fuse or not, differently per NB, would give a row
+            // other bits in a batch than alone
+            if (offset_term(KIND)) madd[b] = std::fma(block_offset<KIND>(w, n * nb + i, d), xs[b][i], madd[b]);
+            __m256& acc = i & 1 ? acc1[b] : acc0[b];
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[b][i]), acc);
+            if constexpr (half_scales(KIND)) {  // Q2_K: -dmin * dx * (min[0] * sum(qx) of half 0 + min[1] * ...)
+                const __m256i pm = _mm256_add_epi32(_mm256_madd_epi16(m0, x0), _mm256_madd_epi16(m1, x1));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(-dmin * xd[b][i]), acc);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n] = hsum8(_mm256_add_ps(acc0[b], acc1[b])) + madd[b];
+}
+
+// y[b, n] for n in [n0, n1) and all m activation rows, in tiles of up to 4 activation rows (2 for the 8-bit kind,
+// whose widening is one instruction: at 8 rows of 8192 x 2048, 4.4 ms in tiles of 4, 3.6 in tiles of 2, 4.0 a
+// row at a time).
 template <int64_t KIND>
 void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0,
               int64_t n1) {
-    const int64_t nb = k / 32;
+    constexpr int TILE = KIND == KIND_Q8 ? 2 : 4;
     for (int64_t n = n0; n < n1; n++) {
-        const uint8_t* row = w.qs + n * nb * block_bytes(KIND);
-        const int8_t* mult = has_multipliers(KIND) ? w.mult + n * 2 * nb : nullptr;
-        for (int64_t b = 0; b < m; b++) {
-            const int16_t* xr = xq.q + b * xq.blocks * 32;
-            const float* xd = xq.d + b * xq.blocks;
-            const float* xs = xq.s + b * xq.blocks;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            float madd = 0.0f;
-            for (int64_t i = 0; i < nb; i++) {
-                const float d = block_scale<KIND>(w, n * nb + i);
-                __m256i w0, w1;
-                load_block<KIND>(row, nb, mult, i, w0, w1);
-                const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
-                const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i + 16));
-                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                if (offset_term(KIND)) madd += block_offset<KIND>(w, n * nb + i, d) * xs[i];
-                const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[i]));
-                if (i & 1) acc1 = _mm256_add_ps(acc1, t); else acc0 = _mm256_add_ps(acc0, t);
-            }
-            y[b * n_out + n] = hsum8(_mm256_add_ps(acc0, acc1)) + madd;
+        int64_t b0 = 0;
+        for (; b0 + TILE <= m; b0 += TILE) rows_tile<KIND, TILE>(w, k, xq, b0, y, n_out, n);
+        switch (m - b0) {
+            case 3: rows_tile<KIND, 3>(w, k, xq, b0, y, n_out, n); break;
+            case 2: rows_tile<KIND, 2>(w, k, xq, b0, y, n_out, n); break;
+            case 1: rows_tile<KIND, 1>(w, k, xq, b0, y, n_out, n); break;
+            default: break;
         }
     }
 }
@@ -349,15 +420,18 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
     const int64_t nb = k / 32;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
-        const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
+        const int8_t* mult = row_multipliers<KIND>(w, r, nb);
         for (int64_t i = 0; i < nb; i++) {
             const float d = block_scale<KIND>(w, r * nb + i);
-            const __m256 dv = _mm256_set1_ps(d), mo = _mm256_set1_ps(block_offset<KIND>(w, r * nb + i, d));
+            const __m256 dv = _mm256_set1_ps(d);
+            __m256 mo[2];
+            for (int h = 0; h < 2; h++)
+                mo[h] = _mm256_set1_ps(block_offset<KIND>(w, r * nb + i, d) + half_offset<KIND>(w, r * nb + i, h));
             __m256i half[2];
             load_block<KIND>(row, nb, mult, i, half[0], half[1]);
             for (int j = 0; j < 4; j++) {
                 const __m128i q16 = j & 1 ? _mm256_extracti128_si256(half[j / 2], 1) : _mm256_castsi256_si128(half[j / 2]);
-                const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q16)), dv, mo);
+                const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q16)), dv, mo[j / 2]);
                 const int64_t off = r * k + 32 * i + 8 * j;
                 if (out_f32) _mm256_storeu_ps(out_f32 + off, v);
                 else _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + off), to_bf16(v));
@@ -436,10 +510,12 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
     }
     if (has_multipliers(KIND))
         w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
+    if (half_scales(KIND))  // Q2_K: each half's 4-bit scale, the low nibble of its byte
+        w = _mm512_mullo_epi16(w, _mm512_and_si512(multipliers(mult + 2 * i), _mm512_set1_epi16(0x0F)));
     return w;
 }
 
-// ---- Byte dot products, 16 blocks across lanes (the 3- to 6-bit kinds) ----
+// ---- Byte dot products, 16 blocks across lanes (the 2- to 6-bit kinds) ----
 // Their integers q fit a byte, so they go through vpdpbusd (64 byte products per instruction, unsigned times
 // signed) against the activations' two bytes: sum(q * qx) = 256 * sum(q * hi) + sum(lo * q), the same int32 as
 // the int16 dot product of the other kinds (the same qx: results differ from it only in float summation order).
@@ -453,7 +529,9 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // The 6-bit kind (Q6_K) adds each element's crumb (bits 4-5) to its nibble per step, keeps the two halves'
 // sums apart (each half has its own int8 multiplier), and subtracts its zero point as 32 * sum(qx) of the half
 // (XQuant::half_sums): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact.
-// The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4. A
+// The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4; the 2-bit kind
+// (Q2_K) from its crumbs alone, each half by d times its 4-bit scale, its min a third term, -dmin * min * sum(qx)
+// of the half. A
 // 2048 x 8192 Q6_K product from DRAM at one row: 0.80 ms with the int16 kernel, 0.59 ms as 8-bit blocks,
 // 0.54-0.59 ms this way (with the software prefetch below). The 5-bit kinds add each element's high bit (bit 4)
 // to its nibble per step, one shift and one ternary-logic op: a Q5_0 8192 x 2048 product from DRAM, 1 / 8 rows,
@@ -569,7 +647,10 @@ inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m
         const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         const __m512i c[2] = {_mm512_permutex2var_epi32(z0, even, z1),
                               _mm512_permutex2var_epi32(z0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), z1)};
-        if constexpr (KIND == KIND_Q6) {
+        if constexpr (KIND == KIND_Q2_K) {  // step 4h + s: bits 2s and 2s + 1 of each crumb byte, moved to bits 0-1
+            const __m512i bits01 = _mm512_set1_epi8(0x03);
+            for (int st = 0; st < 8; st++) w[st] = _mm512_and_si512(_mm512_srli_epi32(c[st / 4], 2 * (st % 4)), bits01);
+        } else if constexpr (KIND == KIND_Q6) {
             // step 4h + s takes bits 2s and 2s + 1 of each crumb byte, moved to bits 4-5
             const __m512i bits45 = _mm512_set1_epi8(0x30);
             for (int h = 0; h < 2; h++) {
@@ -625,12 +706,14 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                              int64_t n) {
     const int64_t nb = k / 32;
     const uint8_t* row = wt.qs + n * nb * block_bytes(KIND);
-    const int8_t* mult = has_multipliers(KIND) ? wt.mult + n * 2 * nb : nullptr;
+    const int8_t* mult = row_multipliers<KIND>(wt, n, nb);
     __m512 acc[NB];
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
     // A last group of a few blocks would cost a whole group's transpose and steps: those blocks take the int16
-    // kernel's way instead, a block per register (K = 576: 16 blocks across lanes and 2 alone).
-    const int64_t across_end = nb % 16 > TAIL_ALONE_MAX ? nb : nb / 16 * 16;
+    // kernel's way instead, a block per register (K = 576: 16 blocks across lanes and 2 alone). Q2_K's rows are
+    // whole super-blocks of 8 blocks, so its last group has 8 or 16 blocks: always across lanes (the block-at-a-
+    // time way has no term for its halves' mins).
+    const int64_t across_end = nb % 16 > TAIL_ALONE_MAX || half_scales(KIND) ? nb : nb / 16 * 16;
     for (int64_t i = across_end; i < nb; i++) {
         const float d = avx2::block_scale<KIND>(wt, n * nb + i);
         const __m512i w = load_block<KIND>(row, nb, mult, i);
@@ -648,23 +731,35 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
         prefetch_group<KIND>(wt, nb, n, g);
         __m512i w[8];
         load_across<KIND>(row, nb, g, left, w);
-        // per lane: the scale of each half (6-bit: d times its multiplier), and the offset
+        // per lane: the scale of each half (6-bit: d times its multiplier), and the offset (Q2_K: -dmin, and its
+        // halves' mins)
         __m512 d16, scale[2], m16 = _mm512_setzero_ps();
+        __m512i mins[2];
         if constexpr (has_super_scales(KIND)) {  // g is a multiple of 16: super-blocks g/8 and g/8 + 1
             const int64_t sb = (n * nb + g) / 8;
             const __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(left > 8 ? 0xF : 0x3, wt.d + 2 * sb));
             const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
             d16 = _mm512_permutexvar_ps(first, dd);
             const __m512 dmin = _mm512_permutexvar_ps(_mm512_add_epi32(first, _mm512_set1_epi32(1)), dd);
-            // 2 bytes per block -> dword l = block l's scale and min as two int16
+            // 2 bytes per block -> dword l = block l's two bytes as two int16 (Q4_K, Q5_K: scale, min; Q2_K: each
+            // half's scale | min << 4)
             const __m512i pair = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), wt.sub + 2 * (n * nb + g)));
-            scale[0] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF))));
-            m16 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(pair, 16)));
+            if constexpr (half_scales(KIND)) {
+                const __m512i low16 = _mm512_set1_epi32(0xFFFF), sc = _mm512_and_si512(pair, _mm512_set1_epi32(0x000F000F));
+                const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(pair, 4), _mm512_set1_epi32(0x000F000F));
+                scale[0] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_and_si512(sc, low16)));
+                scale[1] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 16)));
+                mins[0] = _mm512_and_si512(mn, low16);
+                mins[1] = _mm512_srli_epi32(mn, 16);
+                m16 = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
+            } else {
+                scale[0] = scale[1] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF))));
+                m16 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(pair, 16)));
+            }
         } else {
             d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + n * nb + g));
-            scale[0] = d16;
+            scale[0] = scale[1] = d16;
         }
-        scale[1] = scale[0];
         if constexpr (has_multipliers(KIND)) {
             // 2 int8 per block -> dword l = block l's pair as two int16
             const __m512i pair = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), mult + 2 * g));
@@ -697,6 +792,14 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                                                     _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo + 16), z_shift));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), _mm512_mul_ps(scale[0], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
+            } else if constexpr (half_scales(KIND)) {  // Q2_K: each half by its scale, and -dmin * its min * sum(qx)
+                // q * qx over 16 elements is under 2^21, min * sum(qx) over two halves under 2^24: exact floats
+                const __m512i u0 = _mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0), u1 = _mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1);
+                const __m512i mq = _mm512_add_epi32(_mm512_mullo_epi32(mins[0], _mm512_load_si512(xq.half_sums + 2 * xo)),
+                                                    _mm512_mullo_epi32(mins[1], _mm512_load_si512(xq.half_sums + 2 * xo + 16)));
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), _mm512_mul_ps(scale[0], dx), acc[b]);
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq), _mm512_mul_ps(m16, dx), acc[b]);
             } else {
                 const __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scale[0], dx), acc[b]);
@@ -752,8 +855,7 @@ inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0
             for (int b = 0; b < NB; b++)
                 xv[b] = _mm512_loadu_si512(xq.q + ((b0 + b) * xq.blocks + i) * 32);
             for (int r = 0; r < R; r++) {
-                const __m512i w = load_block<KIND>(wt.qs + (n + r) * row_bytes, nb,
-                                                   has_multipliers(KIND) ? wt.mult + (n + r) * 2 * nb : nullptr, i);
+                const __m512i w = load_block<KIND>(wt.qs + (n + r) * row_bytes, nb, row_multipliers<KIND>(wt, n + r, nb), i);
                 for (int b = 0; b < NB; b++) {
                     const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xv[b]));
                     if (S == 2 && (j & 1))
@@ -799,15 +901,15 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
     const int64_t nb = k / 32;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
-        const int8_t* mult = has_multipliers(KIND) ? w.mult + r * 2 * nb : nullptr;
+        const int8_t* mult = row_multipliers<KIND>(w, r, nb);
         for (int64_t i = 0; i < nb; i++) {
             const float dv = avx2::block_scale<KIND>(w, r * nb + i);
             const __m512 d = _mm512_set1_ps(dv);
-            const __m512 mo = _mm512_set1_ps(avx2::block_offset<KIND>(w, r * nb + i, dv));
+            const float mo = avx2::block_offset<KIND>(w, r * nb + i, dv);
             const __m512i q = load_block<KIND>(row, nb, mult, i);
             for (int h = 0; h < 2; h++) {  // elements 0-15, 16-31
                 const __m512i q32 = _mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q));
-                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q32), d, mo);
+                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q32), d, _mm512_set1_ps(mo + avx2::half_offset<KIND>(w, r * nb + i, h)));
                 const int64_t off = r * k + 32 * i + 16 * h;
                 if (out_f32) {
                     _mm512_storeu_ps(out_f32 + off, v);
@@ -1053,6 +1155,7 @@ inline void with_kind(int64_t kind, Fn&& fn) {
         case KIND_Q5: fn(std::integral_constant<int64_t, KIND_Q5>{}); break;
         case KIND_Q6: fn(std::integral_constant<int64_t, KIND_Q6>{}); break;
         case KIND_Q3: fn(std::integral_constant<int64_t, KIND_Q3>{}); break;
+        case KIND_Q2_K: fn(std::integral_constant<int64_t, KIND_Q2_K>{}); break;
         default: break;
     }
 }
@@ -1163,11 +1266,11 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
     TORCH_CHECK(d_opt.has_value(), "d: block scales are required for block kinds");
     const torch::Tensor& d = *d_opt;
     if (has_super_scales(kind)) {
-        TORCH_CHECK(k % 256 == 0, "Q4_K/Q5_K blocks: in_features must be a multiple of 256, got ", k);
+        TORCH_CHECK(k % 256 == 0, "Q2_K/Q4_K/Q5_K blocks: in_features must be a multiple of 256, got ", k);
         TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                     d.size(1) == k / 128, "d: (N, K/256 * 2) contiguous float16 (d and dmin per super-block)");
         TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
-                    m->size(0) == n && m->size(1) == k / 16, "m: (N, K/32 * 2) contiguous uint8 (scale and min per block)");
+                    m->size(0) == n && m->size(1) == k / 16, "m: (N, K/32 * 2) contiguous uint8 (scales and mins)");
         return;
     }
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
