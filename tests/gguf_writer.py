@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -57,6 +57,22 @@ def random_k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) ->
         scales = rng.uniform(0.0005, 0.002, size=blocks.shape[0]).astype(np.float16)
         blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, cols // 256 * size)
+
+
+# Where the float16 scale d sits in each block of the types gguf-py decodes for Lantern (the IQ family and the
+# ternary types: loader/quants.GGUF_PY_TYPES), for random_iq_blocks.
+IQ_SCALE_AT = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.IQ3_S: 0, T.IQ3_XXS: 0, T.IQ2_S: 0, T.IQ2_XS: 0, T.IQ2_XXS: 0,
+               T.IQ1_S: 0, T.TQ2_0: 64, T.TQ1_0: 52}
+
+
+def random_iq_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random but valid blocks of an IQ or ternary type (gguf-py has no quantizer for them): random bytes (grid
+    indices, signs, sub-block scales) with a small fp16 d."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    at = IQ_SCALE_AT[qtype]
+    blocks[:, at:at + 2] = rng.uniform(0.0005, 0.002, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
 
 
 def tokenizer_metadata(writer: GGUFWriter, vocab_size: int) -> None:
@@ -138,6 +154,8 @@ def write_gguf(hf_model, path, qtype: T = T.F32, qtype_for=None) -> dict[str, to
         else:
             if kind in K_QUANTS:
                 data = random_k_blocks(kind, w.shape[0], w.shape[1], np.random.default_rng(len(encoded)))
+            elif kind in IQ_SCALE_AT:
+                data = random_iq_blocks(kind, w.shape[0], w.shape[1], np.random.default_rng(len(encoded)))
             else:
                 data = quantize(w, kind)
             stored = dequantize(data, kind).astype(np.float32)

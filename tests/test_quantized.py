@@ -137,6 +137,35 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path, isa):
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 
+IQ_MIX = {"q_proj": T.IQ4_XS, "k_proj": T.IQ4_NL, "v_proj": T.IQ3_S, "o_proj": T.IQ3_XXS, "gate_proj": T.IQ2_XXS,
+          "up_proj": T.IQ2_S, "down_proj": T.TQ2_0, "embed_tokens": T.IQ2_XS, "lm_head": T.IQ1_S}
+
+
+@pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
+def test_iq_file_weights_are_the_files_values_exactly_and_8_bit_blocks_within_half_a_step(tmp_path, monkeypatch):
+    # The IQ family and the ternary types have no kind of their own: gguf-py decodes them (loader/quants) and the
+    # kernel path keeps them as 8-bit blocks, a chunk of rows at a time (a small CHUNK_BYTES: several chunks).
+    monkeypatch.setattr(quantize_module, "CHUNK_BYTES", 3000)
+    hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64, tie_word_embeddings=False)
+    encoded = write_gguf(hf, tmp_path / "m.gguf", T.Q8_0, qtype_for=pick_from(IQ_MIX))
+    ref = load(tmp_path / "m.gguf", exact=True).model
+    for name, w in encoded.items():  # the exact path: gguf-py's values, permutations undone
+        assert torch.equal(ref.get_parameter(name).float(), w), name
+    quant = load(tmp_path / "m.gguf", exact=False).model
+    modules = [m for m in quant.modules() if isinstance(m, QuantLinear)]
+    assert {m.kind for m in modules} == {KIND_Q8}
+    layer = quant.model.layers[0]
+    for module, parts in [(layer.mlp.down_proj, ["mlp.down_proj"]), (quant.lm_head, None),
+                          (layer.self_attn.o_proj, ["self_attn.o_proj"])]:
+        w = encoded["lm_head.weight"] if parts is None else encoded[f"model.layers.0.{parts[0]}.weight"]
+        got = dequantize_blocks(module.weight_blocks())
+        step = w.view(w.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape) / 127
+        # half an 8-bit step, and the float16 rounding of the block's scale (2^-11 of each value)
+        assert torch.all((got - w).abs() <= step * 0.5 * (1 + 2.0 ** -10) + w.abs() * 2.0 ** -10 + 1e-7)
+    ids = torch.tensor([[5, 17, 90, 3]])
+    assert torch.isfinite(quant(ids).logits).all()
+
+
 @pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
 def test_matrices_read_in_chunks_of_rows_are_the_matrices_read_whole(tmp_path, monkeypatch):
     # Big matrices (the embedding) are copied into place, and Q6_K ones requantized, a chunk of rows at a time so

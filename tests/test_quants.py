@@ -16,6 +16,7 @@ from lanternlm.errors import LanternError
 from lanternlm.loader.gguf import read_gguf
 from lanternlm.loader.quants import SUPPORTED_TYPES, dequantize, tensor_nbytes, type_layout, type_name
 
+from gguf_writer import IQ_SCALE_AT, random_iq_blocks
 from model_files import default_gguf_path
 
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -147,9 +148,13 @@ def test_layout_table_agrees_with_gguf_py():
     for qtype in T:
         assert type_layout(int(qtype)) == tuple(gguf.GGML_QUANT_SIZES[qtype]), qtype.name
         assert type_name(int(qtype)) == qtype.name
-    assert {T(t).name for t in SUPPORTED_TYPES} == {
+    assert {T(t).name for t in SUPPORTED_TYPES} >= {
         "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+        "MXFP4",
     }
+    # what no model file holds (ggml's run-time activation types, integers)
+    assert not {T(t).name for t in SUPPORTED_TYPES} & {"Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"}
 
 
 def test_unknown_type_is_a_clear_error():
@@ -161,9 +166,19 @@ def test_unknown_type_is_a_clear_error():
 
 
 def test_known_but_unsupported_type_names_the_type():
-    _, type_size = gguf.GGML_QUANT_SIZES[T.IQ4_XS]
-    with pytest.raises(LanternError, match="IQ4_XS is not supported"):
-        dequantize(np.zeros(type_size, np.uint8), int(T.IQ4_XS), (256,))
+    _, type_size = gguf.GGML_QUANT_SIZES[T.Q8_K]
+    with pytest.raises(LanternError, match="Q8_K is not supported"):
+        dequantize(np.zeros(type_size, np.uint8), int(T.Q8_K), (256,))
+
+
+@pytest.mark.parametrize("qtype", sorted(IQ_SCALE_AT, key=int), ids=lambda t: t.name)
+def test_iq_and_ternary_types_decode_as_gguf_py_does(qtype):
+    # gguf-py decodes these for Lantern (loader/quants.GGUF_PY_TYPES): the tensor's shape, dtype and every value.
+    raw = random_iq_blocks(qtype, 3, 512, np.random.default_rng(int(qtype)))
+    got = dequantize(raw.reshape(-1), int(qtype), (3, 512))
+    want = torch.from_numpy(reference_dequantize(raw, qtype))
+    assert got.dtype == torch.float32 and got.shape == (3, 512)
+    assert torch.equal(got, want) and torch.isfinite(got).all() and got.abs().max() > 0
 
 
 def test_wrong_byte_count_and_partial_blocks_are_rejected():

@@ -47,10 +47,9 @@ Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations
   per-block scales D*sc and offsets -DMIN*mn rounded to float16 (KIND_Q4_MIN, KIND_Q5_MIN: a relative change of
   at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);
-- a type without a kind here would be dequantized, then quantized to 8 bits per block of 32 (scale max|w|/127), an
-  error of at most half a step, max|w|/254, per weight; every type loader/quants decodes has a kind, and the
-  others (the IQ types and the like) are refused there with a clear error. The same 8-bit blocks are what a
-  model computes the kinds in quantize.requantized_kinds() as.
+- every other type loader/quants decodes (the IQ family, TQ1_0, TQ2_0, MXFP4: through gguf-py): dequantized,
+  then quantized to 8 bits per block of 32 (scale max|w|/127), an error of at most half a step, max|w|/254,
+  per weight. The same 8-bit blocks are what a model computes the kinds in quantize.requantized_kinds() as.
 
 Quantization of float weights at load (`quantize`: q8_0, q4_0, q4_1) follows ggml's reference recipes
 (quantize_row_q8_0/q4_0/q4_1_ref), as whole-matrix torch operations.

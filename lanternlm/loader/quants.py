@@ -4,6 +4,10 @@ This is the only place in Lantern that knows ggml block layouts. Every function 
 once (blocks are rows of a 2-D uint8 tensor), with no Python loop over blocks. The arithmetic is the same
 float32 operations, in the same order, as gguf-py's reference dequantizer, so results are bit-identical to
 `gguf.quants.dequantize`.
+
+The other weight types people download (the IQ family: IQ4_XS, IQ4_NL, IQ3_S, IQ2_XXS, ...; the ternary TQ1_0,
+TQ2_0; MXFP4) are decoded by gguf-py itself (`GGUF_PY_TYPES`), in numpy, ~10 ns a weight on this project's VM:
+their layouts (lattice grids, sign tables) are data that gguf-py carries and Lantern does not copy.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from lanternlm.errors import LanternError
 
@@ -37,8 +42,14 @@ _SUPPORTED_LAYOUTS: dict[int, tuple[int, int]] = {
     14: (_QK_K, 128 + 64 + 16 + 2),  # Q6_K: low nibbles, high 2 bits, int8 scales, f16 d
 }
 
+# The types gguf-py decodes for us (see the docstring), by name: those this gguf-py version knows.
+GGUF_PY_TYPES: frozenset[int] = frozenset(
+    int(GGMLQuantizationType[name]) for name in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                                 "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4")
+    if name in GGMLQuantizationType.__members__ and hasattr(gguf_quants, name))
+
 # The ggml type ids this module dequantizes (an immutable constant, for callers that want to pre-check a file).
-SUPPORTED_TYPES: frozenset[int] = frozenset(_SUPPORTED_LAYOUTS)
+SUPPORTED_TYPES: frozenset[int] = frozenset(_SUPPORTED_LAYOUTS) | GGUF_PY_TYPES
 
 
 def type_name(ggml_type: int) -> str:
@@ -85,7 +96,7 @@ def dequantize(raw: torch.Tensor | np.ndarray, ggml_type: int, shape: tuple[int,
     """
     shape = tuple(int(d) for d in shape)
     name = type_name(ggml_type)
-    if ggml_type not in _SUPPORTED_LAYOUTS:
+    if ggml_type not in SUPPORTED_TYPES:
         supported = ", ".join(sorted(type_name(t) for t in SUPPORTED_TYPES))
         raise LanternError(f"dequantizing {name} is not supported (supported types: {supported})")
     expected = tensor_nbytes(ggml_type, shape)
@@ -93,7 +104,11 @@ def dequantize(raw: torch.Tensor | np.ndarray, ggml_type: int, shape: tuple[int,
     if data.numel() != expected:
         raise LanternError(f"{name} tensor of shape {shape} needs {expected} bytes, got {data.numel()}")
 
-    block_size, type_size = _SUPPORTED_LAYOUTS[ggml_type]
+    block_size, type_size = type_layout(ggml_type)
+    if ggml_type in GGUF_PY_TYPES:
+        with np.errstate(all="ignore"):  # a block whose scale is inf or NaN decodes to such values, as in ggml
+            out = gguf_quants.dequantize(data.numpy().reshape(-1, type_size), GGMLQuantizationType(ggml_type))
+        return torch.from_numpy(out).reshape(shape)
     if block_size == 1:
         out = _decode_float(data, ggml_type)
     else:
