@@ -40,7 +40,7 @@ def ensure_files() -> None:
     from .files import FOLDER, FOLDER_PEER_GGUF, SHAPES, OUT
     wanted = [FOLDER, *FOLDER_PEER_GGUF.values(), OUT / "smollm2-135m-f16.gguf", OUT / "smollm2-135m-q4_k_m.gguf",
               *(OUT / f"{name}-q4_k_m.gguf" for name in SHAPES), OUT / "llama-1b-shape-q3_k_m.gguf",
-              OUT / "llama-1b-shape-q2_k.gguf"]
+              OUT / "llama-1b-shape-q2_k.gguf", OUT / "llama-1b-shape-iq4_xs.gguf"]
     missing = [p.name for p in wanted if not p.exists()]
     if missing:
         env.say(f"writing the bench's files first ({', '.join(missing)} missing): python -m bench.files")

@@ -20,8 +20,9 @@ llama-cpp-python in bench/.venv), so the type mix is exactly what llama.cpp's Q4
 - `llama-1b-shape-q4_k_m.gguf`: a Llama whose sizes are multiples of 256 (hidden 2048, 16 layers, MLP 8192),
   so Q4_K and Q6_K are used throughout;
 - `llama-1b-shape-q3_k_m.gguf`: the same random weights in Q3_K_M (Q3_K most, Q4_K/Q5_K/Q6_K some), the mix
-  people take for big models in little memory; and `llama-1b-shape-q2_k.gguf` (Q2_K most, Q3_K/Q4_K/Q6_K
-  some), the smallest of llama.cpp's K-quant mixes.
+  people take for big models in little memory; `llama-1b-shape-q2_k.gguf` (Q2_K most, Q3_K/Q4_K/Q6_K
+  some), the smallest of llama.cpp's K-quant mixes; and `llama-1b-shape-iq4_xs.gguf` (IQ4_XS most), the
+  non-linear 4-bit type many people pick over Q4_K_M.
 
 Files go to bench/files/ (gitignored); each one's tensor-type histogram is printed.
 """
@@ -250,7 +251,7 @@ def main() -> None:
     for name, (arch, shapes, vocab_file, tied) in SHAPES.items():
         if args.only not in (None, name):
             continue
-        mixes = ["q4_k_m"] + (["q3_k_m", "q2_k"] if name == "llama-1b-shape" else [])
+        mixes = ["q4_k_m"] + (["q3_k_m", "q2_k", "iq4_xs"] if name == "llama-1b-shape" else [])
         files = {mix: OUT / f"{name}-{mix}.gguf" for mix in mixes}
         if not all(q.exists() for q in files.values()):
             vocab = vocab or vocab_dir()

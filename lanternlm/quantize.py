@@ -263,17 +263,18 @@ def requantized_kinds() -> tuple[int, ...]:
     return () if k is not None and k.isa() >= 2 else (KIND_Q6, KIND_Q3)
 
 
-_Q4_1, _Q5_1, _Q8_0, _Q2_K, _Q4_K, _Q5_K = 3, 7, 8, 10, 12, 13
+_Q4_1, _Q5_1, _Q8_0, _Q2_K, _Q4_K, _Q5_K, _IQ4_NL, _IQ4_XS = 3, 7, 8, 10, 12, 13, 20, 23
 
 
 def _loaded_type(ggml_type: int, cols: tuple[int, int] | None = None) -> int:
     """The ggml type whose block layout a matrix of this type is computed in (see requantized_kinds); a Q4_K
     (Q5_K) matrix whose kept columns `cols` cut its super-blocks (a tensor-parallel rank's) in Q4_1's (Q5_1's),
-    per-block scales, a Q2_K one as 8-bit blocks (blocks.Blocks.columns)."""
+    per-block scales, a Q2_K one as 8-bit blocks, an IQ4_XS one as IQ4_NL (blocks.Blocks.columns)."""
     if kind_for(ggml_type) in requantized_kinds():
         return _Q8_0
-    if ggml_type in (_Q2_K, _Q4_K, _Q5_K) and cols is not None and (cols[0] % 256 or cols[1] % 256):
-        return {_Q2_K: _Q8_0, _Q4_K: _Q4_1, _Q5_K: _Q5_1}[ggml_type]
+    cut_inside = {_Q2_K: _Q8_0, _Q4_K: _Q4_1, _Q5_K: _Q5_1, _IQ4_XS: _IQ4_NL}
+    if ggml_type in cut_inside and cols is not None and (cols[0] % 256 or cols[1] % 256):
+        return cut_inside[ggml_type]
     return ggml_type
 
 

@@ -31,7 +31,7 @@ from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
 
-from gguf_writer import random_k_blocks
+from gguf_writer import IQ_SCALE_AT, random_iq_blocks, random_k_blocks
 from tiny_models import make_hf_model
 
 K = kernels(quiet=True)
@@ -43,6 +43,8 @@ def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.
     rng = np.random.default_rng(seed)
     if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
         raw = random_k_blocks(qtype, n, k, rng)
+    elif qtype in IQ_SCALE_AT:
+        raw = random_iq_blocks(qtype, n, k, rng)
     else:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
         raw = gguf_quantize(w, qtype)
@@ -136,16 +138,17 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
                                              (T.Q4_K, BLOCK_PATH_ACROSS), (T.Q5_0, BLOCK_PATH_ACROSS),
                                              (T.Q5_1, BLOCK_PATH_ACROSS), (T.Q5_K, BLOCK_PATH_ACROSS),
                                              (T.Q6_K, BLOCK_PATH_ACROSS), (T.Q3_K, BLOCK_PATH_ACROSS),
-                                             (T.Q2_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16)])
+                                             (T.Q2_K, BLOCK_PATH_ACROSS), (T.Q8_0, BLOCK_PATH_INT16),
+                                             (T.IQ4_NL, BLOCK_PATH_INT16), (T.IQ4_XS, BLOCK_PATH_INT16)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
     """AVX-512 computes the 2- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
-    register, and the 8-bit kind with int16 ones; AVX2 all with int16 ones, a block at a time for tiles of up to
+    register, and the 8-bit and IQ4 kinds with int16 ones; AVX2 all with int16 ones, a block at a time for tiles of up to
     4 activation rows. Across lanes and on AVX2, every (weight row, activation row) pair adds its blocks in the
     same order whatever the batch: a row's result has the same bits alone and in any batch."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
     # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
     # blocks (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
-    k_quant = qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+    k_quant = qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
     cases = [(k, None) for k in ((256, 768) if k_quant else (256, 576, 800))]
     cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K) else []
     for k, cut in cases:

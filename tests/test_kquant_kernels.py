@@ -1,12 +1,12 @@
-"""The native kernels for the 2-, 3-, 5- and 6-bit ggml types (Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K) and Q4_K,
-against gguf-py and the float32 product.
+"""The native kernels for the 2-, 3-, 5- and 6-bit ggml types (Q5_0, Q5_1, Q5_K, Q6_K, Q3_K, Q2_K), Q4_K and the
+non-linear 4-bit IQ4_NL and IQ4_XS, against gguf-py and the float32 product.
 
 For every type, on AVX-512 VNNI and on AVX2 (forced through set_isa; AVX-512 skipped on CPUs without it):
 - the blocks keep the type's own bits: their kind is the type's native one (not the 8-bit fallback) and they
   take about the file's bytes;
 - dequantization (the torch reference and the kernel's, used by the dense prefill and the embedding) equals
-  gguf-py's exactly (Q4_K, Q5_K and Q2_K keep their own scales; what a tensor-parallel cut inside super-blocks
-  takes, per-block float16 scales or Q2_K's 8-bit blocks, is checked separately);
+  gguf-py's exactly (Q4_K, Q5_K, Q2_K and IQ4_XS keep their own scales; what a tensor-parallel cut inside
+  super-blocks takes, per-block float16 scales or Q2_K's 8-bit blocks, is checked separately);
 - the product equals the float32 product of the dequantized weights within the int16 activation rounding,
   for 1, 3 and 8 activation rows, odd N and several K;
 and a tiny Llama written with these types decodes the greedy tokens of its exact float32 path.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -26,6 +27,8 @@ from lanternlm import LLM, SamplingParams
 from lanternlm.kernels import kernels, why_unavailable
 from lanternlm.kernels.blocks import (
     BLOCK_BYTES,
+    KIND_IQ4_NL,
+    KIND_IQ4_XS,
     KIND_Q2_K,
     KIND_Q3,
     KIND_Q4_K,
@@ -49,18 +52,20 @@ K = kernels(quiet=True)
 pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_unavailable()}")
 
 NATIVE = {T.Q5_0: KIND_Q5, T.Q5_1: KIND_Q5_MIN, T.Q5_K: KIND_Q5_K, T.Q6_K: KIND_Q6, T.Q3_K: KIND_Q3,
-          T.Q4_K: KIND_Q4_K, T.Q2_K: KIND_Q2_K}
-K_TYPES = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+          T.Q4_K: KIND_Q4_K, T.Q2_K: KIND_Q2_K, T.IQ4_NL: KIND_IQ4_NL, T.IQ4_XS: KIND_IQ4_XS}
+K_TYPES = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS}  # super-blocks of 256
+RANDOM_TYPES = K_TYPES | {T.IQ4_NL}  # no gguf-py quantizer: random blocks (k_blocks)
 # Super-block scales small enough that weights stay about 0.01-0.5, like a trained model's.
-SUPER_SCALES = {T.Q2_K: {"d": (0.0005, 0.003), "dmin": (0.0005, 0.003)}, T.Q3_K: {"d": (0.0005, 0.003)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
+SUPER_SCALES = {T.Q2_K: {"d": (0.0005, 0.003), "dmin": (0.0005, 0.003)}, T.Q3_K: {"d": (0.0005, 0.003)},
+                T.IQ4_NL: {"d": (0.0005, 0.003)}, T.IQ4_XS: {"d": (0.00002, 0.0001)}, T.Q4_K: {"d": (0.0002, 0.0008), "dmin": (0.0002, 0.0008)},
                 T.Q5_K: {"d": (0.0001, 0.0004), "dmin": (0.0002, 0.0008)}, T.Q6_K: {"d": (0.00002, 0.0001)}}
 
 
 def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid K-quant blocks (gguf-py has no K-quant quantizer): random bytes, then small fp16 super-block scales
-    at the offsets ggml's block struct gives them."""
-    size = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    """Valid K-quant and IQ4 blocks (gguf-py has no quantizer for them): random bytes, then small fp16
+    (super-)block scales at the offsets ggml's block struct gives them."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     for field, (lo, hi) in SUPER_SCALES[qtype].items():
         start = BLOCK_FIELDS[qtype][field][0]
         blocks[:, start:start + 2] = rng.uniform(lo, hi, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
@@ -70,7 +75,7 @@ def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.nda
 def ggml_tensor(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
     rng = np.random.default_rng(seed)
-    if qtype in K_TYPES:
+    if qtype in RANDOM_TYPES:
         raw = k_blocks(qtype, n, k, rng)
     else:
         raw = gguf_quantize((rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32), qtype)
@@ -123,6 +128,13 @@ def test_blocks_keep_the_type_bits_and_dequantize_like_gguf_py(isa, qtype):
         assert torch.equal(f32, torch_ref)
         assert torch.equal(bf16, torch_ref.to(torch.bfloat16))
         assert torch.equal(f32, ref)
+        if qtype == T.IQ4_XS:  # a cut inside super-blocks: IQ4_NL, each block's scale rounded to float16
+            cut = blocks.columns(96, k - 96)
+            assert cut.kind == KIND_IQ4_NL
+            want = ref[:, 96:k - 96]
+            assert torch.all((dequantize_blocks(cut) - want).abs() <= want.abs() * 2.0 ** -11 + 2.0 ** -24 * 127)
+            assert torch.equal(K.dequantize(cut.qs, cut.d, cut.m, cut.kind, k - 192, torch.float32),
+                               dequantize_blocks(cut))
         if qtype in (T.Q4_K, T.Q5_K):  # a cut inside super-blocks: per-block float16 scales and offsets
             cut = blocks.columns(96, k - 96)
             assert cut.kind == (KIND_Q4_MIN if qtype == T.Q4_K else KIND_Q5_MIN)
@@ -179,14 +191,15 @@ def test_malformed_multipliers_are_refused():
         K.qmatmul(torch.zeros(1, 256), b.qs, b.d, b.m[:, :8].contiguous(), b.kind)
 
 
-TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.Q5_K, "v_proj": T.Q6_K, "o_proj": T.Q5_0, "gate_proj": T.Q3_K,
-                   "up_proj": T.Q3_K, "down_proj": T.Q2_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
+TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.IQ4_XS, "v_proj": T.Q6_K, "o_proj": T.Q5_0, "gate_proj": T.Q3_K,
+                   "up_proj": T.IQ4_NL, "down_proj": T.Q2_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
 
 
 def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path(tmp_path, monkeypatch):
     # gguf_writer writes K-quant blocks from random bytes; give them the small scales of k_blocks, so the
     # network is not chaotic and its float32 logits are a meaningful reference.
     monkeypatch.setattr(gguf_writer, "random_k_blocks", k_blocks)
+    monkeypatch.setattr(gguf_writer, "random_iq_blocks", k_blocks)
     # Without AVX-512, models compute Q6_K and Q3_K as 8-bit blocks (quantize.requantized_kinds: slower native
     # kernels there); here the model runs every kind natively, through the fused decode stack.
     monkeypatch.setattr(lanternlm.quantize, "requantized_kinds", lambda: ())
@@ -196,7 +209,7 @@ def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path
     quant = LLM(str(tmp_path / "m.gguf"), exact=False)
     exact = LLM(str(tmp_path / "m.gguf"), exact=True)
     kinds = {m.kind for m in quant.model.modules() if isinstance(m, QuantLinear)}
-    assert {KIND_Q5_K, KIND_Q6, KIND_Q5, KIND_Q3, KIND_Q2_K} <= kinds  # (lm_head's Q4_K only when it is not tied)
+    assert {KIND_Q5_K, KIND_Q6, KIND_Q5, KIND_Q3, KIND_Q2_K, KIND_IQ4_XS, KIND_IQ4_NL} <= kinds  # (+ untied Q4_K head)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for prompt in ([5, 17, 90, 3], [200, 1, 44, 44, 9, 120, 7]):  # short: every product is the int16 kernel
         assert quant.generate(prompt, params).token_ids == exact.generate(prompt, params).token_ids

@@ -11,7 +11,7 @@ from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import blocks as blocks_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8, dequantize_blocks
 from lanternlm import load as load_module
 from lanternlm.load import load
 from lanternlm.model import KVCache
@@ -143,8 +143,9 @@ IQ_MIX = {"q_proj": T.IQ4_XS, "k_proj": T.IQ4_NL, "v_proj": T.IQ3_S, "o_proj": T
 
 @pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
 def test_iq_file_weights_are_the_files_values_exactly_and_8_bit_blocks_within_half_a_step(tmp_path, monkeypatch):
-    # The IQ family and the ternary types have no kind of their own: gguf-py decodes them (loader/quants) and the
-    # kernel path keeps them as 8-bit blocks, a chunk of rows at a time (a small CHUNK_BYTES: several chunks).
+    # The IQ family (but IQ4_NL and IQ4_XS, kinds of their own) and the ternary types: gguf-py decodes them
+    # (loader/quants) and the kernel path keeps them as 8-bit blocks, a chunk of rows at a time (a small
+    # CHUNK_BYTES: several chunks).
     monkeypatch.setattr(quantize_module, "CHUNK_BYTES", 3000)
     hf = make_hf_model("llama", hidden_size=256, intermediate_size=512, head_dim=64, tie_word_embeddings=False)
     encoded = write_gguf(hf, tmp_path / "m.gguf", T.Q8_0, qtype_for=pick_from(IQ_MIX))
@@ -153,7 +154,7 @@ def test_iq_file_weights_are_the_files_values_exactly_and_8_bit_blocks_within_ha
         assert torch.equal(ref.get_parameter(name).float(), w), name
     quant = load(tmp_path / "m.gguf", exact=False).model
     modules = [m for m in quant.modules() if isinstance(m, QuantLinear)]
-    assert {m.kind for m in modules} == {KIND_Q8}
+    assert {m.kind for m in modules} == {KIND_Q8, KIND_IQ4_XS, KIND_IQ4_NL}
     layer = quant.model.layers[0]
     for module, parts in [(layer.mlp.down_proj, ["mlp.down_proj"]), (quant.lm_head, None),
                           (layer.self_attn.o_proj, ["self_attn.o_proj"])]:

@@ -127,6 +127,8 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
     from gguf import GGMLQuantizationType as T
 
     from lanternlm.kernels.blocks import (
+        KIND_IQ4_NL,
+        KIND_IQ4_XS,
         KIND_Q2_K,
         KIND_Q4_K,
         KIND_Q4_MIN,
@@ -142,13 +144,16 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
     )
     from lanternlm.quantize import MatrixPart
 
-    from gguf_writer import random_k_blocks
+    from gguf_writer import random_iq_blocks, random_k_blocks
 
     w = torch.randn(6, 512, generator=torch.Generator().manual_seed(0))
     matrices = [quantize_q4_0(w), quantize_q4_1(w), quantize_q8_torch(w), float_blocks(w.bfloat16())]
     for i, qtype in enumerate((T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)):  # multipliers per 16 (Q3_K, Q6_K), offsets
         raw = random_k_blocks(qtype, 6, 512, np.random.default_rng(i))
         matrices.append(from_ggml(raw.reshape(-1), int(qtype), (6, 512)))
+    for qtype in (T.IQ4_NL, T.IQ4_XS):  # non-linear values; IQ4_XS's scale per block, d per super-block
+        matrices.append(from_ggml(random_iq_blocks(qtype, 6, 512, np.random.default_rng(7)).reshape(-1), int(qtype),
+                                  (6, 512)))
     for blocks in matrices:
         whole = dequantize_blocks(blocks)
         part = MatrixPart(rows=((4, 6), (0, 1)), cols=(96, 352))  # 352 - 96: 8 blocks, inside K-quant super-blocks
@@ -158,6 +163,9 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
         if blocks.kind in (KIND_Q4_K, KIND_Q5_K):  # a cut inside super-blocks: per-block scales rounded to float16
             assert cut.kind == {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN}[blocks.kind]  # (test_kquant_kernels)
             assert torch.allclose(dequantize_blocks(cut), want, rtol=0, atol=2.0 ** -10 * float(want.abs().max()))
+        elif blocks.kind == KIND_IQ4_XS:  # each block's scale D*(ls - 32) rounded to float16
+            assert cut.kind == KIND_IQ4_NL
+            assert torch.all((dequantize_blocks(cut) - want).abs() <= want.abs() * 2.0 ** -11 + 1e-7)
         elif blocks.kind == KIND_Q2_K:  # its halves' scales and mins fit no per-block kind: 8-bit blocks
             assert cut.kind == KIND_Q8
             step = want.view(3, 8, 32).abs().amax(-1, keepdim=True) / 127  # half an 8-bit step, and float16 d

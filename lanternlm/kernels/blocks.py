@@ -22,6 +22,11 @@ element j+16 in its high one):
   KIND_Q6       24     nibbles; crumbs (see below)        d*m[half]*(q - 32)        Q6_K
   KIND_Q3       12     crumbs; high bits (see below)      d*m[half]*(q - 4)         Q3_K
   KIND_Q2_K      8     crumbs (see below)                 D*sc[half]*q - DMIN*mn[half]  Q2_K
+  KIND_IQ4_NL   16     nibbles                            d*V[q]                    IQ4_NL
+  KIND_IQ4_XS   16     nibbles                            D*(ls - 32)*V[q]          IQ4_XS
+
+V is ggml's table of 16 non-linear values (loader/quants.IQ4_NL_VALUES). KIND_IQ4_XS keeps the file's scales: d
+(N, K/256) float16, each super-block's D, and m (N, K/32) uint8, each block's 6-bit scale ls.
 
 The 5-, 6- and 3-bit kinds' rows are not block after block: each group of 16 blocks (fewer in the row's last)
 holds one part of every block, then the other (`GROUP_PARTS`, `group_split`, `group_join`). The 5-bit kinds:
@@ -42,12 +47,15 @@ Conversions, from a GGUF tensor's raw bytes (whole-tensor torch/numpy operations
   16 elements and repeat the super-block's fp16 d for each of its 8 blocks;
 - Q2_K: the same values and the file's 2.625 bits a weight (its crumbs regrouped per block, its scale bytes and
   super-block d, dmin as stored); a tensor-parallel cut inside super-blocks becomes 8-bit blocks (as below);
+- IQ4_NL, IQ4_XS: the same values (nibbles, d and IQ4_XS's 6-bit scales as stored: 4.5 and 4.3125 bits a weight
+  against the file's 4.5 and 4.25); an IQ4_XS cut inside super-blocks becomes KIND_IQ4_NL with each block's
+  scale D*(ls - 32) rounded to float16;
 - Q4_K, Q5_K: the same values (exact), their 6-bit scales unpacked to a byte each (KIND_Q4_K: 4.625 bits a
   weight against the file's 4.5, KIND_Q5_K 5.625 against 5.5); a tensor-parallel cut inside super-blocks becomes
   per-block scales D*sc and offsets -DMIN*mn rounded to float16 (KIND_Q4_MIN, KIND_Q5_MIN: a relative change of
   at most 2^-11 per term, far inside 4-bit rounding);
 - F16, BF16, F32: the float kind of the same type (the values as stored);
-- every other type loader/quants decodes (the IQ family, TQ1_0, TQ2_0, MXFP4: through gguf-py): dequantized,
+- every other type loader/quants decodes (the other IQ types, TQ1_0, TQ2_0, MXFP4: through gguf-py): dequantized,
   then quantized to 8 bits per block of 32 (scale max|w|/127), an error of at most half a step, max|w|/254,
   per weight. The same 8-bit blocks are what a model computes the kinds in quantize.requantized_kinds() as.
 
@@ -64,21 +72,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..loader.quants import block_fields, dequantize, f16, k_scales_mins, q3_k_scales, run_bits, type_layout
+from ..loader.quants import (
+    IQ4_NL_VALUES,
+    block_fields,
+    dequantize,
+    f16,
+    iq4_xs_scales,
+    k_scales_mins,
+    q3_k_scales,
+    run_bits,
+    type_layout,
+)
 from . import kernels
 
 (KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
- KIND_Q4_K, KIND_Q5_K, KIND_Q2_K) = range(13)
+ KIND_Q4_K, KIND_Q5_K, KIND_Q2_K, KIND_IQ4_NL, KIND_IQ4_XS) = range(15)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
               KIND_Q4_K: "4-bit blocks with Q4_K's scales", KIND_Q5_K: "5-bit blocks with Q5_K's scales",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
-              KIND_Q2_K: "2-bit blocks with Q2_K's scales",
+              KIND_Q2_K: "2-bit blocks with Q2_K's scales", KIND_IQ4_NL: "4-bit non-linear blocks",
+              KIND_IQ4_XS: "4-bit non-linear blocks with IQ4_XS's scales",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q5_K: 20,
-               KIND_Q6: 24, KIND_Q3: 12, KIND_Q2_K: 8}
+               KIND_Q6: 24, KIND_Q3: 12, KIND_Q2_K: 8, KIND_IQ4_NL: 16, KIND_IQ4_XS: 16}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 # kinds kept in groups of 16 blocks: the bytes of each part
@@ -86,11 +105,12 @@ GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q5_K: (16, 4), KIND_
 # kinds with the K-quants' scales -> the per-block kind a cut inside super-blocks takes
 _SUPER_SCALES = {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN, KIND_Q2_K: KIND_Q8}
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
-_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _BF16 = (0, 1, 2, 3, 6, 7, 8, 10, 11, 12,
-                                                                                    13, 14, 30)
+_F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _IQ4_XS, _BF16 = (
+    0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 30)
 _GGML_FLOATS = {_F32: KIND_F32, _F16: KIND_F16, _BF16: KIND_BF16}
 _KIND_OF = {_Q4_0: KIND_Q4, _Q4_1: KIND_Q4_MIN, _Q5_0: KIND_Q5, _Q5_1: KIND_Q5_MIN, _Q8_0: KIND_Q8,
-            _Q2_K: KIND_Q2_K, _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_K, _Q6_K: KIND_Q6}
+            _Q2_K: KIND_Q2_K, _Q3_K: KIND_Q3, _Q4_K: KIND_Q4_K, _Q5_K: KIND_Q5_K, _Q6_K: KIND_Q6, _IQ4_NL: KIND_IQ4_NL,
+            _IQ4_XS: KIND_IQ4_XS}
 
 
 @dataclass
@@ -118,7 +138,7 @@ class Blocks:
         n, k = self.shape
         if is_float_kind(self.kind):
             return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
-        if self.kind in _SUPER_SCALES and (start % 256 or end % 256):  # the cut's blocks keep scales of their own
+        if self.kind in (*_SUPER_SCALES, KIND_IQ4_XS) and (start % 256 or end % 256):  # blocks' own scales
             return per_block_scales(self).columns(start, end)
         if start % 32 or end % 32 or not 0 <= start <= end <= k:
             raise ValueError(f"columns {start}..{end - 1} of a {k}-column matrix do not fall on 32-element blocks")
@@ -131,6 +151,8 @@ class Blocks:
         m, d = self.m, self.d[:, b0:b1]
         if self.kind in _SUPER_SCALES:  # whole super-blocks: d and dmin of each, scale and min of each block
             d = self.d[:, start // 128:end // 128]
+        if self.kind == KIND_IQ4_XS:  # whole super-blocks: d of each, a scale per block
+            d = self.d[:, start // 256:end // 256]
         if m is not None:
             m = m[:, start // 16:end // 16] if self.kind in (*_MULTIPLIERS, *_SUPER_SCALES) else m[:, b0:b1]
             m = m.contiguous()
@@ -154,6 +176,8 @@ def per_block_scales(blocks: Blocks) -> Blocks:
     no per-block kind keeps: its blocks become 8-bit ones (quantize_q8 of its values)."""
     if blocks.kind == KIND_Q2_K:
         return quantize_q8(dequantize_blocks(blocks))
+    if blocks.kind == KIND_IQ4_XS:  # KIND_IQ4_NL with each block's D*(ls - 32)
+        return Blocks(blocks.qs, _iq4_xs_block_scales(blocks).half(), None, KIND_IQ4_NL, blocks.shape)
     scale, offset = _super_block_scales(blocks)
     return Blocks(blocks.qs, scale.half(), offset.half(), _SUPER_SCALES[blocks.kind], blocks.shape)
 
@@ -168,6 +192,11 @@ def _super_block_scales(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
         return (super_scales[..., :1] * (sub & 0x0F).float(), -(super_scales[..., 1:] * (sub >> 4).float()))
     sub = blocks.m.view(n, nb, 2).float()
     return super_scales[..., 0] * sub[..., 0], -(super_scales[..., 1] * sub[..., 1])
+
+
+def _iq4_xs_block_scales(blocks: Blocks) -> torch.Tensor:
+    """KIND_IQ4_XS's per-block scale D*(ls - 32), (n, nb) float32 (exact products)."""
+    return blocks.d.float().repeat_interleave(8, dim=1) * (blocks.m.float() - 32)
 
 
 def group_split(qs: torch.Tensor, nb: int, widths: tuple[int, int]) -> list[torch.Tensor]:
@@ -229,6 +258,8 @@ def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
                     torch.uint8), "d": ((n, nb), torch.float16)}
     if kind in _SUPER_SCALES:
         specs["d"], specs["m"] = ((n, k // 128), torch.float16), ((n, nb * 2), torch.uint8)
+    elif kind == KIND_IQ4_XS:
+        specs["d"], specs["m"] = ((n, k // 256), torch.float16), ((n, nb), torch.uint8)
     elif kind in _OFFSETS:
         specs["m"] = ((n, nb), torch.float16)
     elif kind in _MULTIPLIERS:
@@ -429,8 +460,15 @@ def _convert_q3_k(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (_crumbs(f["qs"]), _high_bits(f["hmask"])), d, q3_k_scales(f["scales"])
 
 
+def _convert_iq4_xs(f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """-> nibbles (n, 8, 16) (already Q4_0's order per sub-block), D (n, 1) float16, the 6-bit scales (n, 8)
+    uint8."""
+    n = f["d"].shape[0]
+    return f["qs"].reshape(n, 8, 16), f16_bits(f["d"]).view(n, 1), iq4_xs_scales(f["scales_h"], f["scales_l"])
+
+
 _CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, _Q3_K: _convert_q3_k,
-              _Q2_K: _convert_q2_k}
+              _Q2_K: _convert_q2_k, _IQ4_XS: _convert_iq4_xs}
 
 
 # Rows converted at a time when a whole matrix would need a float32 copy: ~16 MB of float32 for K = 896 (a 151k x
@@ -550,6 +588,10 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     if kind in _SUPER_SCALES:
         scale, offset = _super_block_scales(blocks)
         return (q.float() * scale[..., None] + offset[..., None]).reshape(n, k)
+    if kind in (KIND_IQ4_NL, KIND_IQ4_XS):
+        values = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32)[q]
+        scale = blocks.d.float() if kind == KIND_IQ4_NL else _iq4_xs_block_scales(blocks)
+        return (values * scale[..., None]).reshape(n, k)
     d = blocks.d.float()[..., None]
     if kind in _MULTIPLIERS:
         mult = blocks.m.view(n, nb, 2, 1).float().expand(n, nb, 2, 16).reshape(n, nb, 32)

@@ -3,7 +3,7 @@
 // Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
 // that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
-// changing a value (Q4_K, Q5_K, Q6_K, Q3_K and Q2_K keep their scales):
+// changing a value (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K and IQ4_XS keep their scales):
 //   qs (N, K/32 * block_bytes(kind)): block i of a row is bytes block_bytes*i onwards. Its 4-bit part is 16
 //      bytes, byte j = element j in its low nibble and element j+16 in its high nibble (ggml's Q4_0 order);
 //      the 8-bit kind holds 32 int8 instead (int8 dtype). The 5-, 6- and 3-bit kinds (Q5_0, Q5_1, Q5_K, Q6_K,
@@ -16,13 +16,14 @@
 //      dot product, see avx512::load_across; one stream of bytes per row, which this VM's prefetcher follows
 //      far better than two);
 //   d (N, K/32) float16, one scale per block (KIND_Q4_K, KIND_Q5_K, KIND_Q2_K: (N, K/256 * 2), d and dmin of each
-//      super-block);
+//      super-block; KIND_IQ4_XS: (N, K/256), d of each super-block);
 //   m: (N, K/32) float16 offsets (kinds with stored offsets), or (N, K/16) int8 multipliers, one per 16
 //      elements (KIND_Q6, KIND_Q3), or (N, K/32 * 2) uint8, each block's 6-bit scale sc and min mn
 //      (KIND_Q4_K, KIND_Q5_K) or each 16-element half's 4-bit scale sc and min mn, sc | mn << 4 (KIND_Q2_K, as in
-//      the file), or nothing.
+//      the file), or (N, K/32) uint8, each block's 6-bit scale ls (KIND_IQ4_XS), or nothing.
 // A weight is d*q + m (stored offset), d*(q - z) (implicit zero point z), d*mult*(q - z) (multipliers),
-// d*sc*q - dmin*mn (KIND_Q4_K, KIND_Q5_K), or d*sc[half]*q - dmin*mn[half] (KIND_Q2_K).
+// d*sc*q - dmin*mn (KIND_Q4_K, KIND_Q5_K), d*sc[half]*q - dmin*mn[half] (KIND_Q2_K), or d*V[q] and
+// d*(ls - 32)*V[q] (KIND_IQ4_NL, KIND_IQ4_XS: V = IQ4_NL_VALUES, the nibble an index into it).
 //
 // Activations are quantized per 32 values to int16 (scale dx = max|x|/32767, values qx) first, so each
 // block's product is an integer dot product scaled once:
@@ -35,8 +36,8 @@
 // llama.cpp included.)
 //
 // Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 2- to
-// 6-bit kinds as byte dot products 16 blocks across lanes, the 8-bit kind a block per 512-bit register, the
-// int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
+// 6-bit kinds as byte dot products 16 blocks across lanes, the 8-bit and IQ4 kinds a block per 512-bit register,
+// the int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
 // builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
 
 #include <torch/extension.h>
@@ -77,7 +78,14 @@ constexpr int64_t KIND_Q4_K = 10;   // 4-bit, Q4_K's own scales: per block a 6-b
 constexpr int64_t KIND_Q5_K = 11;   // 5-bit (nibbles + high bits), Q5_K's own scales, as KIND_Q4_K's
 constexpr int64_t KIND_Q2_K = 12;   // 2-bit: crumbs, Q2_K's own scales: per 16 elements a 4-bit scale and min, per
                                     // super-block d, dmin
-constexpr int64_t KIND_COUNT = 13;
+constexpr int64_t KIND_IQ4_NL = 13;  // 4-bit indices into ggml's non-linear table (IQ4_NL_VALUES), d per block
+constexpr int64_t KIND_IQ4_XS = 14;  // the same, d per super-block and a 6-bit scale per block (IQ4_XS)
+constexpr int64_t KIND_COUNT = 15;
+
+// IQ4_NL's and IQ4_XS's 16 values (ggml's kvalues_iq4nl; loader/quants.IQ4_NL_VALUES): a nibble q stands for
+// IQ4_NL_VALUES[q] times the block's scale.
+alignas(64) constexpr int8_t IQ4_NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr bool nonlinear(int64_t kind) { return kind == KIND_IQ4_NL || kind == KIND_IQ4_XS; }
 
 constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3 && kind != KIND_Q2_K; }
 // The 6-, 3- and 2-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit
@@ -109,6 +117,9 @@ constexpr bool has_offsets(int64_t kind) { return kind == KIND_Q4_MIN || kind ==
 // nibble) of each 16-element half (a weight is d*scale[half]*q - dmin*min[half]: `half_scales`).
 constexpr bool has_super_scales(int64_t kind) { return kind == KIND_Q4_K || kind == KIND_Q5_K || kind == KIND_Q2_K; }
 constexpr bool half_scales(int64_t kind) { return kind == KIND_Q2_K; }
+// IQ4_XS's scales as stored: d per super-block of 8 blocks, a 6-bit scale ls per block (`sub`, one byte each): a
+// weight is d*(ls - 32)*IQ4_NL_VALUES[q].
+constexpr bool block_scales(int64_t kind) { return kind == KIND_IQ4_XS; }
 constexpr bool has_multipliers(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3; }
 constexpr int zero_point(int64_t kind) {
     return kind == KIND_Q4 ? 8 : kind == KIND_Q5 ? 16 : kind == KIND_Q6 ? 32 : kind == KIND_Q3 ? 4 : 0;
@@ -128,7 +139,8 @@ struct Weights {
     const uint16_t* offsets;   // (N, K/32) float16, kinds with stored offsets
     const int8_t* mult;        // (N, K/16) int8, kinds with multipliers
     const uint8_t* sub = nullptr;  // KIND_Q4_K/Q5_K: (N, K/32 * 2) uint8, each block's 6-bit scale and min;
-                                   // KIND_Q2_K: each half's 4-bit scale (low nibble) and min (high nibble)
+                                   // KIND_Q2_K: each half's 4-bit scale (low nibble) and min (high nibble);
+                                   // KIND_IQ4_XS: (N, K/32) uint8, each block's 6-bit scale
 };
 
 // The per-half integer multipliers of row n (nb blocks) that load_block multiplies a block's values by: int8
@@ -299,6 +311,13 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
     if (KIND == KIND_Q3 || KIND == KIND_Q2_K) bytes = expand_crumbs(b, 0);
     if (has_high_bits(KIND))
         bytes = _mm256_or_si256(bytes, expand_high_bits(row + second_at(KIND, nb, i), high_bit(KIND)));
+    if (nonlinear(KIND)) {  // each nibble's value, a signed byte
+        const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_VALUES)));
+        bytes = _mm256_shuffle_epi8(table, bytes);
+        lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+        hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+        return;
+    }
     lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(bytes));
     hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(bytes, 1));
     if (has_multipliers(KIND)) {
@@ -316,6 +335,7 @@ inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64
 template <int64_t KIND>
 inline float block_scale(const Weights& w, int64_t at) {
     if (half_scales(KIND)) return _cvtsh_ss(w.d[2 * (at / 8)]);  // the halves' scales are in load_block's integers
+    if (block_scales(KIND)) return _cvtsh_ss(w.d[at / 8]) * static_cast<float>(static_cast<int>(w.sub[at]) - 32);
     if (has_super_scales(KIND)) return _cvtsh_ss(w.d[2 * (at / 8)]) * static_cast<float>(w.sub[2 * at]);
     return _cvtsh_ss(w.d[at]);
 }
@@ -508,6 +528,10 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         const __m512i h = _mm512_srlv_epi16(_mm512_permutexvar_epi16(_mm512_load_si512(at), bytes), _mm512_load_si512(shift));
         w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(1)), high_bit(KIND)));
     }
+    if (nonlinear(KIND)) {  // each nibble's value: lanes 0-15 of the table hold the 16 values as int16
+        alignas(64) static const int16_t values[32] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+        w = _mm512_permutexvar_epi16(w, _mm512_load_si512(values));
+    }
     if (has_multipliers(KIND))
         w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
     if (half_scales(KIND))  // Q2_K: each half's 4-bit scale, the low nibble of its byte
@@ -545,7 +569,7 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // a group across lanes costs about what 6 blocks one at a time do).
 constexpr int64_t TAIL_ALONE_MAX = 6;
 
-constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8; }
+constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8 && !nonlinear(kind); }
 
 void transpose_16x8(const __m512i z[8], __m512i out[8]);
 
@@ -692,8 +716,10 @@ inline void prefetch_group(const Weights& wt, int64_t nb, int64_t n, int64_t g) 
     const int64_t at = g + PREFETCH_BLOCKS;  // in this row's block numbers
     const char* q = reinterpret_cast<const char*>(wt.qs) + (n * nb + at) * block_bytes(KIND);
     for (int64_t c = 0; c < 16 * block_bytes(KIND); c += 64) _mm_prefetch(q + c, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(has_super_scales(KIND) ? wt.d + 2 * ((n * nb + at) / 8) : wt.d + n * nb + at), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(has_super_scales(KIND) ? wt.d + 2 * ((n * nb + at) / 8)
+                                               : block_scales(KIND) ? wt.d + (n * nb + at) / 8 : wt.d + n * nb + at), _MM_HINT_T0);
     if (has_super_scales(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.sub + 2 * (n * nb + at)), _MM_HINT_T0);
+    if (block_scales(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.sub + n * nb + at), _MM_HINT_T0);
     if (has_multipliers(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.mult + 2 * (n * nb + at)), _MM_HINT_T0);
     if (has_offsets(KIND)) _mm_prefetch(reinterpret_cast<const char*>(wt.offsets + n * nb + at), _MM_HINT_T0);
 }
@@ -812,8 +838,9 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
-// accumulators, since only the sum of all lanes matters. Since every kind but the 8-bit one goes across lanes,
-// only KIND_Q8 takes this int16 body, and rows_all calls it with R = 1 (the R and offset generality is unused).
+// accumulators, since only the sum of all lanes matters. Only the 8-bit kind and the IQ4 ones (whose values, up
+// to 127 in magnitude, are no unsigned bytes for vpdpbusd) take this int16 body, the others go across lanes; and
+// rows_all calls it with R = 1 (the R and offset generality is unused).
 template <int64_t KIND, int R, int NB>
 inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
     if constexpr (across_kind(KIND)) {  // one weight row at a time (rows_all)
@@ -837,7 +864,15 @@ inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0
         alignas(64) float scale[R][NB][16];
         for (int r = 0; r < R; r++) {
             const int64_t wo = (n + r) * nb + g;
-            const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + wo));
+            __m512 d16;
+            if constexpr (block_scales(KIND)) {  // IQ4_XS: d of super-blocks wo/8 and wo/8 + 1 times (ls - 32)
+                const __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(left > 8 ? 0x3 : 0x1, wt.d + wo / 8));
+                const __m512i ls = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, wt.sub + wo));
+                d16 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), dd),
+                                    _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
+            } else {
+                d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + wo));
+            }
             for (int b = 0; b < NB; b++) {
                 const int64_t xo = (b0 + b) * xq.blocks + g;
                 _mm512_store_ps(scale[r][b], _mm512_mul_ps(d16, _mm512_loadu_ps(xq.d + xo)));
@@ -1156,6 +1191,8 @@ inline void with_kind(int64_t kind, Fn&& fn) {
         case KIND_Q6: fn(std::integral_constant<int64_t, KIND_Q6>{}); break;
         case KIND_Q3: fn(std::integral_constant<int64_t, KIND_Q3>{}); break;
         case KIND_Q2_K: fn(std::integral_constant<int64_t, KIND_Q2_K>{}); break;
+        case KIND_IQ4_NL: fn(std::integral_constant<int64_t, KIND_IQ4_NL>{}); break;
+        case KIND_IQ4_XS: fn(std::integral_constant<int64_t, KIND_IQ4_XS>{}); break;
         default: break;
     }
 }
@@ -1273,6 +1310,14 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
                     m->size(0) == n && m->size(1) == k / 16, "m: (N, K/32 * 2) contiguous uint8 (scales and mins)");
         return;
     }
+    if (block_scales(kind)) {
+        TORCH_CHECK(k % 256 == 0, "IQ4_XS blocks: in_features must be a multiple of 256, got ", k);
+        TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
+                    d.size(1) == k / 256, "d: (N, K/256) contiguous float16 (d per super-block)");
+        TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
+                    m->size(0) == n && m->size(1) == k / 32, "m: (N, K/32) contiguous uint8 (a scale per block)");
+        return;
+    }
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
                 d.size(1) == k / 32, "d: (N, K/32) contiguous float16");
     if (has_offsets(kind)) {
@@ -1290,7 +1335,7 @@ static Weights weights(const torch::Tensor& qs, const torch::Tensor& d, const c1
               nullptr, nullptr};
     if (has_offsets(kind)) w.offsets = reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>());
     if (has_multipliers(kind)) w.mult = m->data_ptr<int8_t>();
-    if (has_super_scales(kind)) w.sub = m->data_ptr<uint8_t>();
+    if (has_super_scales(kind) || block_scales(kind)) w.sub = m->data_ptr<uint8_t>();
     return w;
 }
 

@@ -160,6 +160,8 @@ BLOCK_FIELDS: dict[int, dict[str, tuple[int, int]]] = {
     12: {"d": (0, 2), "dmin": (2, 4), "scales": (4, 16), "qs": (16, 144)},  # Q4_K
     13: {"d": (0, 2), "dmin": (2, 4), "scales": (4, 16), "qh": (16, 48), "qs": (48, 176)},  # Q5_K
     14: {"ql": (0, 128), "qh": (128, 192), "scales": (192, 208), "d": (208, 210)},  # Q6_K
+    20: {"d": (0, 2), "qs": (2, 18)},  # IQ4_NL
+    23: {"d": (0, 2), "scales_h": (2, 4), "scales_l": (4, 8), "qs": (8, 136)},  # IQ4_XS
 }
 
 
@@ -175,7 +177,10 @@ def block_fields(blocks: torch.Tensor | np.ndarray, ggml_type: int) -> dict[str,
     - K-quant bit fields (Q5_K/Q6_K `qh`, Q3_K `hmask` and `qs`, Q2_K `qs`): runs of 32 bytes in which bit s
       of byte i belongs to element i of the run's sub-block s (`run_bits` gathers them per sub-block);
     - `scales`: `k_scales_mins` (Q4_K/Q5_K), `q3_k_scales` (Q3_K), int8 per 16 elements (Q6_K), a 4-bit scale
-      and min per 16 elements (Q2_K).
+      and min per 16 elements (Q2_K); IQ4_XS: each 32-element sub-block's 6-bit scale, its low 4 bits in
+      `scales_l` (a nibble each) and its high 2 bits in `scales_h` (a little-endian uint16, 2 bits each:
+      `iq4_xs_scales`);
+    - IQ4_NL, IQ4_XS `qs`: nibbles in Q4_0's order per 32 elements, each an index into IQ4_NL_VALUES.
     """
     return {name: blocks[:, a:b] for name, (a, b) in BLOCK_FIELDS[ggml_type].items()}
 
@@ -246,6 +251,20 @@ def k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.cat([lo_sc & 0x3F, (extra & 0x0F) | ((lo_sc >> 2) & 0x30)], dim=1)
     mins = torch.cat([lo_min & 0x3F, (extra >> 4) | ((lo_min >> 2) & 0x30)], dim=1)
     return scales.float(), mins.float()
+
+
+# ggml's kvalues_iq4nl: the value each IQ4_NL/IQ4_XS nibble stands for, times its block's scale.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def iq4_xs_scales(scales_h: torch.Tensor, scales_l: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS's eight 6-bit sub-block scales (n, 8) uint8 in 0..63 (the scale is d * (ls - 32)), from scales_h
+    (n, 2) and scales_l (n, 4)."""
+    n = scales_h.shape[0]
+    low = _split_fields(scales_l.reshape(n, 4, 1), _shifts(0, 4), 0x0F).reshape(n, 8)  # byte j: scales 2j, 2j+1
+    high_bits = scales_h.contiguous().view(torch.int16).reshape(n, 1).int() & 0xFFFF
+    high = (high_bits >> torch.arange(0, 16, 2).view(1, 8)) & 3
+    return (low.int() | (high << 4)).to(torch.uint8)
 
 
 def q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
