@@ -24,7 +24,13 @@ import pytest
 from serving import Server, free_port, tiny_chat_folder
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-PROMPTS = ["What is the capital of France?", "Write a short story about a dragon."]
+# Prompts whose greedy answers have no near-tie in 24 tokens, either in one process or across 2 ranks (the
+# smallest top-2 logit margin along each answer, teacher-forced: 0.5 and 0.25 in both). The ranks add their halves
+# of a row-parallel product in another order, and a prefill's dense products round to bf16: "What is the capital
+# of France?" has 0.25 alone but a tie across 2 ranks at its first token, and an Intel Xeon with AMX answered it
+# "L'Étoile, ..." over 2 ranks when a second request split its prefill; "Write a short story about a dragon."
+# moved at a 0.06 margin ('skies' against 'air').
+PROMPTS = ["Count from one to ten in words.", "Spell the word cat."]
 MAX_TOKENS = 24
 
 
