@@ -36,7 +36,7 @@
 // llama.cpp included.)
 //
 // Two instruction sets are compiled from this file and picked once at load from CPUID: AVX-512 VNNI (the 2- to
-// 6-bit kinds as byte dot products 16 blocks across lanes, the 8-bit and IQ4 kinds a block per 512-bit register,
+// 6-bit kinds and IQ4 as byte dot products 16 blocks across lanes, the 8-bit kind a block per 512-bit register,
 // the int16 dot product and accumulation in one instruction) and AVX2+FMA. Non-x86
 // builds and CPUs without AVX2 report isa() == 0, and the Python side keeps PyTorch's kernels.
 
@@ -555,7 +555,8 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // (XQuant::half_sums): (q - 32) * qx summed over 16 elements stays under 2^24, so its float conversion is exact.
 // The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4; the 2-bit kind
 // (Q2_K) from its crumbs alone, each half by d times its 4-bit scale, its min a third term, -dmin * min * sum(qx)
-// of the half. A
+// of the half. The IQ4 kinds look their nibbles' values up (one vpshufb per step), signed bytes: their hi
+// products take hi + 128 as the unsigned operand, less 128 * the block's sum of values. A
 // 2048 x 8192 Q6_K product from DRAM at one row: 0.80 ms with the int16 kernel, 0.59 ms as 8-bit blocks,
 // 0.54-0.59 ms this way (with the software prefetch below). The 5-bit kinds add each element's high bit (bit 4)
 // to its nibble per step, one shift and one ternary-logic op: a Q5_0 8192 x 2048 product from DRAM, 1 / 8 rows,
@@ -569,7 +570,7 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // a group across lanes costs about what 6 blocks one at a time do).
 constexpr int64_t TAIL_ALONE_MAX = 6;
 
-constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8 && !nonlinear(kind); }
+constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8; }
 
 void transpose_16x8(const __m512i z[8], __m512i out[8]);
 
@@ -662,6 +663,10 @@ inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m
         for (int u = 0; u < 4; u++) {  // byte j of a block: element j (low nibble), element j + 16 (high nibble)
             w[u] = _mm512_and_si512(t[u], low);
             w[u + 4] = _mm512_and_si512(_mm512_srli_epi16(t[u], 4), low);
+        }
+        if constexpr (nonlinear(KIND)) {  // each nibble's value, a signed byte
+            const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_VALUES)));
+            for (int st = 0; st < 8; st++) w[st] = _mm512_shuffle_epi8(table, w[st]);
         }
     }
     if constexpr (has_crumbs(KIND)) {
@@ -782,16 +787,31 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                 scale[0] = scale[1] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF))));
                 m16 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(pair, 16)));
             }
+        } else if constexpr (block_scales(KIND)) {  // IQ4_XS: d of super-blocks g/8 and g/8 + 1 times (ls - 32)
+            const int64_t wo = n * nb + g;
+            const __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(left > 8 ? 0x3 : 0x1, wt.d + wo / 8));
+            const __m512i ls = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, wt.sub + wo));
+            d16 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), dd),
+                                _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
+            scale[0] = scale[1] = d16;
         } else {
             d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + n * nb + g));
             scale[0] = scale[1] = d16;
+        }
+        // The IQ4 kinds' values are signed bytes, so their hi products take hi + 128 (unsigned) against them:
+        // 256 * sum(hi * v) = 256 * sum((hi + 128) * v) - 32768 * sum(v), sum(v) per block once per weight row.
+        __m512i kv_sum = _mm512_setzero_si512();
+        if constexpr (nonlinear(KIND)) {
+            const __m512i ones = _mm512_set1_epi8(1);
+            for (int st = 0; st < 8; st++) kv_sum = _mm512_dpbusd_epi32(kv_sum, ones, w[st]);
+            kv_sum = _mm512_slli_epi32(kv_sum, 15);
         }
         if constexpr (has_multipliers(KIND)) {
             // 2 int8 per block -> dword l = block l's pair as two int16
             const __m512i pair = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), mult + 2 * g));
             scale[0] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(pair, 16), 16)));
             scale[1] = _mm512_mul_ps(d16, _mm512_cvtepi32_ps(_mm512_srai_epi32(pair, 16)));
-        } else if constexpr (!has_super_scales(KIND)) {
+        } else if constexpr (!has_super_scales(KIND) && offset_term(KIND)) {
             m16 = has_offsets(KIND) ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.offsets + n * nb + g))
                                     : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
         }
@@ -803,8 +823,14 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
             __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
             __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
             for (int st = 0; st < 4; st++) {
-                h0 = _mm512_dpbusd_epi32(h0, w[st], _mm512_load_si512(xh + 64 * st));
-                h1 = _mm512_dpbusd_epi32(h1, w[st + 4], _mm512_load_si512(xh + 64 * st + 256));
+                if constexpr (nonlinear(KIND)) {  // signed weights: hi + 128 as the unsigned operand (see kv_sum)
+                    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+                    h0 = _mm512_dpbusd_epi32(h0, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st), flip), w[st]);
+                    h1 = _mm512_dpbusd_epi32(h1, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st + 256), flip), w[st + 4]);
+                } else {
+                    h0 = _mm512_dpbusd_epi32(h0, w[st], _mm512_load_si512(xh + 64 * st));
+                    h1 = _mm512_dpbusd_epi32(h1, w[st + 4], _mm512_load_si512(xh + 64 * st + 256));
+                }
                 l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
                 l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
             }
@@ -827,9 +853,10 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq), _mm512_mul_ps(m16, dx), acc[b]);
             } else {
-                const __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+                __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+                if constexpr (nonlinear(KIND)) t = _mm512_sub_epi32(t, kv_sum);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scale[0], dx), acc[b]);
-                acc[b] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(xq.s + xo), acc[b]);
+                if constexpr (offset_term(KIND)) acc[b] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(xq.s + xo), acc[b]);
             }
         }
     }
@@ -838,9 +865,8 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
-// accumulators, since only the sum of all lanes matters. Only the 8-bit kind and the IQ4 ones (whose values, up
-// to 127 in magnitude, are no unsigned bytes for vpdpbusd) take this int16 body, the others go across lanes; and
-// rows_all calls it with R = 1 (the R and offset generality is unused).
+// accumulators, since only the sum of all lanes matters. Since every kind but the 8-bit one goes across lanes,
+// only KIND_Q8 takes this int16 body, and rows_all calls it with R = 1 (the R and offset generality is unused).
 template <int64_t KIND, int R, int NB>
 inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
     if constexpr (across_kind(KIND)) {  // one weight row at a time (rows_all)
