@@ -172,8 +172,9 @@ class Blocks:
 
 def per_block_scales(blocks: Blocks) -> Blocks:
     """KIND_Q4_K (KIND_Q5_K) blocks as KIND_Q4_MIN (KIND_Q5_MIN) ones: each block's scale D*sc and offset -DMIN*mn
-    rounded to float16; the values stay as they are. KIND_Q2_K's halves have scales and mins of their own, which
-    no per-block kind keeps: its blocks become 8-bit ones (quantize_q8 of its values)."""
+    rounded to float16; the values stay as they are. KIND_IQ4_XS becomes KIND_IQ4_NL, each block's scale
+    D*(ls - 32) rounded to float16. KIND_Q2_K's halves have scales and mins of their own, which no per-block kind
+    keeps: its blocks become 8-bit ones (quantize_q8 of its values)."""
     if blocks.kind == KIND_Q2_K:
         return quantize_q8(dequantize_blocks(blocks))
     if blocks.kind == KIND_IQ4_XS:  # KIND_IQ4_NL with each block's D*(ls - 32)
