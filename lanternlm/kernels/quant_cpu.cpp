@@ -890,15 +890,7 @@ inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0
         alignas(64) float scale[R][NB][16];
         for (int r = 0; r < R; r++) {
             const int64_t wo = (n + r) * nb + g;
-            __m512 d16;
-            if constexpr (block_scales(KIND)) {  // IQ4_XS: d of super-blocks wo/8 and wo/8 + 1 times (ls - 32)
-                const __m512 dd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(left > 8 ? 0x3 : 0x1, wt.d + wo / 8));
-                const __m512i ls = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, wt.sub + wo));
-                d16 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), dd),
-                                    _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
-            } else {
-                d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + wo));
-            }
+            const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + wo));
             for (int b = 0; b < NB; b++) {
                 const int64_t xo = (b0 + b) * xq.blocks + g;
                 _mm512_store_ps(scale[r][b], _mm512_mul_ps(d16, _mm512_loadu_ps(xq.d + xo)));
