@@ -229,6 +229,27 @@ def test_nibble_runs_are_repacked_in_one_pass_as_the_torch_fallback_repacks_them
         assert torch.equal(got, blocks_module._pack_nibble_runs(field, run))
 
 
+def test_crumbs_are_regrouped_in_one_pass_as_the_torch_fallback_and_a_bit_by_bit_loop_regroup_them(monkeypatch):
+    # K-quant 2-bit runs (Q2_K/Q3_K qs, Q6_K qh: bits 2t, 2t+1 of byte l of run h belong to element l of sub-block
+    # 4h + t) -> per sub-block 8 crumb bytes, byte 4c + j holding at bits 2s, 2s+1 the crumb of element 16c + 4s + j.
+    # The kernels do it in one pass from the file's strided field; without them, blocks.py in torch.
+    import lanternlm.kernels.blocks as blocks_module
+    raw = torch.from_numpy(np.random.default_rng(11).integers(0, 256, size=(517, 110), dtype=np.uint8))
+    runs = raw[:, 32:96]  # Q3_K's qs, strided
+    fast = blocks_module._crumbs(runs)
+    r = runs.numpy().astype(np.int64)
+    want = np.zeros((517, 8, 8), dtype=np.int64)
+    for h in range(2):
+        for t in range(4):
+            for c in range(2):
+                for j in range(4):
+                    for s4 in range(4):
+                        want[:, 4 * h + t, 4 * c + j] |= ((r[:, 32 * h + 16 * c + 4 * s4 + j] >> (2 * t)) & 3) << (2 * s4)
+    assert torch.equal(fast, torch.from_numpy(want.astype(np.uint8)))
+    monkeypatch.setattr(blocks_module, "kernels", lambda quiet=False: None)
+    assert torch.equal(blocks_module._crumbs(runs), fast)
+
+
 def test_high_bits_are_transposed_in_one_pass_as_the_torch_fallback_transposes_them(monkeypatch):
     # The 5-bit kinds' fifth bits: ggml's plane (bit e of a little-endian uint32: element e) -> 4 bytes, byte j
     # holding at bit s that of element 4s + j (the byte kernel's step s takes bit s of each byte). The kernels do

@@ -405,8 +405,12 @@ def _crumbs(runs: torch.Tensor) -> torch.Tensor:
     """K-quant 2-bit fields in runs of 32 bytes (Q6_K qh, Q3_K qs: bits 2t, 2t+1 of byte l belong to element l of
     the run's sub-block t) -> (n, 8, 8) crumb bytes per sub-block (crumb byte 4c + j holds at bits 2s those of
     element 16c + 4s + j). For each (run h, c, j), the bytes l = 16c + 4s + j (s = 0..3) as one int32 hold field
-    (s, t) at bit 8s + 2t; its transpose holds, in byte t, that crumb byte of sub-block t."""
+    (s, t) at bit 8s + 2t; its transpose holds, in byte t, that crumb byte of sub-block t. The kernels do it in one
+    pass where they are built (quant_cpu.cpp, `crumbs`; the torch version was 60% of a 1B Q2_K file's load)."""
     n = runs.shape[0]
+    k = kernels(quiet=True)
+    if k is not None and runs.stride(-1) == 1:
+        return k.crumbs(runs)
     words = runs.reshape(n, 2, 2, 4, 4).transpose(3, 4).contiguous().view(torch.int32)  # (n, h, c, j)
     crumbs = _transpose_fields(words, ((12, 0x0000F0F0), (6, 0x00CC00CC))).view(torch.uint8).view(n, 2, 2, 4, 4)
     return crumbs.permute(0, 1, 4, 2, 3).reshape(n, 8, 8)  # (n, sub-block 4h + t, byte 4c + j)

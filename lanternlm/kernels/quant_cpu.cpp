@@ -1625,6 +1625,39 @@ torch::Tensor high_bits(const torch::Tensor& planes) {
     return out;
 }
 
+// K-quant 2-bit fields -> crumb bytes per sub-block, as blocks._crumbs computes in torch: `runs` (B, 64) holds per
+// row (a super-block's Q2_K/Q3_K qs or Q6_K qh) two runs of 32 bytes, bits 2t, 2t+1 of byte l of run h belonging
+// to element l of sub-block 4h + t; out (B, 8, 8): crumb byte 4c + j of sub-block 4h + t holds at bits 2s, 2s+1
+// the crumb of its element 16c + 4s + j. The bytes l = 16c + 4s + j (s = 0..3) of a run as one uint32 hold
+// crumb (s, t) at bit 8s + 2t; the transpose of those 4 x 4 fields (two swaps, Hacker's Delight 7-3) holds, in
+// byte t, that crumb byte of sub-block 4h + t. One pass over the file's strided field.
+torch::Tensor crumbs(const torch::Tensor& runs) {
+    TORCH_CHECK(runs.scalar_type() == torch::kUInt8 && runs.dim() == 2 && runs.size(1) == 64 && runs.stride(1) == 1 &&
+                runs.device().is_cpu(), "runs: (B, 64) uint8 on the CPU, rows contiguous");
+    const int64_t rows = runs.size(0), stride = runs.stride(0);
+    auto out = torch::empty({rows, 8, 8}, runs.options());
+    const uint8_t* in = runs.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, rows, 1 << 14, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t* p = in + r * stride;
+            uint8_t* q = o + 64 * r;
+            for (int h = 0; h < 2; h++)
+                for (int c = 0; c < 2; c++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t* b = p + 32 * h + 16 * c + j;
+                        uint32_t w = b[0] | uint32_t(b[4]) << 8 | uint32_t(b[8]) << 16 | uint32_t(b[12]) << 24;
+                        uint32_t t = ((w >> 12) ^ w) & 0x0000F0F0u;
+                        w ^= t ^ (t << 12);
+                        t = ((w >> 6) ^ w) & 0x00CC00CCu;
+                        w ^= t ^ (t << 6);
+                        for (int sub = 0; sub < 4; sub++) q[8 * (4 * h + sub) + 4 * c + j] = uint8_t(w >> (8 * sub));
+                    }
+        }
+    });
+    return out;
+}
+
 // decode_cpu.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
 torch::Tensor gated_act(const torch::Tensor& x, int64_t act);
@@ -1662,6 +1695,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("pack_nibble_runs", &pack_nibble_runs, "K-quant nibble runs (B, bytes) uint8 -> (B, bytes/16, 16) in "
             "ggml's Q4_0 order per 32-element sub-block (low-nibble sub-blocks of a run first)",
             pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("crumbs", &crumbs, "K-quant 2-bit runs (B, 64) uint8 -> (B, 8, 8) crumb bytes per sub-block (byte 4c + j, "
+            "bits 2s: element 16c + 4s + j)", pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("high_bits", &high_bits, "bit planes (B, 4) uint8 (bit e: element e) -> (B, 4) high-bit bytes (byte j, "
             "bit s: element 4s + j)", pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("quantize_q8", &quantize_q8, "(N, K) float32 -> (qs int8 (N, K), d float16 (N, K/32)), ggml's Q8_0 recipe",
