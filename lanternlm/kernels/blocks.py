@@ -76,7 +76,6 @@ from ..loader.quants import (
     IQ4_NL_VALUES,
     block_fields,
     dequantize,
-    f16,
     iq4_xs_scales,
     k_scales_mins,
     q3_k_scales,
