@@ -184,7 +184,9 @@ def test_two_torchrun_nodes_on_localhost_serve_the_same_text(default_gguf, expec
                      "-m", str(default_gguf), "--tensor-parallel", "2", "--threads", "1", "--port", str(port),
                      "--served-model-name", "smollm2"], stdout=logs[node], stderr=subprocess.STDOUT, text=True))
             up = poll_health(url, procs[0], 200, rounds=3000)
-            assert up is not None, [read(log) for log in logs]
+            if up is None:  # the nodes' whole logs (an assertion's message is cut short): a node once died of
+                # SIGABRT right after "serving ..." in a full-suite run on the Intel VM of 2026-12-07, unseen since
+                pytest.fail("no answer on /health; the nodes' output:\n" + "\n----\n".join(read(log) for log in logs))
             import openai
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
             for prompt in PROMPTS:
