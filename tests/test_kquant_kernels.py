@@ -191,6 +191,18 @@ def test_malformed_multipliers_are_refused():
         K.qmatmul(torch.zeros(1, 256), b.qs, b.d, b.m[:, :8].contiguous(), b.kind)
 
 
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_malformed_super_block_scales_are_refused(qtype):
+    raw, _ = ggml_tensor(qtype, 4, 512, seed=0)
+    b = from_ggml(raw, qtype, (4, 512))
+    with pytest.raises(RuntimeError, match="per super-block"):
+        K.qmatmul(torch.zeros(1, 512), b.qs, b.d[:, :1].contiguous(), b.m, b.kind)
+    with pytest.raises(RuntimeError, match="contiguous uint8"):
+        K.qmatmul(torch.zeros(1, 512), b.qs, b.d, b.m[:, :4].contiguous(), b.kind)
+    with pytest.raises(RuntimeError, match="contiguous uint8"):
+        K.qmatmul(torch.zeros(1, 512), b.qs, b.d, None, b.kind)
+
+
 TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.IQ4_XS, "v_proj": T.Q6_K, "o_proj": T.Q5_0, "gate_proj": T.Q3_K,
                    "up_proj": T.IQ4_NL, "down_proj": T.Q2_K, "embed_tokens": T.Q5_1, "lm_head": T.Q4_K}
 

@@ -1320,20 +1320,17 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
     TORCH_CHECK(qs.size(1) == k / 32 * block_bytes(kind), "qs: wrong row length ", qs.size(1), " for K=", k);
     TORCH_CHECK(d_opt.has_value(), "d: block scales are required for block kinds");
     const torch::Tensor& d = *d_opt;
-    if (has_super_scales(kind)) {
-        TORCH_CHECK(k % 256 == 0, "Q2_K/Q4_K/Q5_K blocks: in_features must be a multiple of 256, got ", k);
+    if (has_super_scales(kind) || block_scales(kind)) {  // d (and dmin) per super-block; 2 bytes or 1 per block
+        const bool mins = has_super_scales(kind);
+        TORCH_CHECK(k % 256 == 0, "Q2_K/Q4_K/Q5_K/IQ4_XS blocks: in_features must be a multiple of 256, got ", k);
         TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
-                    d.size(1) == k / 128, "d: (N, K/256 * 2) contiguous float16 (d and dmin per super-block)");
+                    d.size(1) == k / (mins ? 128 : 256),
+                    mins ? "d: (N, K/256 * 2) contiguous float16 (d and dmin per super-block)"
+                         : "d: (N, K/256) contiguous float16 (d per super-block)");
         TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
-                    m->size(0) == n && m->size(1) == k / 16, "m: (N, K/32 * 2) contiguous uint8 (scales and mins)");
-        return;
-    }
-    if (block_scales(kind)) {
-        TORCH_CHECK(k % 256 == 0, "IQ4_XS blocks: in_features must be a multiple of 256, got ", k);
-        TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
-                    d.size(1) == k / 256, "d: (N, K/256) contiguous float16 (d per super-block)");
-        TORCH_CHECK(m.has_value() && m->scalar_type() == torch::kUInt8 && m->is_contiguous() && m->dim() == 2 &&
-                    m->size(0) == n && m->size(1) == k / 32, "m: (N, K/32) contiguous uint8 (a scale per block)");
+                    m->size(0) == n && m->size(1) == k / (mins ? 16 : 32),
+                    mins ? "m: (N, K/32 * 2) contiguous uint8 (scales and mins)"
+                         : "m: (N, K/32) contiguous uint8 (a scale per block)");
         return;
     }
     TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == n &&
