@@ -142,9 +142,10 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
                                              (T.IQ4_NL, BLOCK_PATH_ACROSS), (T.IQ4_XS, BLOCK_PATH_ACROSS)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
     """AVX-512 computes the 2- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
-    register (IQ4's values looked up), and the 8-bit kind with int16 ones; AVX2 all with int16 ones, a block at a time for tiles of up to
-    4 activation rows. Across lanes and on AVX2, every (weight row, activation row) pair adds its blocks in the
-    same order whatever the batch: a row's result has the same bits alone and in any batch."""
+    register (IQ4's values looked up), and the 8-bit kind with int16 ones; AVX2 all with int16 ones, a block
+    at a time for tiles of up to 4 activation rows. Across lanes and on AVX2, every (weight row, activation row)
+    pair adds its blocks in the same order whatever the batch: a row's result has the same bits alone and in
+    any batch."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
     # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
     # blocks (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)

@@ -156,9 +156,12 @@ def test_iq_file_weights_are_the_files_values_exactly_and_8_bit_blocks_within_ha
     modules = [m for m in quant.modules() if isinstance(m, QuantLinear)]
     assert {m.kind for m in modules} == {KIND_Q8, KIND_IQ4_XS, KIND_IQ4_NL}
     layer = quant.model.layers[0]
-    for module, parts in [(layer.mlp.down_proj, ["mlp.down_proj"]), (quant.lm_head, None),
-                          (layer.self_attn.o_proj, ["self_attn.o_proj"])]:
-        w = encoded["lm_head.weight"] if parts is None else encoded[f"model.layers.0.{parts[0]}.weight"]
+    for name in ("self_attn.q_proj", "self_attn.k_proj"):  # IQ4_XS, IQ4_NL: their own bits, the same values
+        assert torch.equal(dequantize_blocks(layer.get_submodule(name).weight_blocks()),
+                           encoded[f"model.layers.0.{name}.weight"]), name
+    for module, name in [(layer.mlp.down_proj, "model.layers.0.mlp.down_proj.weight"), (quant.lm_head, "lm_head.weight"),
+                         (layer.self_attn.o_proj, "model.layers.0.self_attn.o_proj.weight")]:
+        w = encoded[name]
         got = dequantize_blocks(module.weight_blocks())
         step = w.view(w.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape) / 127
         # half an 8-bit step, and the float16 rounding of the block's scale (2^-11 of each value)
