@@ -529,8 +529,8 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
         w = _mm512_add_epi16(w, _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(1)), high_bit(KIND)));
     }
     if (nonlinear(KIND)) {  // each nibble's value: lanes 0-15 of the table hold the 16 values as int16
-        alignas(64) static const int16_t values[32] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-        w = _mm512_permutexvar_epi16(w, _mm512_load_si512(values));
+        const __m512i values = _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_NL_VALUES))));
+        w = _mm512_permutexvar_epi16(w, values);
     }
     if (has_multipliers(KIND))
         w = _mm512_mullo_epi16(_mm512_sub_epi16(w, _mm512_set1_epi16(zero_point(KIND))), multipliers(mult + 2 * i));
