@@ -26,7 +26,6 @@ BLOCK = {
 }
 GEMMA = {**BLOCK, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
          "post_feedforward_layernorm": "post_ffw_norm"}
-K_QUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 
 
 def gguf_name(hf: str, model_type: str) -> str:
@@ -47,31 +46,22 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random but valid K-quant blocks (gguf-py has no K-quant quantizer): random bytes with small fp16 scales."""
-    size = {T.Q2_K: 84, T.Q3_K: 110, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
-    # Offsets of the fp16 super-block scales within each block layout.
-    fp16_at = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]
-    for off in fp16_at:
-        scales = rng.uniform(0.0005, 0.002, size=blocks.shape[0]).astype(np.float16)
-        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(rows, cols // 256 * size)
+# Where the fp16 scales sit in each block of the types gguf-py has no quantizer for (the K-quants, the IQ family,
+# the ternary types), for random_blocks.
+SCALE_AT = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+            T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ3_S: (0,), T.IQ3_XXS: (0,), T.IQ2_S: (0,), T.IQ2_XS: (0,),
+            T.IQ2_XXS: (0,), T.IQ1_S: (0,), T.TQ2_0: (64,), T.TQ1_0: (52,)}
 
 
-# Where the float16 scale d sits in each block of the types gguf-py decodes for Lantern (the IQ family and the
-# ternary types: loader/quants.GGUF_PY_TYPES), for random_iq_blocks.
-IQ_SCALE_AT = {T.IQ4_NL: 0, T.IQ4_XS: 0, T.IQ3_S: 0, T.IQ3_XXS: 0, T.IQ2_S: 0, T.IQ2_XS: 0, T.IQ2_XXS: 0,
-               T.IQ1_S: 0, T.TQ2_0: 64, T.TQ1_0: 52}
-
-
-def random_iq_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random but valid blocks of an IQ or ternary type (gguf-py has no quantizer for them): random bytes (grid
-    indices, signs, sub-block scales) with a small fp16 d."""
+def random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator,
+                  ranges: tuple[tuple[float, float], ...] | None = None) -> np.ndarray:
+    """Random but valid blocks of a type in SCALE_AT: random bytes (values, grid indices, signs, sub-block scales)
+    with small fp16 scales, uniform in `ranges` (one (low, high) per SCALE_AT offset; default 0.0005-0.002)."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
-    at = IQ_SCALE_AT[qtype]
-    blocks[:, at:at + 2] = rng.uniform(0.0005, 0.002, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    for at, (low, high) in zip(SCALE_AT[qtype], ranges or [(0.0005, 0.002)] * len(SCALE_AT[qtype]), strict=True):
+        scales = rng.uniform(low, high, size=blocks.shape[0]).astype(np.float16)
+        blocks[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
 
 
@@ -152,10 +142,8 @@ def write_gguf(hf_model, path, qtype: T = T.F32, qtype_for=None) -> dict[str, to
             stored = data.astype(np.float32)
             writer.add_tensor(gguf_name(name, model_type), data)
         else:
-            if kind in K_QUANTS:
-                data = random_k_blocks(kind, w.shape[0], w.shape[1], np.random.default_rng(len(encoded)))
-            elif kind in IQ_SCALE_AT:
-                data = random_iq_blocks(kind, w.shape[0], w.shape[1], np.random.default_rng(len(encoded)))
+            if kind in SCALE_AT:
+                data = random_blocks(kind, w.shape[0], w.shape[1], np.random.default_rng(len(encoded)))
             else:
                 data = quantize(w, kind)
             stored = dequantize(data, kind).astype(np.float32)

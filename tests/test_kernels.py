@@ -31,7 +31,7 @@ from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
 
-from gguf_writer import IQ_SCALE_AT, random_iq_blocks, random_k_blocks
+from gguf_writer import SCALE_AT, random_blocks
 from tiny_models import make_hf_model
 
 K = kernels(quiet=True)
@@ -41,10 +41,8 @@ pytestmark = pytest.mark.skipif(K is None, reason=f"kernels unavailable: {why_un
 def ggml_blocks(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Raw ggml bytes of an (n, k) matrix and gguf-py's float32 decoding of them."""
     rng = np.random.default_rng(seed)
-    if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
-        raw = random_k_blocks(qtype, n, k, rng)
-    elif qtype in IQ_SCALE_AT:
-        raw = random_iq_blocks(qtype, n, k, rng)
+    if qtype in SCALE_AT:
+        raw = random_blocks(qtype, n, k, rng)
     else:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
         raw = gguf_quantize(w, qtype)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -42,10 +41,11 @@ from lanternlm.kernels.blocks import (
     dequantize_blocks,
     from_ggml,
 )
-from lanternlm.loader.quants import BLOCK_FIELDS, block_fields, f16, k_scales_mins, type_layout
+from lanternlm.loader.quants import block_fields, f16, k_scales_mins, type_layout
 from lanternlm.quantize import QuantLinear
 
 import gguf_writer
+from gguf_writer import random_blocks  # bound here: the tiny-model test swaps gguf_writer's for k_blocks
 from tiny_models import make_hf_model
 
 K = kernels(quiet=True)
@@ -62,14 +62,8 @@ SUPER_SCALES = {T.Q2_K: {"d": (0.0005, 0.003), "dmin": (0.0005, 0.003)}, T.Q3_K:
 
 
 def k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid K-quant and IQ4 blocks (gguf-py has no quantizer for them): random bytes, then small fp16
-    (super-)block scales at the offsets ggml's block struct gives them."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    for field, (lo, hi) in SUPER_SCALES[qtype].items():
-        start = BLOCK_FIELDS[qtype][field][0]
-        blocks[:, start:start + 2] = rng.uniform(lo, hi, blocks.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(rows, -1)
+    """Valid K-quant and IQ4 blocks (gguf-py has no quantizer for them) with the scale ranges above."""
+    return random_blocks(qtype, rows, cols, rng, ranges=tuple(SUPER_SCALES[qtype].values()))
 
 
 def ggml_tensor(qtype: T, n: int, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -210,8 +204,7 @@ TYPES_BY_MATRIX = {"q_proj": T.Q5_K, "k_proj": T.IQ4_XS, "v_proj": T.Q6_K, "o_pr
 def test_tiny_model_of_these_types_decodes_the_greedy_tokens_of_the_float32_path(tmp_path, monkeypatch):
     # gguf_writer writes K-quant blocks from random bytes; give them the small scales of k_blocks, so the
     # network is not chaotic and its float32 logits are a meaningful reference.
-    monkeypatch.setattr(gguf_writer, "random_k_blocks", k_blocks)
-    monkeypatch.setattr(gguf_writer, "random_iq_blocks", k_blocks)
+    monkeypatch.setattr(gguf_writer, "random_blocks", k_blocks)
     # Without AVX-512, models compute Q6_K and Q3_K as 8-bit blocks (quantize.requantized_kinds: slower native
     # kernels there); here the model runs every kind natively, through the fused decode stack.
     monkeypatch.setattr(lanternlm.quantize, "requantized_kinds", lambda: ())

@@ -144,15 +144,15 @@ def test_blocks_cut_by_columns_hold_those_columns_of_every_kind():
     )
     from lanternlm.quantize import MatrixPart
 
-    from gguf_writer import random_iq_blocks, random_k_blocks
+    from gguf_writer import random_blocks
 
     w = torch.randn(6, 512, generator=torch.Generator().manual_seed(0))
     matrices = [quantize_q4_0(w), quantize_q4_1(w), quantize_q8_torch(w), float_blocks(w.bfloat16())]
     for i, qtype in enumerate((T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)):  # multipliers per 16 (Q3_K, Q6_K), offsets
-        raw = random_k_blocks(qtype, 6, 512, np.random.default_rng(i))
+        raw = random_blocks(qtype, 6, 512, np.random.default_rng(i))
         matrices.append(from_ggml(raw.reshape(-1), int(qtype), (6, 512)))
     for qtype in (T.IQ4_NL, T.IQ4_XS):  # non-linear values; IQ4_XS's scale per block, d per super-block
-        matrices.append(from_ggml(random_iq_blocks(qtype, 6, 512, np.random.default_rng(7)).reshape(-1), int(qtype),
+        matrices.append(from_ggml(random_blocks(qtype, 6, 512, np.random.default_rng(7)).reshape(-1), int(qtype),
                                   (6, 512)))
     for blocks in matrices:
         whole = dequantize_blocks(blocks)
