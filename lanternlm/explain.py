@@ -21,9 +21,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import LanternError
-from .generation.choose import _positive_int, _rank, _token, _top, trace_step
+from .generation.choose import _positive_int, _token, _top, trace_step
 from .generation.generate import Step, generate
 from .generation.guide import GuideSpec
+from .generation.logit_rows import logit_rank
 from .generation.sampling import SamplingParams
 from .model import CausalLM
 from .text.tokenizer import Tokenizer
@@ -113,7 +114,7 @@ def logit_lens(model: CausalLM, tokenizer: Tokenizer, ids, position: int = -1, t
             "top": _top(tokenizer, row, probs, top_k),
             "entropy": float(-(probs * row.log_softmax(-1)).nan_to_num().sum()),
             "final_token_prob": float(probs[final_top]),
-            "final_token_rank": _rank(probs, final_top),
+            "final_token_rank": logit_rank(probs, final_top),
         })
     return {"position": position, "token": _token(tokenizer, ids[position]),
             "final_token": _token(tokenizer, final_top), "num_layers": len(model.model.layers),

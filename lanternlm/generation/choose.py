@@ -22,6 +22,7 @@ from ..errors import LanternError
 from ..kernels import serial_torch_ops
 from ..text.tokenizer import Tokenizer
 from .guide import Guide
+from .logit_rows import logit_rank, top_logits
 from .sampling import SamplingParams, argmax, inverse_cdf_draw, process_logits, sample, stages
 
 
@@ -66,14 +67,6 @@ def _token(tokenizer: Tokenizer, token_id: int) -> dict:
     return {"id": token_id, "text": tokenizer.decode([token_id], skip_special_tokens=False), "piece": piece}
 
 
-def _rank(values: torch.Tensor, index: int) -> int:
-    """1-based rank of values[index] in a descending order that breaks ties by position, as argmax does.
-    values: (V,)."""
-    v = values[index]
-    ahead = (values > v).sum() + (values[:index] == v).sum()
-    return int(ahead) + 1
-
-
 def _top(tokenizer: Tokenizer, logits: torch.Tensor, probs: torch.Tensor, k: int) -> list[dict]:
     """The k most probable tokens of one distribution, skipping removed ones (-inf logits).
     logits, probs: (V,) float32 on the CPU."""
@@ -107,9 +100,8 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     steps (a sequence's trace shows many of the same tokens).
 
     Cost: it runs once per token while serving with the trace on, so every pass over the V logits counts.
-    Per stage: one count of the kept tokens, one top-k of the logits (the probabilities' order) and one
-    log_softmax for the stage's logsumexp (p = exp(logit - lse)); a stage that keeps one token needs none of
-    the last two.
+    Per stage: one pass for the top-k and the count of kept tokens (logit_rows.top_logits) and one logsumexp
+    (p = exp(logit - lse)); a stage that keeps one token needs an arg-max instead of the logsumexp.
     """
     top_k = _positive_int(top_k, "top_k")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.numel() == 0:
@@ -122,20 +114,18 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
     stage_list, raw_lse, lse, count = [], None, None, None
     for name, x in all_stages:
         previous_lse, previous_count = lse, count
-        count = int(torch.count_nonzero(x > -math.inf))  # NaN is not > -inf: an all-NaN row counts 0
+        values, ids, count = top_logits(x, top_k)  # NaN is not > -inf: an all-NaN row counts 0
         if count == 0:
             raise LanternError("the logits contain NaN; the model produced invalid numbers" if torch.isnan(x).any()
                                else "no token is left to choose: every logit is -inf after processing")
-        if count == 1:  # greedy's last stage (or a constraint that leaves one token): nothing to sort or sum
-            best = argmax(x)
+        if count == 1:  # greedy's last stage (or a constraint that leaves one token): nothing to sum
+            best = argmax(x)  # a NaN beside the one token wins it, and is refused below
             lse = float(x[best])
             top = [{**_name(tokenizer, best, names), "logit": lse, "prob": 1.0}]
         else:
-            values, order = torch.topk(x, min(top_k, count))  # most probable first (logits order as probs do)
-            # log_softmax is one fused pass; lse = logit - logprob at any finite position (NaN in, NaN out).
-            lse = float(values[0]) - float(x.log_softmax(-1)[order[0]])
+            lse = float(torch.logsumexp(x, -1))  # NaN in, NaN out
             top = [{**_name(tokenizer, i, names), "logit": v, "prob": math.exp(v - lse)}
-                   for v, i in zip(values.tolist(), order.tolist())]
+                   for v, i in zip(values, ids)]
         if math.isnan(lse):
             raise LanternError("the logits contain NaN; the model produced invalid numbers")
         # Stages either change values and keep every token (bias, penalties, temperature) or keep some tokens
@@ -161,9 +151,9 @@ def trace_step(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_
         **_name(tokenizer, token, names),
         "logit": float(raw[token]),
         "raw_prob": math.exp(float(raw[token]) - raw_lse),
-        "raw_rank": _rank(raw, token),
+        "raw_rank": logit_rank(raw, token),
         "prob": math.exp(float(final_x[token]) - final_lse),
-        "rank": 1 if count == 1 else _rank(final_x, token),  # logits rank as their probabilities do
+        "rank": 1 if count == 1 else logit_rank(final_x, token),  # logits rank as their probabilities do
     }
     return token, {"greedy": params.greedy, "candidates": candidates, "stages": stage_list,
                    "chosen": chosen, "draw": draw}
