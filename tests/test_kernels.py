@@ -141,9 +141,9 @@ BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
     """AVX-512 computes the 2- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
     register (IQ4's values looked up), and the 8-bit kind with int16 ones; AVX2 all with int16 ones, a block
-    at a time for tiles of up to 4 activation rows. Across lanes and on AVX2, every (weight row, activation row)
-    pair adds its blocks in the same order whatever the batch: a row's result has the same bits alone and in
-    any batch."""
+    at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
+    its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch
+    (the 8-bit kind's AVX-512 tiles of 3-4 rows once added them in one chain, not two, and did not)."""
     # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
     # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
     # blocks (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
@@ -161,9 +161,8 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
         whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
         assert K.last_block_path() == (BLOCK_PATH_AVX2 if isa == 1 else wide_path)
         assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
-        if K.last_block_path() in (BLOCK_PATH_ACROSS, BLOCK_PATH_AVX2):
-            for start, end in [(i, i + 1) for i in range(8)] + [(1, 6), (5, 8), (0, 3)]:
-                assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)
+        for start, end in [(i, i + 1) for i in range(8)] + [(1, 6), (5, 8), (0, 3)]:
+            assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)
 
 
 def test_a_product_past_the_threads_reused_buffer_equals_its_rows_one_by_one(isa):
@@ -177,6 +176,22 @@ def test_a_product_past_the_threads_reused_buffer_equals_its_rows_one_by_one(isa
     rows = torch.cat([K.qmatmul(x[i:i + 1], b.qs, b.d, b.m, b.kind) for i in range(600)])
     assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
     assert torch.equal(whole, rows)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q6_K, T.Q2_K, T.Q8_0])
+def test_a_batch_taken_in_passes_over_weight_blocks_equals_its_rows_one_by_one(isa, qtype):
+    """AVX-512 takes a batch whose activations would not stay in L1 in passes of a few rows over blocks of weight
+    rows (quant_cpu.cpp, rows_all): at K = 4096, 4 rows a pass, so 11 rows make 3 passes, and 1,100 Q4_1 rows
+    (2.5 KiB each) more than one block. Every (weight row, activation row) pair still adds its blocks in the same
+    order: the same bits as each row alone."""
+    n = 1100 if qtype == T.Q4_1 else 300
+    raw, w = ggml_blocks(qtype, n, 4096, seed=11)
+    b = from_ggml(raw, qtype, (n, 4096))
+    x = torch.randn(11, 4096, generator=torch.Generator().manual_seed(11))
+    whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
+    assert torch.all((whole.double() - x.double() @ dequantize_blocks(b).double().t()).abs()
+                     <= product_bound(x, dequantize_blocks(b)).double())
+    assert torch.equal(whole, torch.cat([K.qmatmul(x[i:i + 1], b.qs, b.d, b.m, b.kind) for i in range(11)]))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.BF16])
