@@ -112,10 +112,11 @@ def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-6
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0])
-# 1, 3, 18, 19, 25 and 32 blocks: odd counts, partial groups of 16 (AVX-512 computes the 4- and 5-bit kinds 16
-# blocks at a time across lanes, and a last group of up to 6 blocks a block at a time), whole groups
-@pytest.mark.parametrize("k", [32, 96, 576, 608, 800, 1024])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL])
+# 1, 3, 18, 19, 20, 25 and 32 blocks: odd counts, partial groups of 16 (AVX-512 computes the 4- and 5-bit kinds 16
+# blocks at a time across lanes; a last group of 1-4 blocks with other rows' (add_tails), of 5-6 a block at a
+# time), whole groups
+@pytest.mark.parametrize("k", [32, 96, 576, 608, 640, 800, 1024])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
     n = 37
@@ -144,11 +145,12 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
     at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
     its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch
     (the 8-bit kind's AVX-512 tiles of 3-4 rows once added them in one chain, not two, and did not)."""
-    # 8 blocks (one partial group), 16 + 2 (2 a block at a time), 16 + 9 or 16 + 8 (two groups); K-quants come in
+    # 8 blocks (one partial group), 16 + 1 to 16 + 4 (the last 1-4 blocks with other weight rows' in add_tails,
+    # 45 rows making sets of 16 / t and a last smaller one), 16 + 9 or 16 + 8 (two groups); K-quants come in
     # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
-    # blocks (a tensor-parallel rank's columns: 16 + 2 and 16 + 9 blocks)
+    # blocks (a tensor-parallel rank's columns: 16 + 2, a block at a time, and 16 + 9 blocks)
     k_quant = qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
-    cases = [(k, None) for k in ((256, 768) if k_quant else (256, 576, 800))]
+    cases = [(k, None) for k in ((256, 768) if k_quant else (256, 544, 576, 608, 640, 800))]
     cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K) else []
     for k, cut in cases:
         raw, _ = ggml_blocks(qtype, 45, k, seed=k)

@@ -132,6 +132,16 @@ constexpr bool offset_term(int64_t kind) {
            (zero_point(kind) && !has_multipliers(kind));
 }
 
+// A row's last t < 16 blocks (K = 576: 16 + 2) cost a whole group of 16 to compute across lanes, and a block at a
+// time they cost more than the group did: with t <= PACKED_TAIL_MAX, avx512::add_tails computes the tails of
+// 16 / t weight rows as one group instead, for the kinds with a scale per block (K-quant rows are whole super-
+// blocks; only a tensor-parallel cut leaves them a tail, which keeps the block-at-a-time way).
+constexpr int64_t PACKED_TAIL_MAX = 4;
+constexpr bool packed_tail(int64_t tail) { return tail >= 1 && tail <= PACKED_TAIL_MAX; }
+constexpr bool packed_tail_kind(int64_t kind) {
+    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_IQ4_NL;
+}
+
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
 struct Weights {
     const uint8_t* qs;
@@ -164,6 +174,7 @@ constexpr float QX_MAX = 32767.0f;
 // the arithmetic of eight rows against a small matrix at K = 8192). Larger ones (many rows) get a buffer of
 // their own, freed with the XQuant, so that no thread keeps a prefill's worth.
 struct XQuant {
+    int64_t nb;                // blocks per row (K / 32)
     int64_t blocks;            // padded block count per row
     int16_t* q;                // rows * blocks * 32
     float* d;                  // rows * blocks: the scale dx
@@ -175,14 +186,23 @@ struct XQuant {
     // with `bytes`, rows * blocks * 2: sum(qx) over elements 0-15 and over 16-31 of each block (what the zero point
     // of a kind with multipliers costs), per group of 16 blocks the 16 first halves, then the 16 second halves
     int32_t* half_sums = nullptr;
+    // with `bytes` and a row of 16g + t blocks, t = 1..PACKED_TAIL_MAX: the last t blocks of each row laid out for
+    // avx512::add_tails, lane L holding block 16g + L % t (rows * 8 steps * 64 bytes each; lanes past the last
+    // whole multiple of t zero), and their dx and dx * sum(qx) the same way (rows * 16 each)
+    int8_t* tail_hi = nullptr;
+    uint8_t* tail_lo = nullptr;
+    float* tail_d = nullptr;
+    float* tail_s = nullptr;
 
     static constexpr size_t REUSED_BYTES = size_t(8) << 20;
     std::vector<uint8_t> own;  // the buffer of a product too large for the thread's
     XQuant(const XQuant&) = delete;  // the pointers point into this object's buffer, or the thread's
 
-    XQuant(int64_t rows, int64_t k, bool bytes = false) : blocks((k / 32 + 15) / 16 * 16) {
+    XQuant(int64_t rows, int64_t k, bool bytes = false) : nb(k / 32), blocks((k / 32 + 15) / 16 * 16) {
         const size_t n = static_cast<size_t>(rows * blocks), values = n * 32, scales = 16 * ((n + 15) / 16);
-        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 + n * 8 : 0) + 64;
+        const bool tails = bytes && packed_tail(k / 32 % 16);
+        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 + n * 8 : 0) +
+                             (tails ? static_cast<size_t>(rows) * (512 * 2 + 64 * 2) : 0) + 64;
         thread_local std::vector<uint8_t> reused;
         std::vector<uint8_t>& buffer = total <= REUSED_BYTES ? reused : own;
         if (buffer.size() < total) buffer.resize(total);
@@ -195,6 +215,12 @@ struct XQuant {
             hi_across = reinterpret_cast<int8_t*>(take(values));
             lo_across = take(values);
             half_sums = reinterpret_cast<int32_t*>(take(n * 8));
+        }
+        if (tails) {
+            tail_hi = reinterpret_cast<int8_t*>(take(rows * 512));
+            tail_lo = take(rows * 512);
+            tail_d = reinterpret_cast<float*>(take(rows * 64));
+            tail_s = reinterpret_cast<float*>(take(rows * 64));
         }
         const int64_t nb = k / 32;  // each row's padding: zero values and scales
         for (int64_t r = 0; r < rows; r++) {
@@ -603,6 +629,23 @@ void split_bytes(XQuant& xq, int64_t rows) {
         for (int h = 0; h < 2; h++)
             _mm512_store_si512(xq.half_sums + 2 * g + 16 * h, _mm512_add_epi32(_mm512_slli_epi32(sum_hi[h], 8), sum_lo[h]));
     }
+    if (xq.tail_hi == nullptr) return;
+    // each row's last group (its tail in lanes 0..t-1, zero activations past it) with lane L taking lane L % t
+    const int64_t last = xq.nb / 16 * 16, t = xq.nb - last;
+    alignas(64) int32_t idx[16];
+    for (int l = 0; l < 16; l++) idx[l] = l < 16 / t * t ? static_cast<int32_t>(l % t) : 15;  // lane 15: padding, 0
+    const __m512i pick = _mm512_load_si512(idx);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t xo = r * xq.blocks + last;
+        for (int st = 0; st < 8; st++) {
+            _mm512_store_si512(xq.tail_hi + 512 * r + 64 * st,
+                               _mm512_permutexvar_epi32(pick, _mm512_load_si512(xq.hi_across + 32 * xo + 64 * st)));
+            _mm512_store_si512(xq.tail_lo + 512 * r + 64 * st,
+                               _mm512_permutexvar_epi32(pick, _mm512_load_si512(xq.lo_across + 32 * xo + 64 * st)));
+        }
+        _mm512_store_ps(xq.tail_d + 16 * r, _mm512_permutexvar_ps(pick, _mm512_loadu_ps(xq.d + xo)));
+        _mm512_store_ps(xq.tail_s + 16 * r, _mm512_permutexvar_ps(pick, _mm512_loadu_ps(xq.s + xo)));
+    }
 }
 
 // Dwords [block][t] of 4 registers (4 blocks x 4 dwords each) -> out[t] = dword t of blocks 0..15.
@@ -741,11 +784,13 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
     __m512 acc[NB];
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
     // A last group of a few blocks would cost a whole group's transpose and steps: those blocks take the int16
-    // kernel's way instead, a block per register (K = 576: 16 blocks across lanes and 2 alone). Q2_K's rows are
+    // kernel's way instead, a block per register, or add_tails' (K = 576: 16 blocks across lanes and 2 in
+    // add_tails, see packed_tail). Q2_K's rows are
     // whole super-blocks of 8 blocks, so its last group has 8 or 16 blocks: always across lanes (the block-at-a-
     // time way has no term for its halves' mins).
     const int64_t across_end = nb % 16 > TAIL_ALONE_MAX || half_scales(KIND) ? nb : nb / 16 * 16;
-    for (int64_t i = across_end; i < nb; i++) {
+    const int64_t alone_end = packed_tail_kind(KIND) && packed_tail(nb % 16) ? across_end : nb;  // add_tails' part
+    for (int64_t i = across_end; i < alone_end; i++) {
         const float d = avx2::block_scale<KIND>(wt, n * nb + i);
         const __m512i w = load_block<KIND>(row, nb, mult, i);
         for (int b = 0; b < NB; b++) {
@@ -862,6 +907,72 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
     }
     for (int b = 0; b < NB; b++) y[(b0 + b) * n_out + n] = _mm512_reduce_add_ps(acc[b]);
 }
+// y[b, n + r] += the tails of weight rows n..n+count-1 (count <= 16 / t, t = K/32 % 16, packed_tail(t)) for
+// activation rows b_begin..b_end-1, after rows_tile_across left them out: the rows' tails make one group, block
+// r*t + j (lane r*t + j) being block 16g + j of row n + r, against each activation row's tail repeated in the same
+// lanes (XQuant::tail_hi). Each lane is computed as if alone, and a row's lanes are added in order and then to its
+// sum: the same bits whatever the other rows of the group, the batch or the thread split. K = 576 (16 + 2 blocks),
+// Q4_1 3072 x 576 from cache, 2 threads, 1 / 8 rows: 47.8 / 197 us a block at a time against 38.2 / 143 for
+// K = 512.
+template <int64_t KIND, int T>
+inline void add_tails(const Weights& wt, int64_t k, const XQuant& xq, int64_t b_begin, int64_t b_end, float* y,
+                      int64_t n_out, int64_t n, int count) {
+    constexpr int64_t t = T;  // the tail's blocks: a constant, so that the copies below are a few moves each
+    const int64_t nb = k / 32, last = nb / 16 * 16, lanes = count * t;
+    constexpr int64_t first = first_part(KIND), second = block_bytes(KIND) - first_part(KIND);
+    // the rows' tails as one group's bytes (all first parts, then all second parts: block_at and second_at of a
+    // row of 16 blocks), scales and offsets; lanes past `lanes` zero
+    alignas(64) uint8_t group[16 * block_bytes(KIND)] = {};
+    alignas(32) uint16_t d[16] = {}, offsets[16] = {};
+    for (int r = 0; r < count; r++) {
+        const uint8_t* row = wt.qs + (n + r) * nb * block_bytes(KIND);
+        std::memcpy(group + first * r * t, row + block_at(KIND, last), first * t);
+        if (second) std::memcpy(group + 16 * first + second * r * t, row + second_at(KIND, nb, last), second * t);
+        std::memcpy(d + r * t, wt.d + (n + r) * nb + last, 2 * t);
+        if (has_offsets(KIND)) std::memcpy(offsets + r * t, wt.offsets + (n + r) * nb + last, 2 * t);
+    }
+    __m512i w[8];
+    load_across<KIND>(group, 16, 0, static_cast<int>(lanes), w);
+    const __m512 d16 = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(d)));
+    const __m512 m16 = has_offsets(KIND) ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(offsets)))
+                                         : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
+    __m512i kv_sum = _mm512_setzero_si512();  // the IQ4 kinds: as in rows_tile_across
+    if constexpr (nonlinear(KIND)) {
+        const __m512i ones = _mm512_set1_epi8(1);
+        for (int st = 0; st < 8; st++) kv_sum = _mm512_dpbusd_epi32(kv_sum, ones, w[st]);
+        kv_sum = _mm512_slli_epi32(kv_sum, 15);
+    }
+    for (int64_t b = b_begin; b < b_end; b++) {
+        const int8_t* xh = xq.tail_hi + 512 * b;
+        const uint8_t* xl = xq.tail_lo + 512 * b;
+        __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+        __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+        for (int st = 0; st < 4; st++) {
+            if constexpr (nonlinear(KIND)) {
+                const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+                h0 = _mm512_dpbusd_epi32(h0, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st), flip), w[st]);
+                h1 = _mm512_dpbusd_epi32(h1, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st + 256), flip), w[st + 4]);
+            } else {
+                h0 = _mm512_dpbusd_epi32(h0, w[st], _mm512_load_si512(xh + 64 * st));
+                h1 = _mm512_dpbusd_epi32(h1, w[st + 4], _mm512_load_si512(xh + 64 * st + 256));
+            }
+            l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
+            l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
+        }
+        __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+        if constexpr (nonlinear(KIND)) dot = _mm512_sub_epi32(dot, kv_sum);
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d16, _mm512_load_ps(xq.tail_d + 16 * b)));
+        if constexpr (offset_term(KIND)) v = _mm512_fmadd_ps(m16, _mm512_load_ps(xq.tail_s + 16 * b), v);
+        alignas(64) float lane[16];
+        _mm512_store_ps(lane, v);
+        for (int r = 0; r < count; r++) {
+            float sum = lane[r * t];
+            for (int64_t j = 1; j < t; j++) sum += lane[r * t + j];
+            y[b * n_out + n + r] += sum;
+        }
+    }
+}
+
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
@@ -948,6 +1059,37 @@ constexpr int64_t PASS_BYTES = 40 << 10, WEIGHT_BLOCK_BYTES = 512 << 10;
 
 inline int64_t pass_rows(const XQuant& xq) { return std::max<int64_t>(4, PASS_BYTES / (xq.blocks * 64) / 4 * 4); }
 
+// Weight rows n0..n1-1 against activation rows b_begin..b_end-1 when their tails go to add_tails: 16 / t rows at
+// a time, then their tails (from L1: the rows were just read).
+template <int64_t KIND, int T>
+__attribute__((noinline)) void rows_with_tails(const Weights& w, int64_t k, const XQuant& xq, int64_t b_begin,
+                                               int64_t b_end, float* y, int64_t n_out, int64_t n0, int64_t n1) {
+    constexpr int per = 16 / T;
+    for (int64_t ns = n0; ns < n1; ns += per) {
+        const int count = static_cast<int>(std::min<int64_t>(per, n1 - ns));
+        for (int64_t n = ns; n < ns + count; n++) rows_block<KIND, 1>(w, k, xq, b_begin, b_end, y, n_out, n);
+        add_tails<KIND, T>(w, k, xq, b_begin, b_end, y, n_out, ns, count);
+    }
+}
+
+template <int64_t KIND>
+void rows_with_tails(const Weights& w, int64_t k, const XQuant& xq, int64_t b_begin, int64_t b_end, float* y,
+                     int64_t n_out, int64_t n0, int64_t n1) {
+    static_assert(PACKED_TAIL_MAX == 4, "a case per tail length");
+    if constexpr (packed_tail_kind(KIND)) {
+        switch (k / 32 % 16) {
+            case 1: rows_with_tails<KIND, 1>(w, k, xq, b_begin, b_end, y, n_out, n0, n1); break;
+            case 2: rows_with_tails<KIND, 2>(w, k, xq, b_begin, b_end, y, n_out, n0, n1); break;
+            case 3: rows_with_tails<KIND, 3>(w, k, xq, b_begin, b_end, y, n_out, n0, n1); break;
+            case 4: rows_with_tails<KIND, 4>(w, k, xq, b_begin, b_end, y, n_out, n0, n1); break;
+            default: break;
+        }
+    }
+}
+
+template <int64_t KIND>
+inline bool tails_packed(int64_t k) { return packed_tail_kind(KIND) && packed_tail(k / 32 % 16); }
+
 template <int64_t KIND>
 __attribute__((noinline)) void rows_in_passes(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y,
                                               int64_t n_out, int64_t n0, int64_t n1) {
@@ -955,8 +1097,13 @@ __attribute__((noinline)) void rows_in_passes(const Weights& w, int64_t k, const
     const int64_t block_rows = std::max<int64_t>(4, WEIGHT_BLOCK_BYTES / (k / 32 * block_bytes(KIND)));
     for (int64_t nb0 = n0; nb0 < n1; nb0 += block_rows) {
         const int64_t nb1 = std::min(n1, nb0 + block_rows);
-        for (int64_t b0 = 0; b0 < m; b0 += pass)
+        for (int64_t b0 = 0; b0 < m; b0 += pass) {
+            if (tails_packed<KIND>(k)) {
+                rows_with_tails<KIND>(w, k, xq, b0, std::min(m, b0 + pass), y, n_out, nb0, nb1);
+                continue;
+            }
             for (int64_t n = nb0; n < nb1; n++) rows_block<KIND, 1>(w, k, xq, b0, std::min(m, b0 + pass), y, n_out, n);
+        }
     }
 }
 
@@ -971,6 +1118,10 @@ void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y
     // a time as well.
     if (m > pass_rows(xq)) {
         rows_in_passes<KIND>(w, k, xq, m, y, n_out, n0, n1);
+        return;
+    }
+    if (tails_packed<KIND>(k)) {
+        rows_with_tails<KIND>(w, k, xq, 0, m, y, n_out, n0, n1);
         return;
     }
     for (int64_t n = n0; n < n1; n++) rows_block<KIND, 1>(w, k, xq, 0, m, y, n_out, n);
