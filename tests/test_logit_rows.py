@@ -90,3 +90,38 @@ def test_the_kernels_refuse_what_they_cannot_read():
     values, ids, kept = k.top_logits(torch.tensor([[1.0, 2.0], [-math.inf, -math.inf]]), 3)
     assert values.tolist() == [[2.0, 1.0], [-math.inf, -math.inf]] and ids.tolist() == [[1, 0], [-1, -1]]
     assert kept.tolist() == [2, 0]
+
+
+def test_logit_rank_without_ties_by_id_shares_a_rank_between_equal_logits():
+    row = torch.tensor([1.0, 3.0, 1.0, 3.0, -math.inf, 0.5])
+    want = {0: 3, 1: 1, 2: 3, 3: 1, 4: 6, 5: 5}
+    assert {i: logit_rank_torch(row, i, ties_by_id=False) for i in want} == want
+    assert {i: logit_rank(row, i, ties_by_id=False) for i in want} == want
+
+
+def test_one_rows_logprobs_equal_the_whole_batchs_way():
+    """token_logprobs takes a decode step's single row through logit_rows (logsumexp, top k, rank) and several
+    rows through log_softmax over (T, V): the same logprobs (within float32 rounding of the log-sum-exp), ranks
+    and top tokens (among tied logits topk takes any, the single row the lowest ids). A row with fewer logits
+    above -inf than asked for takes the (T, V) way too."""
+    from lanternlm.generation.sampling import token_logprobs
+    rng = torch.Generator().manual_seed(3)
+    rows = [torch.randn(49152, generator=rng) * 3, torch.randint(0, 5, (300,), generator=rng).float()]
+    holes = torch.full((100,), -math.inf)
+    holes[[7, 40]] = torch.tensor([1.0, 2.0])
+    rows.append(holes)
+    for row in rows:
+        for target in (0, 7, row.numel() - 1):
+            for top in (0, 1, 5):
+                [(lp, rank, best)] = token_logprobs(row[None], [target], top)
+                [(lp2, rank2, best2), _] = token_logprobs(torch.stack([row, row]), [target, target], top)
+                assert rank == rank2 and len(best) == len(best2) == top
+                assert (lp == lp2 == -math.inf) or abs(lp - lp2) <= 1e-5
+                assert all(a == b or abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(best, best2))
+                finite = row[row > -math.inf]
+                if finite.unique().numel() == finite.numel():  # no ties: the same tokens (then any -inf ones)
+                    assert [i for i, _ in best][:finite.numel()] == [i for i, _ in best2][:finite.numel()]
+                else:  # the lowest ids among ties, each with its own logprob
+                    assert [i for i, _ in best] == expected_top(row, top)[1]
+                    assert all(abs(v - float(row[i]) + float(row.logsumexp(0)))
+                               <= 1e-5 for i, v in best)

@@ -53,18 +53,20 @@ def top_logits_torch(logits: torch.Tensor, k: int) -> tuple[list[float], list[in
     return [v for v, _ in best], [i for _, i in best], kept
 
 
-def logit_rank(logits: torch.Tensor, index: int) -> int:
-    """1-based rank of logits[index] in a descending order that breaks ties by id, as argmax does."""
+def logit_rank(logits: torch.Tensor, index: int, ties_by_id: bool = True) -> int:
+    """1-based rank of logits[index]: 1 + the number of logits above it, + those equal to it at lower ids when
+    `ties_by_id` (a descending order that breaks ties as argmax does; without it, equal logits share a rank)."""
     module = _kernel_row(logits)
     if module is not None:
-        return module.logit_rank(logits, index)
-    return logit_rank_torch(logits, index)
+        return module.logit_rank(logits, index, ties_by_id)
+    return logit_rank_torch(logits, index, ties_by_id)
 
 
-def logit_rank_torch(logits: torch.Tensor, index: int) -> int:
+def logit_rank_torch(logits: torch.Tensor, index: int, ties_by_id: bool = True) -> int:
     """logit_rank in PyTorch's ops."""
     v = logits[index]
-    return int((logits > v).sum() + (logits[:index] == v).sum()) + 1
+    tied = (logits[:index] == v).sum() if ties_by_id else 0
+    return int((logits > v).sum() + tied) + 1
 
 
 __all__ = ["logit_rank", "logit_rank_torch", "top_logits", "top_logits_torch"]

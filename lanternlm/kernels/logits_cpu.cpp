@@ -70,11 +70,12 @@ int64_t top_row(const float* x, int64_t n, int64_t k, float* vals, int64_t* ids)
     return kept;
 }
 
-LANTERN_CLONES int64_t ahead_of(const float* x, int64_t n, int64_t index) {
+LANTERN_CLONES int64_t ahead_of(const float* x, int64_t n, int64_t index, bool ties_by_id) {
     const float v = x[index];
+    const int64_t before = ties_by_id ? index : 0;  // equal logits at lower ids count as ahead
     int64_t c = 0;
 #pragma omp simd reduction(+ : c)
-    for (int64_t i = 0; i < n; i++) c += (x[i] > v) | ((x[i] == v) & (i < index));
+    for (int64_t i = 0; i < n; i++) c += (x[i] > v) | ((x[i] == v) & (i < before));
     return c;
 }
 
@@ -105,10 +106,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> top_logits(const torch::
     return {vals, ids, kept};
 }
 
-// The 1-based rank of x[index] in a descending order that breaks ties by id (as argmax does): 1 + the number of
-// logits above it + the number equal to it at lower ids. x: (V,).
-int64_t logit_rank(const torch::Tensor& x, int64_t index) {
+// The 1-based rank of x[index]: 1 + the number of logits above it, + the number equal to it at lower ids when
+// ties go by id (as argmax breaks them; otherwise equal logits share a rank, as vLLM's logprob ranks do). x: (V,).
+int64_t logit_rank(const torch::Tensor& x, int64_t index, bool ties_by_id) {
     check_rows(x);
     TORCH_CHECK(x.dim() == 1 && index >= 0 && index < x.size(0), "logit_rank: one row and an id inside it");
-    return 1 + ahead_of(x.data_ptr<float>(), x.size(0), index);
+    return 1 + ahead_of(x.data_ptr<float>(), x.size(0), index, ties_by_id);
 }

@@ -1846,7 +1846,7 @@ void register_decode_stack(pybind11::module& mod);
 
 // logits_cpu.cpp
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> top_logits(const torch::Tensor& x, int64_t k);
-int64_t logit_rank(const torch::Tensor& x, int64_t index);
+int64_t logit_rank(const torch::Tensor& x, int64_t index, bool ties_by_id);
 int64_t set_torch_threads(int64_t n);  // pool.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -1857,7 +1857,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             "one token per row: RoPE, cache write and attention over the cache -> (B, H*D)");
     mod.def("top_logits", &top_logits, "per row of (V,) or (T, V) float32 logits: the k largest > -inf (largest "
             "first, lower id first on ties; -inf / -1 past the row's count) and their ids, and the count > -inf");
-    mod.def("logit_rank", &logit_rank, "1-based rank of x[index] in a (V,) row, ties broken by id as argmax does");
+    mod.def("logit_rank", &logit_rank, "1-based rank of x[index] in a (V,) row: 1 + the logits above it (+ those equal "
+            "to it at lower ids with ties_by_id, as argmax breaks ties)", pybind11::arg("x"), pybind11::arg("index"),
+            pybind11::arg("ties_by_id") = true);
     mod.def("set_torch_threads", &set_torch_threads,
             "the calling thread's thread count for PyTorch's own (OpenMP) ops; returns the previous one");
     mod.def("isa", &isa, "0: no kernels on this CPU, 1: AVX2+FMA, 2: AVX-512 VNNI");
