@@ -25,8 +25,8 @@ from gguf.quants import quantize as gguf_quantize
 from lanternlm.config import ModelConfig
 from lanternlm.fused import FusedAttention, fuse_for_cpu
 from lanternlm.kernels import kernels, why_unavailable
-from lanternlm.kernels.blocks import (KIND_BF16, KIND_F16, KIND_Q4, KIND_Q4_K, KIND_Q4_MIN, KIND_Q8, dequantize_blocks,
-                                      from_ggml, quantize_q8)
+from lanternlm.kernels.blocks import (KIND_BF16, KIND_F16, KIND_IQ4_NL, KIND_Q4, KIND_Q4_K, KIND_Q4_MIN, KIND_Q5,
+                                      KIND_Q5_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8)
 from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
@@ -130,7 +130,8 @@ def test_qmatmul_equals_the_dequantized_product(isa, qtype, k, rows):
     assert torch.all((got.double() - ref).abs() <= product_bound(x, w).double())
 
 
-BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS = 1, 2, 3  # kernels().last_block_path()
+BLOCK_PATH_AVX2, BLOCK_PATH_INT16, BLOCK_PATH_ACROSS, BLOCK_PATH_ACROSS_TAILS = 1, 2, 3, 4  # kernels().last_block_path()
+PACKED_TAIL_KINDS = (KIND_Q4, KIND_Q4_MIN, KIND_Q5, KIND_Q5_MIN, KIND_IQ4_NL)  # rows ending in 1-4 blocks: add_tails
 
 
 @pytest.mark.parametrize("qtype,wide_path", [(T.Q4_0, BLOCK_PATH_ACROSS), (T.Q4_1, BLOCK_PATH_ACROSS),
@@ -148,7 +149,8 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
     # 8 blocks (one partial group), 16 + 1 to 16 + 4 (the last 1-4 blocks with other weight rows' in add_tails,
     # 45 rows making sets of 16 / t and a last smaller one), 16 + 9 or 16 + 8 (two groups); K-quants come in
     # super-blocks of 256, and the matrices kept in groups of 16 blocks (3-, 5- and 6-bit) are also cut between
-    # blocks (a tensor-parallel rank's columns: 16 + 2, a block at a time, and 16 + 9 blocks)
+    # blocks (a tensor-parallel rank's columns: 16 + 2, in add_tails as Q5_0/Q5_1 and a cut Q5_K are, a block at
+    # a time as Q3_K and Q6_K are; and 16 + 9 blocks)
     k_quant = qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
     cases = [(k, None) for k in ((256, 768) if k_quant else (256, 544, 576, 608, 640, 800))]
     cases += [(768, (0, 576)), (1024, (64, 864))] if qtype in (T.Q3_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K) else []
@@ -161,7 +163,8 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
         w = dequantize_blocks(b)  # (Q4_K's scales become float16 ones: test_q4_k_repacks_within_float16_scale_rounding)
         x = torch.randn(8, k, generator=torch.Generator().manual_seed(k))
         whole = K.qmatmul(x, b.qs, b.d, b.m, b.kind)
-        assert K.last_block_path() == (BLOCK_PATH_AVX2 if isa == 1 else wide_path)
+        tails = b.kind in PACKED_TAIL_KINDS and 1 <= k // 32 % 16 <= 4  # (a cut Q5_K is KIND_Q5: 16 + 2 blocks)
+        assert K.last_block_path() == (BLOCK_PATH_AVX2 if isa == 1 else BLOCK_PATH_ACROSS_TAILS if tails else wide_path)
         assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
         for start, end in [(i, i + 1) for i in range(8)] + [(1, 6), (5, 8), (0, 3)]:
             assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)

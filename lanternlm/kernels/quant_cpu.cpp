@@ -135,7 +135,8 @@ constexpr bool offset_term(int64_t kind) {
 // A row's last t < 16 blocks (K = 576: 16 + 2) cost a whole group of 16 to compute across lanes, and a block at a
 // time they cost more than the group did: with t <= PACKED_TAIL_MAX, avx512::add_tails computes the tails of
 // 16 / t weight rows as one group instead, for the kinds with a scale per block (K-quant rows are whole super-
-// blocks; only a tensor-parallel cut leaves them a tail, which keeps the block-at-a-time way).
+// blocks: only a tensor-parallel cut leaves them a tail, Q4_K and Q5_K cut as the 4- and 5-bit kinds with
+// offsets, which take add_tails too, Q3_K and Q6_K with their multipliers, which keep the block-at-a-time way).
 constexpr int64_t PACKED_TAIL_MAX = 4;
 constexpr bool packed_tail(int64_t tail) { return tail >= 1 && tail <= PACKED_TAIL_MAX; }
 constexpr bool packed_tail_kind(int64_t kind) {
@@ -1193,9 +1194,11 @@ constexpr int FLOAT_CHAINS(int R, int NB) { return R * NB <= 2 ? 2 : 1; }
 constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
 std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
 
-// Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes the 4-bit kinds
-// with byte dot products across lanes (avx512::rows_tile_across), the others with int16 ones.
-constexpr int64_t BLOCK_PATH_NONE = 0, BLOCK_PATH_AVX2 = 1, BLOCK_PATH_INT16 = 2, BLOCK_PATH_ACROSS = 3;
+// Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes every kind but the
+// 8-bit one with byte dot products across lanes (avx512::rows_tile_across), rows ending in 1-4 blocks with
+// avx512::add_tails too (ACROSS_TAILS), and the 8-bit kind with int16 ones.
+constexpr int64_t BLOCK_PATH_NONE = 0, BLOCK_PATH_AVX2 = 1, BLOCK_PATH_INT16 = 2, BLOCK_PATH_ACROSS = 3,
+                  BLOCK_PATH_ACROSS_TAILS = 4;
 std::atomic<int64_t> LAST_BLOCK_PATH{BLOCK_PATH_NONE};
 
 }  // namespace
@@ -1466,12 +1469,15 @@ int64_t set_bf16_dot(int64_t on) {
 int64_t last_float_path() { return LAST_FLOAT_PATH.load(); }
 
 // The block-kind kernel the last product ran (its last part): 0 none yet, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512
-// bytes across lanes.
+// bytes across lanes, 4 the same with the rows' last blocks in add_tails.
 int64_t last_block_path() { return LAST_BLOCK_PATH.load(); }
 
-static void note_block_path(bool wide, int64_t kind) {
+static void note_block_path(bool wide, int64_t kind, int64_t k) {
 #if defined(__x86_64__) || defined(_M_X64)
-    LAST_BLOCK_PATH = !wide ? BLOCK_PATH_AVX2 : avx512::across_kind(kind) ? BLOCK_PATH_ACROSS : BLOCK_PATH_INT16;
+    const bool tails = packed_tail_kind(kind) && packed_tail(k / 32 % 16);
+    LAST_BLOCK_PATH = !wide ? BLOCK_PATH_AVX2
+                      : !avx512::across_kind(kind) ? BLOCK_PATH_INT16
+                      : tails ? BLOCK_PATH_ACROSS_TAILS : BLOCK_PATH_ACROSS;
 #endif
 }
 
@@ -1606,7 +1612,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
             else avx2::rows_all<KIND>(w, k, xq, rows, out, n, n0, n1);
         });
     });
-    note_block_path(wide, kind);
+    note_block_path(wide, kind, k);
 #endif
     return y;
 }
@@ -1661,7 +1667,7 @@ torch::Tensor qmatmul_parts(const torch::Tensor& x_in, const std::vector<torch::
             });
         }
     });
-    note_block_path(wide, kinds[parts - 1]);
+    note_block_path(wide, kinds[parts - 1], k);
 #endif
     return y;
 }
@@ -1869,7 +1875,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("last_float_path", &last_float_path,
             "the kernel of the last float-weight product: 0 none, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16");
     mod.def("last_block_path", &last_block_path,
-            "the kernel of the last block product: 0 none, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512 bytes across lanes");
+            "the kernel of the last block product: 0 none, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512 bytes across lanes, "
+            "4 the same with rows' last 1-4 blocks packed together (add_tails)");
     // The products let other Python threads run meanwhile (the server's event loop beside the Engine's
     // thread); they touch no Python object.
     mod.def("qmatmul", &qmatmul, "x (..., K) float32 @ W.T -> (..., N) float32; W as split blocks (qs, d, m, kind) or a float matrix (qs)",
