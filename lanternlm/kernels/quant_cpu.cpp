@@ -187,6 +187,9 @@ struct XQuant {
     // with `bytes`, rows * blocks * 2: sum(qx) over elements 0-15 and over 16-31 of each block (what the zero point
     // of a kind with multipliers costs), per group of 16 blocks the 16 first halves, then the 16 second halves
     int32_t* half_sums = nullptr;
+    // with `bytes`, rows * blocks: sum(qx >> 8) of each block, laid out like half_sums (for the IQ4 kinds' signed
+    // weight bytes: see avx512::rows_tile_across)
+    int32_t* hi_sums = nullptr;
     // with `bytes` and a row of 16g + t blocks, t = 1..PACKED_TAIL_MAX: the last t blocks of each row laid out for
     // avx512::add_tails, lane L holding block 16g + L % t (rows * 8 steps * 64 bytes each; lanes past the last
     // whole multiple of t zero), and their dx and dx * sum(qx) the same way (rows * 16 each)
@@ -194,6 +197,7 @@ struct XQuant {
     uint8_t* tail_lo = nullptr;
     float* tail_d = nullptr;
     float* tail_s = nullptr;
+    int32_t* tail_hs = nullptr;
 
     static constexpr size_t REUSED_BYTES = size_t(8) << 20;
     std::vector<uint8_t> own;  // the buffer of a product too large for the thread's
@@ -202,8 +206,8 @@ struct XQuant {
     XQuant(int64_t rows, int64_t k, bool bytes = false) : nb(k / 32), blocks((k / 32 + 15) / 16 * 16) {
         const size_t n = static_cast<size_t>(rows * blocks), values = n * 32, scales = 16 * ((n + 15) / 16);
         const bool tails = bytes && packed_tail(k / 32 % 16);
-        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 + n * 8 : 0) +
-                             (tails ? static_cast<size_t>(rows) * (512 * 2 + 64 * 2) : 0) + 64;
+        const size_t total = values * 2 + scales * 4 * 2 + (bytes ? values * 2 + n * 8 + 64 * ((n + 15) / 16) : 0) +
+                             (tails ? static_cast<size_t>(rows) * (512 * 2 + 64 * 3) : 0) + 64;
         thread_local std::vector<uint8_t> reused;
         std::vector<uint8_t>& buffer = total <= REUSED_BYTES ? reused : own;
         if (buffer.size() < total) buffer.resize(total);
@@ -216,12 +220,14 @@ struct XQuant {
             hi_across = reinterpret_cast<int8_t*>(take(values));
             lo_across = take(values);
             half_sums = reinterpret_cast<int32_t*>(take(n * 8));
+            hi_sums = reinterpret_cast<int32_t*>(take(64 * ((n + 15) / 16)));
         }
         if (tails) {
             tail_hi = reinterpret_cast<int8_t*>(take(rows * 512));
             tail_lo = take(rows * 512);
             tail_d = reinterpret_cast<float*>(take(rows * 64));
             tail_s = reinterpret_cast<float*>(take(rows * 64));
+            tail_hs = reinterpret_cast<int32_t*>(take(rows * 64));
         }
         const int64_t nb = k / 32;  // each row's padding: zero values and scales
         for (int64_t r = 0; r < rows; r++) {
@@ -583,7 +589,9 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // The 3-bit kind (Q3_K) the same way, from its crumbs (bits 0-1) and high bits, zero point 4; the 2-bit kind
 // (Q2_K) from its crumbs alone, each half by d times its 4-bit scale, its min a third term, -dmin * min * sum(qx)
 // of the half. The IQ4 kinds look their nibbles' values up (one vpshufb per step), signed bytes: their hi
-// products take hi + 128 as the unsigned operand, less 128 * the block's sum of values. A
+// products take v + 128 as the unsigned operand, less 128 * the block's sum of hi bytes (per product, from the
+// activations; a sum of the values per weight row took 8 more vpdpbusd a group: 8 rows of 8192 x 2048 IQ4_XS
+// 1.23-1.24 -> 1.10-1.12 ms, IQ4_NL 1.18-1.21 -> 1.06-1.10). A
 // 2048 x 8192 Q6_K product from DRAM at one row: 0.80 ms with the int16 kernel, 0.59 ms as 8-bit blocks,
 // 0.54-0.59 ms this way (with the software prefetch below). The 5-bit kinds add each element's high bit (bit 4)
 // to its nibble per step, one shift and one ternary-logic op: a Q5_0 8192 x 2048 product from DRAM, 1 / 8 rows,
@@ -629,6 +637,7 @@ void split_bytes(XQuant& xq, int64_t rows) {
         }
         for (int h = 0; h < 2; h++)
             _mm512_store_si512(xq.half_sums + 2 * g + 16 * h, _mm512_add_epi32(_mm512_slli_epi32(sum_hi[h], 8), sum_lo[h]));
+        _mm512_store_si512(xq.hi_sums + g, _mm512_add_epi32(sum_hi[0], sum_hi[1]));
     }
     if (xq.tail_hi == nullptr) return;
     // each row's last group (its tail in lanes 0..t-1, zero activations past it) with lane L taking lane L % t
@@ -646,6 +655,7 @@ void split_bytes(XQuant& xq, int64_t rows) {
         }
         _mm512_store_ps(xq.tail_d + 16 * r, _mm512_permutexvar_ps(pick, _mm512_loadu_ps(xq.d + xo)));
         _mm512_store_ps(xq.tail_s + 16 * r, _mm512_permutexvar_ps(pick, _mm512_loadu_ps(xq.s + xo)));
+        _mm512_store_si512(xq.tail_hs + 16 * r, _mm512_permutexvar_epi32(pick, _mm512_load_si512(xq.hi_sums + xo)));
     }
 }
 
@@ -844,14 +854,12 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
             d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, wt.d + n * nb + g));
             scale[0] = scale[1] = d16;
         }
-        // The IQ4 kinds' values are signed bytes, so their hi products take hi + 128 (unsigned) against them:
-        // 256 * sum(hi * v) = 256 * sum((hi + 128) * v) - 32768 * sum(v), sum(v) per block once per weight row.
-        __m512i kv_sum = _mm512_setzero_si512();
-        if constexpr (nonlinear(KIND)) {
-            const __m512i ones = _mm512_set1_epi8(1);
-            for (int st = 0; st < 8; st++) kv_sum = _mm512_dpbusd_epi32(kv_sum, ones, w[st]);
-            kv_sum = _mm512_slli_epi32(kv_sum, 15);
-        }
+        // The IQ4 kinds' values are signed bytes: they go in as v + 128, unsigned, against the signed hi bytes,
+        // 256 * sum(hi * v) = 256 * sum(hi * (v + 128)) - 32768 * sum(hi), sum(hi) per block from the activations
+        // (XQuant::hi_sums, once per product); the unsigned lo bytes take v as it is.
+        __m512i wu[8];
+        if constexpr (nonlinear(KIND))
+            for (int st = 0; st < 8; st++) wu[st] = _mm512_xor_si512(w[st], _mm512_set1_epi8(static_cast<char>(0x80)));
         if constexpr (has_multipliers(KIND)) {
             // 2 int8 per block -> dword l = block l's pair as two int16
             const __m512i pair = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << (2 * left)) - 1), mult + 2 * g));
@@ -869,14 +877,9 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
             __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
             __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
             for (int st = 0; st < 4; st++) {
-                if constexpr (nonlinear(KIND)) {  // signed weights: hi + 128 as the unsigned operand (see kv_sum)
-                    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-                    h0 = _mm512_dpbusd_epi32(h0, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st), flip), w[st]);
-                    h1 = _mm512_dpbusd_epi32(h1, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st + 256), flip), w[st + 4]);
-                } else {
-                    h0 = _mm512_dpbusd_epi32(h0, w[st], _mm512_load_si512(xh + 64 * st));
-                    h1 = _mm512_dpbusd_epi32(h1, w[st + 4], _mm512_load_si512(xh + 64 * st + 256));
-                }
+                const __m512i* hw = nonlinear(KIND) ? wu : w;  // the unsigned weight bytes
+                h0 = _mm512_dpbusd_epi32(h0, hw[st], _mm512_load_si512(xh + 64 * st));
+                h1 = _mm512_dpbusd_epi32(h1, hw[st + 4], _mm512_load_si512(xh + 64 * st + 256));
                 l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
                 l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
             }
@@ -900,7 +903,8 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq), _mm512_mul_ps(m16, dx), acc[b]);
             } else {
                 __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
-                if constexpr (nonlinear(KIND)) t = _mm512_sub_epi32(t, kv_sum);
+                if constexpr (nonlinear(KIND))
+                    t = _mm512_sub_epi32(t, _mm512_slli_epi32(_mm512_load_si512(xq.hi_sums + xo), 15));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scale[0], dx), acc[b]);
                 if constexpr (offset_term(KIND)) acc[b] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(xq.s + xo), acc[b]);
             }
@@ -937,31 +941,24 @@ inline void add_tails(const Weights& wt, int64_t k, const XQuant& xq, int64_t b_
     const __m512 d16 = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(d)));
     const __m512 m16 = has_offsets(KIND) ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(offsets)))
                                          : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
-    __m512i kv_sum = _mm512_setzero_si512();  // the IQ4 kinds: as in rows_tile_across
-    if constexpr (nonlinear(KIND)) {
-        const __m512i ones = _mm512_set1_epi8(1);
-        for (int st = 0; st < 8; st++) kv_sum = _mm512_dpbusd_epi32(kv_sum, ones, w[st]);
-        kv_sum = _mm512_slli_epi32(kv_sum, 15);
-    }
+    __m512i wu[8];  // the IQ4 kinds' signed bytes: as in rows_tile_across
+    if constexpr (nonlinear(KIND))
+        for (int st = 0; st < 8; st++) wu[st] = _mm512_xor_si512(w[st], _mm512_set1_epi8(static_cast<char>(0x80)));
     for (int64_t b = b_begin; b < b_end; b++) {
         const int8_t* xh = xq.tail_hi + 512 * b;
         const uint8_t* xl = xq.tail_lo + 512 * b;
         __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
         __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
         for (int st = 0; st < 4; st++) {
-            if constexpr (nonlinear(KIND)) {
-                const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-                h0 = _mm512_dpbusd_epi32(h0, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st), flip), w[st]);
-                h1 = _mm512_dpbusd_epi32(h1, _mm512_xor_si512(_mm512_load_si512(xh + 64 * st + 256), flip), w[st + 4]);
-            } else {
-                h0 = _mm512_dpbusd_epi32(h0, w[st], _mm512_load_si512(xh + 64 * st));
-                h1 = _mm512_dpbusd_epi32(h1, w[st + 4], _mm512_load_si512(xh + 64 * st + 256));
-            }
+            const __m512i* hw = nonlinear(KIND) ? wu : w;
+            h0 = _mm512_dpbusd_epi32(h0, hw[st], _mm512_load_si512(xh + 64 * st));
+            h1 = _mm512_dpbusd_epi32(h1, hw[st + 4], _mm512_load_si512(xh + 64 * st + 256));
             l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
             l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
         }
         __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
-        if constexpr (nonlinear(KIND)) dot = _mm512_sub_epi32(dot, kv_sum);
+        if constexpr (nonlinear(KIND))
+            dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_load_si512(xq.tail_hs + 16 * b), 15));
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d16, _mm512_load_ps(xq.tail_d + 16 * b)));
         if constexpr (offset_term(KIND)) v = _mm512_fmadd_ps(m16, _mm512_load_ps(xq.tail_s + 16 * b), v);
         alignas(64) float lane[16];
