@@ -21,13 +21,9 @@
 #include <immintrin.h>
 #endif
 
-void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
+#include "clones.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LANTERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LANTERN_CLONES
-#endif
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
 
 namespace {
 

@@ -16,11 +16,7 @@
 #include <limits>
 #include <tuple>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LANTERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LANTERN_CLONES
-#endif
+#include "clones.h"
 
 namespace {
 
