@@ -764,6 +764,25 @@ inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m
     }
 }
 
+// One activation row's bytes (xh, xl: a group's 8 steps, XQuant::hi_across and lo_across) against a group's 8
+// weight steps: each half's (steps 0-3, 4-7) sum(q * qx) per lane = 256 * sum(q * hi) + sum(lo * q). hw: the
+// weight steps as vpdpbusd's unsigned operand against the signed hi bytes (w, or w + 128 for the IQ4 kinds' signed
+// values); the unsigned lo bytes take w. Each half's hi and lo sums are chains of their own, so consecutive
+// vpdpbusd do not wait on each other.
+inline void half_dots(const __m512i hw[8], const __m512i w[8], const int8_t* xh, const uint8_t* xl, __m512i& u0,
+                      __m512i& u1) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+    __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+    for (int st = 0; st < 4; st++) {
+        h0 = _mm512_dpbusd_epi32(h0, hw[st], _mm512_load_si512(xh + 64 * st));
+        h1 = _mm512_dpbusd_epi32(h1, hw[st + 4], _mm512_load_si512(xh + 64 * st + 256));
+        l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
+        l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
+    }
+    u0 = _mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0);
+    u1 = _mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1);
+}
+
 // Software prefetch of what the group of 16 blocks PREFETCH_BLOCKS after block g of weight row n reads: its
 // bytes, scales and offsets or multipliers (past the row's end: the next row's, read next). A row's qs, d and m
 // are three streams, which this VM's hardware prefetcher alone follows poorly: from DRAM at one activation row,
@@ -871,38 +890,25 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
         }
         for (int b = 0; b < NB; b++) {
             const int64_t xo = (b0 + b) * xq.blocks + g;
-            const int8_t* xh = xq.hi_across + xo * 32;
-            const uint8_t* xl = xq.lo_across + xo * 32;
-            // each half's hi and lo sums in chains of their own, so consecutive dpbusd do not wait on each other
-            __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
-            __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
-            for (int st = 0; st < 4; st++) {
-                const __m512i* hw = nonlinear(KIND) ? wu : w;  // the unsigned weight bytes
-                h0 = _mm512_dpbusd_epi32(h0, hw[st], _mm512_load_si512(xh + 64 * st));
-                h1 = _mm512_dpbusd_epi32(h1, hw[st + 4], _mm512_load_si512(xh + 64 * st + 256));
-                l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
-                l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
-            }
+            __m512i u0, u1;
+            half_dots(nonlinear(KIND) ? wu : w, w, xq.hi_across + xo * 32, xq.lo_across + xo * 32, u0, u1);
             const __m512 dx = _mm512_loadu_ps(xq.d + xo);
             if constexpr (has_multipliers(KIND)) {  // zero points 32 and 4: the half sums shifted
                 constexpr int z_shift = KIND == KIND_Q6 ? 5 : 2;
                 static_assert(zero_point(KIND) == 1 << z_shift, "a power of two");
-                const __m512i u0 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0),
-                                                    _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo), z_shift));
-                const __m512i u1 = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1),
-                                                    _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo + 16), z_shift));
+                u0 = _mm512_sub_epi32(u0, _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo), z_shift));
+                u1 = _mm512_sub_epi32(u1, _mm512_slli_epi32(_mm512_load_si512(xq.half_sums + 2 * xo + 16), z_shift));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), _mm512_mul_ps(scale[0], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
             } else if constexpr (half_scales(KIND)) {  // Q2_K: each half by its scale, and -dmin * its min * sum(qx)
                 // q * qx over 16 elements is under 2^21, min * sum(qx) over two halves under 2^24: exact floats
-                const __m512i u0 = _mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0), u1 = _mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1);
                 const __m512i mq = _mm512_add_epi32(_mm512_mullo_epi32(mins[0], _mm512_load_si512(xq.half_sums + 2 * xo)),
                                                     _mm512_mullo_epi32(mins[1], _mm512_load_si512(xq.half_sums + 2 * xo + 16)));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), _mm512_mul_ps(scale[0], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), _mm512_mul_ps(scale[1], dx), acc[b]);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq), _mm512_mul_ps(m16, dx), acc[b]);
             } else {
-                __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+                __m512i t = _mm512_add_epi32(u0, u1);
                 if constexpr (nonlinear(KIND))
                     t = _mm512_sub_epi32(t, _mm512_slli_epi32(_mm512_load_si512(xq.hi_sums + xo), 15));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scale[0], dx), acc[b]);
@@ -945,18 +951,9 @@ inline void add_tails(const Weights& wt, int64_t k, const XQuant& xq, int64_t b_
     if constexpr (nonlinear(KIND))
         for (int st = 0; st < 8; st++) wu[st] = _mm512_xor_si512(w[st], _mm512_set1_epi8(static_cast<char>(0x80)));
     for (int64_t b = b_begin; b < b_end; b++) {
-        const int8_t* xh = xq.tail_hi + 512 * b;
-        const uint8_t* xl = xq.tail_lo + 512 * b;
-        __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
-        __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
-        for (int st = 0; st < 4; st++) {
-            const __m512i* hw = nonlinear(KIND) ? wu : w;
-            h0 = _mm512_dpbusd_epi32(h0, hw[st], _mm512_load_si512(xh + 64 * st));
-            h1 = _mm512_dpbusd_epi32(h1, hw[st + 4], _mm512_load_si512(xh + 64 * st + 256));
-            l0 = _mm512_dpbusd_epi32(l0, _mm512_load_si512(xl + 64 * st), w[st]);
-            l1 = _mm512_dpbusd_epi32(l1, _mm512_load_si512(xl + 64 * st + 256), w[st + 4]);
-        }
-        __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+        __m512i u0, u1;
+        half_dots(nonlinear(KIND) ? wu : w, w, xq.tail_hi + 512 * b, xq.tail_lo + 512 * b, u0, u1);
+        __m512i dot = _mm512_add_epi32(u0, u1);
         if constexpr (nonlinear(KIND))
             dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_load_si512(xq.tail_hs + 16 * b), 15));
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d16, _mm512_load_ps(xq.tail_d + 16 * b)));
