@@ -111,6 +111,7 @@ def test_one_rows_logprobs_equal_the_whole_batchs_way():
     holes[[7, 40]] = torch.tensor([1.0, 2.0])
     rows.append(holes)
     for row in rows:
+        assert logit_rows.in_one_pass(row) == (kernels(quiet=True) is not None)  # which way the single row takes
         for target in (0, 7, row.numel() - 1):
             for top in (0, 1, 5):
                 [(lp, rank, best)] = token_logprobs(row[None], [target], top)

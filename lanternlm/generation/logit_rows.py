@@ -17,6 +17,12 @@ import torch
 from ..kernels import kernels
 
 
+def in_one_pass(logits: torch.Tensor) -> bool:
+    """Whether the kernels answer for this row (a contiguous float32 (V,) row on the CPU, the kernels loaded): else
+    each question takes PyTorch's passes over it."""
+    return _kernel_row(logits) is not None
+
+
 def _kernel_row(logits: torch.Tensor):
     """The kernels module when it can take this row as it is, else None."""
     module = kernels(quiet=True)
@@ -69,4 +75,4 @@ def logit_rank_torch(logits: torch.Tensor, index: int, ties_by_id: bool = True) 
     return int((logits > v).sum() + tied) + 1
 
 
-__all__ = ["logit_rank", "logit_rank_torch", "top_logits", "top_logits_torch"]
+__all__ = ["in_one_pass", "logit_rank", "logit_rank_torch", "top_logits", "top_logits_torch"]

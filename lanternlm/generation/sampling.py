@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import LanternError
-from .logit_rows import logit_rank, top_logits
+from .logit_rows import in_one_pass, logit_rank, top_logits
 
 # Neutral values used when neither the request nor the model's generation_config sets a parameter.
 _NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -432,8 +432,9 @@ def token_logprobs(logits: torch.Tensor, targets: Sequence[int],
     """Log-probabilities under the model's own distribution (before any sampling stage, as OpenAI and vLLM
     report them): for each row of `logits` (T, V), the target token's logprob, its rank (1 = most likely), and
     the `top` most likely tokens with their logprobs, best first."""
-    if logits.shape[0] == 1 and logits.device.type == "cpu":  # a decode step's token
-        one = _row_logprobs(logits[0].float().contiguous(), int(targets[0]), top)
+    row = logits[0].float().contiguous() if logits.shape[0] == 1 else None  # a decode step's token
+    if row is not None and in_one_pass(row):  # else the (T, V) way's three passes beat PyTorch's answers to each
+        one = _row_logprobs(row, int(targets[0]), top)
         if one is not None:
             return [one]
     logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
