@@ -68,12 +68,10 @@ def _token(tokenizer: Tokenizer, token_id: int) -> dict:
 
 
 def _top(tokenizer: Tokenizer, logits: torch.Tensor, probs: torch.Tensor, k: int) -> list[dict]:
-    """The k most probable tokens of one distribution, skipping removed ones (-inf logits).
-    logits, probs: (V,) float32 on the CPU."""
-    k = min(k, int((logits > -torch.inf).sum()))
-    values, order = torch.topk(probs, k)  # sorted, most probable first
-    return [{**_token(tokenizer, int(i)), "logit": float(logits[i]), "prob": float(p)}
-            for p, i in zip(values, order)]
+    """The k most probable tokens of one distribution, skipping removed ones (-inf logits), most probable first
+    (logits order as their probabilities do). logits, probs: (V,) float32 on the CPU."""
+    values, ids, _ = top_logits(logits, k)
+    return [{**_token(tokenizer, i), "logit": v, "prob": float(probs[i])} for v, i in zip(values, ids)]
 
 
 
