@@ -65,7 +65,8 @@ def restore_isa():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n,k,rows", [(37, 75, 1), (5, 16, 3), (130, 576, 2), (9, 33, 5), (64, 1, 4), (3, 100, 2)])
+@pytest.mark.parametrize("n,k,rows", [(37, 75, 1), (5, 16, 3), (130, 576, 2), (9, 33, 5), (64, 1, 4), (3, 100, 2),
+                                      (23, 161, 11), (10, 64, 8)])
 def test_float_kind_product_on_every_path(dtype, n, k, rows, restore_isa):
     torch.manual_seed(n * k + rows)
     w = (torch.randn(n, k) * 0.2).to(dtype)
@@ -89,6 +90,55 @@ def test_float_kind_product_on_every_path(dtype, n, k, rows, restore_isa):
         # a leading batch shape, as the model calls it
         y3 = kernels().qmatmul(x[None], blocks.qs, None, None, blocks.kind)
         assert torch.equal(y3[0], y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float_kind_rows_from_three_on_get_the_same_bits_in_any_batch(dtype, restore_isa):
+    """From 3 activation rows on, the FMA kernels give every output one chain of FMAs in every tile shape (4 x 4
+    and smaller on AVX-512, 2 x 4 on AVX2): a row's result has the same bits in any batch of 3 or more, on one
+    thread or two. (1-2 rows take two chains, or dpbf16: the float kinds are not batch-invariant below 3 rows,
+    bench/README.md says so.)"""
+    torch.manual_seed(5)
+    w = (torch.randn(203, 1000) * 0.2).to(dtype)  # 50 tiles of 4 weight rows, then 2 and 1; K ends in 8 of 16
+    x = torch.randn(13, 1000)
+    threads = torch.get_num_threads()
+    for isa, _, path in float_paths():
+        if path == PATH_DPBF16:
+            continue
+        kernels().set_isa(isa)
+        whole = kernels().qmatmul(x, w, None, None, float_blocks(w).kind)
+        assert kernels().last_float_path() == path
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(kernels().qmatmul(x, w, None, None, float_blocks(w).kind), whole)
+        finally:
+            torch.set_num_threads(threads)
+        for start, end in [(0, 3), (2, 7), (5, 13), (9, 12), (1, 12)]:
+            got = kernels().qmatmul(x[start:end], w, None, None, float_blocks(w).kind)
+            assert torch.equal(got, whole[start:end]), (isa, start, end)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_float_kinds_to_bf16_round_as_pytorch_does(dtype, restore_isa):
+    """The dense path's fp16/fp32 -> bf16 (kernels' own loop on AVX-512, PyTorch's copy elsewhere): the same bits as
+    PyTorch's conversion, rounding to nearest even, infinities, subnormals and a row length that is no multiple
+    of 16; a NaN stays a NaN."""
+    torch.manual_seed(3)
+    w = (torch.randn(37, 77) * 3).to(dtype)
+    w[0, :4] = torch.tensor([float("inf"), -float("inf"), 6e-8, -0.0])  # 6e-8: an fp16 subnormal
+    w[1, 5] = float("nan")
+    w.view(-1)[100:140] = (1 + (2 * torch.arange(40) + 1) * 2.0 ** -8).to(dtype)  # halfway between two bf16 values
+    ref = w.to(torch.bfloat16)
+    kind = float_blocks(w).kind
+    for isa in sorted({1, kernels().set_isa(2)}):
+        kernels().set_isa(isa)
+        out = torch.empty(37, 77, dtype=torch.bfloat16)
+        kernels().dequantize_into(w, None, None, kind, 77, out)
+        for got in (out, kernels().dequantize(w, None, None, kind, 77, torch.bfloat16)):
+            assert torch.isnan(got[1, 5])
+            got[1, 5] = ref[1, 5] = 0
+            assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), isa
+            ref[1, 5] = float("nan")
 
 
 def test_float_kind_dequantize_and_bad_input():

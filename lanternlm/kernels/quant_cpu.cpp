@@ -1180,9 +1180,11 @@ inline float bf16_value(uint16_t h) {
 
 constexpr int64_t DPBF16_MAX_ROWS = 2;
 
-// Independent accumulator sets in a float tile: with one or two outputs, one chain of FMAs (or dpbf16 pairs)
-// per output would wait on its own latency, so steps alternate between two sets.
-constexpr int FLOAT_CHAINS(int R, int NB) { return R * NB <= 2 ? 2 : 1; }
+// Independent accumulator sets per output in a float tile (its S): a product of 1-2 activation rows has tiles of
+// one or two outputs, whose single chains of FMAs (or dpbf16 pairs) would wait on their own latency, so steps
+// alternate between two sets; from 3 rows on, one chain per output in every tile shape (float_rows), so a row's
+// bits do not depend on the rows beside it (3 or more) or the thread split.
+constexpr int64_t FEW_FLOAT_ROWS = 2;
 
 // Which float-kind kernel the last product used (tests assert it): FLOAT_PATH_*.
 constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
@@ -1222,10 +1224,9 @@ inline float load1(const void* w, int64_t at) {
 }
 
 // y[b0..b0+NB-1, n..n+R-1] = x rows . weight rows, 8 lanes at a time, the last K % 8 values one by one.
-template <int64_t KIND, int R, int NB>
+template <int64_t KIND, int R, int NB, int S>
 inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t row_bytes = k * float_bytes(KIND);
-    constexpr int S = FLOAT_CHAINS(R, NB);
     __m256 acc[S][R][NB];
     for (int c = 0; c < S; c++)
         for (int r = 0; r < R; r++)
@@ -1285,10 +1286,27 @@ inline void float_step(const uint8_t* w, int64_t row_bytes, int64_t k, const flo
     }
 }
 
-template <int64_t KIND, int R, int NB>
+// count fp16 or fp32 weights -> bf16, rounded to nearest even (NaN stays a NaN), as PyTorch's conversion does
+// (its own copy_ from fp16 ran at ~2.4 G values/s on 2 threads, its copy_ to fp32 at ~10: the dense path's
+// conversion of an fp16 matrix cost more than its matmul).
+template <int64_t KIND>
+void to_bf16(const void* w, int64_t count, uint16_t* out) {
+    const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7FC0);
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 mask = count - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                               : static_cast<__mmask16>((1u << (count - i)) - 1);
+        const __m512 v = load16<KIND, false>(w, i, mask);
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);  // ties go to the even bf16
+        __m512i b = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(round, odd)), 16);
+        b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+        _mm256_mask_storeu_epi16(out + i, mask, _mm512_cvtepi32_epi16(b));
+    }
+}
+
+template <int64_t KIND, int R, int NB, int S>
 inline void float_tile(const uint8_t* w, int64_t k, const float* x, int64_t b0, float* y, int64_t n_out, int64_t n) {
     const int64_t row_bytes = k * float_bytes(KIND);
-    constexpr int S = FLOAT_CHAINS(R, NB);
     __m512 acc[S][R][NB];
     for (int c = 0; c < S; c++)
         for (int r = 0; r < R; r++)
@@ -1345,10 +1363,9 @@ inline void bf16_step(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* 
 }
 
 // As avx512::float_tile for bf16 weights, with the activations split into hi and lo bf16 parts.
-template <int R, int NB>
+template <int R, int NB, int S>
 inline void bf16_tile(const uint16_t* w, int64_t k, int64_t kp, const uint16_t* hi, const uint16_t* lo, int64_t b0,
                       float* y, int64_t n_out, int64_t n) {
-    constexpr int S = FLOAT_CHAINS(R, NB);
     __m512 acc[S][R][NB];
     for (int c = 0; c < S; c++)
         for (int r = 0; r < R; r++)
@@ -1402,28 +1419,40 @@ inline void with_float_kind(int64_t kind, Fn&& fn) {
     }
 }
 
-// Output rows [n0, n1) against m activation rows: tile(R, NB, b0, n) computes weight rows n..n+R-1 against
-// activation rows b0..b0+NB-1 (R and NB as integral constants). Matrix-vector products take one weight row at
-// a time (one sequential stream for the prefetcher; see rows_all: bf16 and fp16 matrices at one row went from
-// 12.6 and 14.4 ms to 8.0 and 7.9 ms for SmolLM2's 121 products), small batches 2, each over up to 4
-// activation rows.
-template <typename Tile>
+// Output rows [n0, n1) against m activation rows: tile(R, NB, S, b0, n) computes weight rows n..n+R-1 against
+// activation rows b0..b0+NB-1 with S accumulator sets per output (R, NB and S as integral constants; S: see
+// FEW_FLOAT_ROWS). Matrix-vector products take one weight row at a time (one sequential stream for the
+// prefetcher; see rows_all: bf16 and fp16 matrices at one row went from 12.6 and 14.4 ms to 8.0 and 7.9 ms for
+// SmolLM2's 121 products); batches of 3 or more RMAX weight rows a tile, each over up to 4 activation rows. RMAX
+// is 4 on AVX-512 (16 accumulators of 32 registers; against 2, 8192 x 2048 from DRAM, 2 threads, 8 / 16 / 32
+// rows, on the project's Intel VM: bf16 2.70 / 4.53 / 8.17 -> 1.95 / 3.23 / 5.77 ms, fp16 3.00 / 4.59 / 8.15 ->
+// 2.15 / 3.29 / 5.67 ms) and 2 on AVX2 (16 registers).
+template <int RMAX, typename Tile>
 void float_rows(int64_t m, int64_t n0, int64_t n1, const Tile& tile) {
+    using One = std::integral_constant<int, 1>;
+    if (m <= FEW_FLOAT_ROWS) {
+        using Two = std::integral_constant<int, 2>;
+        for (int64_t n = n0; n < n1; n++) {
+            if (m == 2) tile(One{}, Two{}, Two{}, 0, n);
+            else tile(One{}, One{}, Two{}, 0, n);
+        }
+        return;
+    }
     auto batch = [&](auto r, int64_t n) {
         int64_t b0 = 0;
-        for (; b0 + 4 <= m; b0 += 4) tile(r, std::integral_constant<int, 4>{}, b0, n);
+        for (; b0 + 4 <= m; b0 += 4) tile(r, std::integral_constant<int, 4>{}, One{}, b0, n);
         switch (m - b0) {
-            case 3: tile(r, std::integral_constant<int, 3>{}, b0, n); break;
-            case 2: tile(r, std::integral_constant<int, 2>{}, b0, n); break;
-            case 1: tile(r, std::integral_constant<int, 1>{}, b0, n); break;
+            case 3: tile(r, std::integral_constant<int, 3>{}, One{}, b0, n); break;
+            case 2: tile(r, std::integral_constant<int, 2>{}, One{}, b0, n); break;
+            case 1: tile(r, One{}, One{}, b0, n); break;
             default: break;
         }
     };
     int64_t n = n0;
-    if (m > 2) {
+    for (; n + RMAX <= n1; n += RMAX) batch(std::integral_constant<int, RMAX>{}, n);
+    if constexpr (RMAX > 2)
         for (; n + 2 <= n1; n += 2) batch(std::integral_constant<int, 2>{}, n);
-    }
-    for (; n < n1; n++) batch(std::integral_constant<int, 1>{}, n);
+    for (; n < n1; n++) batch(One{}, n);
 }
 
 static bool detect_bf16_dot() {
@@ -1549,9 +1578,9 @@ static void float_matmul(const float* x, int64_t rows, int64_t k, const torch::T
         avx512bf16::split_rows(x, rows, k, kp, hi.data(), lo.data());
         const uint16_t* w16 = reinterpret_cast<const uint16_t*>(wp);
         parallel_tiles(n, grain, [&](int64_t n0, int64_t n1) {
-            float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
-                avx512bf16::bf16_tile<decltype(r)::value, decltype(nb)::value>(w16, k, kp, hi.data(), lo.data(), b0,
-                                                                               y, n, row);
+            float_rows<1>(rows, n0, n1, [&](auto r, auto nb, auto s, int64_t b0, int64_t row) {
+                avx512bf16::bf16_tile<decltype(r)::value, decltype(nb)::value, decltype(s)::value>(
+                    w16, k, kp, hi.data(), lo.data(), b0, y, n, row);
             });
         });
         LAST_FLOAT_PATH = FLOAT_PATH_DPBF16;
@@ -1561,11 +1590,16 @@ static void float_matmul(const float* x, int64_t rows, int64_t k, const torch::T
     parallel_tiles(n, grain, [&](int64_t n0, int64_t n1) {
         with_float_kind(kind, [&](auto kc) {
             constexpr int64_t KIND = decltype(kc)::value;
-            float_rows(rows, n0, n1, [&](auto r, auto nb, int64_t b0, int64_t row) {
-                constexpr int R = decltype(r)::value, NB = decltype(nb)::value;
-                if (wide) avx512::float_tile<KIND, R, NB>(wp, k, x, b0, y, n, row);
-                else avx2::float_tile<KIND, R, NB>(wp, k, x, b0, y, n, row);
-            });
+            if (wide)
+                float_rows<4>(rows, n0, n1, [&](auto r, auto nb, auto s, int64_t b0, int64_t row) {
+                    avx512::float_tile<KIND, decltype(r)::value, decltype(nb)::value, decltype(s)::value>(wp, k, x, b0,
+                                                                                                          y, n, row);
+                });
+            else
+                float_rows<2>(rows, n0, n1, [&](auto r, auto nb, auto s, int64_t b0, int64_t row) {
+                    avx2::float_tile<KIND, decltype(r)::value, decltype(nb)::value, decltype(s)::value>(wp, k, x, b0,
+                                                                                                        y, n, row);
+                });
         });
     });
     LAST_FLOAT_PATH = wide ? FLOAT_PATH_AVX512 : FLOAT_PATH_AVX2;
@@ -1675,12 +1709,24 @@ void dequantize_to(const torch::Tensor& qs, const c10::optional<torch::Tensor>& 
                 out.is_contiguous(), "out: a contiguous (N, K) tensor on the CPU");
     TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
                 "dequantize to float32 or bfloat16");
+    float* f = out.scalar_type() == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
+    uint16_t* h = out.scalar_type() == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (is_float_kind(kind) && h && kind != KIND_BF16 && ISA == 2) {  // fp16/fp32 -> bf16 (the dense path)
+        const uint8_t* wp = static_cast<const uint8_t*>(qs.data_ptr());
+        at::parallel_for(0, qs.size(0), 16, [&](int64_t r0, int64_t r1) {
+            with_float_kind(kind, [&](auto kc) {
+                constexpr int64_t KIND = decltype(kc)::value;
+                avx512::to_bf16<KIND>(wp + r0 * k * float_bytes(KIND), (r1 - r0) * k, h + r0 * k);
+            });
+        });
+        return;
+    }
+#endif
     if (is_float_kind(kind)) {
         out.copy_(qs);
         return;
     }
-    float* f = out.scalar_type() == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
-    uint16_t* h = out.scalar_type() == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     const Weights w = weights(qs, *d, m, kind);
     // PyTorch's own threads, not the pool (pool.cpp): a dense forward alternates this with oneDNN's matmuls,
@@ -1698,7 +1744,7 @@ void dequantize_to(const torch::Tensor& qs, const c10::optional<torch::Tensor>& 
 torch::Tensor dequantize(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d,
                          const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k, torch::ScalarType dtype) {
     TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
-    if (is_float_kind(kind)) {
+    if (is_float_kind(kind) && (dtype == torch::kFloat32 || kind == KIND_BF16)) {  // fp16/fp32 -> bf16: dequantize_to
         check(qs, d, m, kind, k);
         return qs.to(dtype);  // a copy only when the type changes
     }
