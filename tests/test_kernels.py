@@ -143,8 +143,8 @@ PACKED_TAIL_KINDS = (KIND_Q4, KIND_Q4_MIN, KIND_Q5, KIND_Q5_MIN, KIND_IQ4_NL)  #
                                              (T.IQ4_NL, BLOCK_PATH_ACROSS), (T.IQ4_XS, BLOCK_PATH_ACROSS)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
     """AVX-512 computes the 2- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
-    register (IQ4's values looked up), and the 8-bit kind in block order (KIND_Q8) with int16 ones; AVX2 all with int16 ones, a block
-    at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
+    register (IQ4's values looked up), and the 8-bit kind in block order (KIND_Q8) with int16 ones; AVX2 all
+    with int16 ones, a block at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
     its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch
     (the 8-bit kind's AVX-512 tiles of 3-4 rows once added them in one chain, not two, and did not)."""
     # 8 blocks (one partial group), 16 + 1 to 16 + 4 (the last 1-4 blocks with other weight rows' in add_tails,
