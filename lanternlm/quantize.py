@@ -46,6 +46,7 @@ from .kernels.blocks import (
     KIND_NAMES,
     KIND_Q3,
     KIND_Q6,
+    KIND_Q8,
     QUANTIZERS,
     Blocks,
     blocks_nbytes,
@@ -57,6 +58,7 @@ from .kernels.blocks import (
     new_tensor,
     q8_by_rows,
     refill,
+    to_lanes,
 )
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import hf_name, unpermute_rows
@@ -467,7 +469,10 @@ def _linear(src, weight: Blocks | torch.Tensor, bias: torch.Tensor | None) -> nn
     bias = None if bias is None else bias.detach()
     if not src.use_kernels:
         return Int8Linear(weight, bias)
-    return QuantLinear(src.arena.place(weight), bias)
+    blocks = src.arena.place(weight)
+    if blocks.kind == KIND_Q8 and kernels().isa() == 2:  # the AVX-512 kernel's order (blocks.py, KIND_Q8_LANES)
+        blocks = to_lanes(blocks)
+    return QuantLinear(blocks, bias)
 
 
 def _replace_linears(model: CausalLM, src) -> CausalLM:

@@ -26,7 +26,8 @@ from lanternlm.config import ModelConfig
 from lanternlm.fused import FusedAttention, fuse_for_cpu
 from lanternlm.kernels import kernels, why_unavailable
 from lanternlm.kernels.blocks import (KIND_BF16, KIND_F16, KIND_IQ4_NL, KIND_Q4, KIND_Q4_K, KIND_Q4_MIN, KIND_Q5,
-                                      KIND_Q5_MIN, KIND_Q8, dequantize_blocks, from_ggml, quantize_q8)
+                                      KIND_Q5_MIN, KIND_Q8, KIND_Q8_LANES, Blocks, dequantize_blocks, from_ggml,
+                                      from_lanes, quantize_q8, to_lanes)
 from lanternlm.loader.quants import q4_k_parts
 from lanternlm.model import KVCache
 from lanternlm.quantize import DENSE_FROM_ROWS, QuantEmbedding, QuantLinear
@@ -142,8 +143,8 @@ PACKED_TAIL_KINDS = (KIND_Q4, KIND_Q4_MIN, KIND_Q5, KIND_Q5_MIN, KIND_IQ4_NL)  #
                                              (T.IQ4_NL, BLOCK_PATH_ACROSS), (T.IQ4_XS, BLOCK_PATH_ACROSS)])
 def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa, qtype, wide_path):
     """AVX-512 computes the 2- to 6-bit kinds with byte dot products, 16 blocks across the lanes of a
-    register (IQ4's values looked up), and the 8-bit kind with int16 ones; AVX2 all with int16 ones, a block
-    at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
+    register (IQ4's values looked up), and the 8-bit kind in block order (KIND_Q8) with int16 ones; AVX2 all
+    with int16 ones, a block at a time for tiles of up to 4 activation rows. On every path, every (weight row, activation row) pair adds
     its blocks in the same order whatever the batch: a row's result has the same bits alone and in any batch
     (the 8-bit kind's AVX-512 tiles of 3-4 rows once added them in one chain, not two, and did not)."""
     # 8 blocks (one partial group), 16 + 1 to 16 + 4 (the last 1-4 blocks with other weight rows' in add_tails,
@@ -168,6 +169,49 @@ def test_each_kind_runs_its_kernel_and_a_row_gets_the_same_bits_in_any_batch(isa
         assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
         for start, end in [(i, i + 1) for i in range(8)] + [(1, 6), (5, 8), (0, 3)]:
             assert torch.equal(K.qmatmul(x[start:end], b.qs, b.d, b.m, b.kind), whole[start:end]), (k, start, end)
+
+
+def test_8_bit_blocks_across_lanes_are_step_major_groups_and_convert_back():
+    """KIND_Q8_LANES (blocks.py): each group of 16 blocks (and a last one of more than 6) step-major, byte 4Ls + 4l + j
+    of a group of L blocks being byte 4s + j of block l; a last group of up to 6 blocks in block order."""
+    for nb in (16, 18, 23, 25, 5):  # whole groups, last groups of 2 (block order), 7 and 9 (step-major), one of 5
+        qs = torch.randint(-128, 128, (3, 32 * nb), dtype=torch.int8, generator=torch.Generator().manual_seed(nb))
+        plain = Blocks(qs.clone(), torch.rand(3, nb).half(), None, KIND_Q8, (3, 32 * nb))
+        lanes = to_lanes(Blocks(qs.clone(), plain.d, None, KIND_Q8, plain.shape))
+        assert lanes.kind == KIND_Q8_LANES
+        for g in range(0, nb, 16):
+            size = min(16, nb - g)
+            for l, s, j in [(0, 0, 0), (size - 1, 7, 3), (size // 2, 3, 1)]:
+                byte = 32 * (g + l) + 4 * s + j
+                at = 32 * g + (4 * size * s + 4 * l + j if size > 6 else 32 * l + 4 * s + j)
+                assert torch.equal(lanes.qs[:, at], qs[:, byte]), (nb, g, l, s, j)
+        assert torch.equal(from_lanes(lanes).qs, qs)
+        assert torch.equal(dequantize_blocks(lanes), dequantize_blocks(plain))
+        with pytest.raises(ValueError, match="only 8-bit blocks"):
+            to_lanes(lanes)
+
+
+# rows of 1 and 3 blocks; whole groups; last groups of 2, 3 (add_tails), 5 (a block at a time), 7 and 9 (across)
+@pytest.mark.parametrize("k", [32, 96, 512, 576, 608, 672, 736, 800, 1024])
+def test_8_bit_blocks_across_lanes_equal_the_dequantized_product_and_a_row_alone(isa, k):
+    """The 8-bit kind as loaded on AVX-512 (KIND_Q8_LANES): byte dot products across lanes from the step-major
+    groups, its signed values as v + 128 against the activations' hi bytes; rows ending in 1-4 blocks with other
+    rows' (add_tails), 5-6 a block at a time; AVX2 reads the same bytes a block at a time (gathered). The same
+    values as the plain 8-bit blocks, within int16 rounding, and a row's bits alone equal its bits in any batch."""
+    n = 45
+    raw, w = ggml_blocks(T.Q8_0, n, k, seed=k)
+    lanes = to_lanes(from_ggml(raw, T.Q8_0, (n, k)))
+    assert torch.equal(K.dequantize(lanes.qs, lanes.d, None, KIND_Q8_LANES, k, torch.float32), w)
+    assert torch.equal(K.dequantize(lanes.qs[7:9], lanes.d[7:9], None, KIND_Q8_LANES, k, torch.float32), w[7:9])
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(k))
+    x[0, :32] *= 100
+    whole = K.qmatmul(x, lanes.qs, lanes.d, None, KIND_Q8_LANES)
+    tails = 1 <= k // 32 % 16 <= 4
+    assert K.last_block_path() == (BLOCK_PATH_AVX2 if isa == 1 else BLOCK_PATH_ACROSS_TAILS if tails
+                                   else BLOCK_PATH_ACROSS)
+    assert torch.all((whole.double() - x.double() @ w.double().t()).abs() <= product_bound(x, w).double())
+    for start, end in [(i, i + 1) for i in range(0, 13, 3)] + [(1, 6), (5, 13), (0, 3)]:
+        assert torch.equal(K.qmatmul(x[start:end], lanes.qs, lanes.d, None, KIND_Q8_LANES), whole[start:end])
 
 
 def test_a_product_past_the_threads_reused_buffer_equals_its_rows_one_by_one(isa):

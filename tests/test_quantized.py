@@ -11,7 +11,8 @@ from lanternlm import LLM, SamplingParams
 from lanternlm import quantize as quantize_module
 from lanternlm.kernels import blocks as blocks_module
 from lanternlm.kernels import kernels
-from lanternlm.kernels.blocks import KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8, dequantize_blocks
+from lanternlm.kernels.blocks import (KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8, KIND_Q8_LANES,
+                                      dequantize_blocks)
 from lanternlm import load as load_module
 from lanternlm.load import load
 from lanternlm.model import KVCache
@@ -132,8 +133,8 @@ def test_k_quant_file_weights_through_the_kernel_path(tmp_path, isa):
         assert torch.all((module(xi) - xi @ got.t()).abs() <= bound), name
     kinds = {m.kind for m in quant.modules() if isinstance(m, QuantLinear)}
     # Q4_K and Q5_K in their own bits; Q6_K too with AVX-512, as 8-bit blocks with AVX2 (quantize.requantized_kinds:
-    # its AVX2 kernel is slower than the 8-bit one); the head is Q8_0.
-    assert kinds == {KIND_Q4_K, KIND_Q5_K, KIND_Q8} | ({KIND_Q6} if isa == 2 else set())
+    # its AVX2 kernel is slower than the 8-bit one); the head is Q8_0 (across lanes with AVX-512).
+    assert kinds == ({KIND_Q4_K, KIND_Q5_K, KIND_Q6, KIND_Q8_LANES} if isa == 2 else {KIND_Q4_K, KIND_Q5_K, KIND_Q8})
     assert not quant.model.layers[0].self_attn.fused  # Q4_K q/k next to Q6_K v: separate products
 
 
@@ -154,7 +155,8 @@ def test_iq_file_weights_are_the_files_values_exactly_and_8_bit_blocks_within_ha
         assert torch.equal(ref.get_parameter(name).float(), w), name
     quant = load(tmp_path / "m.gguf", exact=False).model
     modules = [m for m in quant.modules() if isinstance(m, QuantLinear)]
-    assert {m.kind for m in modules} == {KIND_Q8, KIND_IQ4_XS, KIND_IQ4_NL}
+    eight_bit = KIND_Q8_LANES if kernels().isa() == 2 else KIND_Q8  # (quantize._linear)
+    assert {m.kind for m in modules} == {eight_bit, KIND_IQ4_XS, KIND_IQ4_NL}
     layer = quant.model.layers[0]
     for name in ("self_attn.q_proj", "self_attn.k_proj"):  # IQ4_XS, IQ4_NL: their own bits, the same values
         assert torch.equal(dequantize_blocks(layer.get_submodule(name).weight_blocks()),

@@ -16,6 +16,7 @@ element j+16 in its high one):
   KIND_Q4_K     16     nibbles                            D*sc*q - DMIN*mn          Q4_K
   KIND_Q4       16     nibbles                            d*(q - 8)                 Q4_0
   KIND_Q8       32     int8 values                        d*q                       Q8_0 (and requantized types)
+  KIND_Q8_LANES 32     int8 values, groups step-major     d*q                       KIND_Q8 on AVX-512 (to_lanes)
   KIND_Q5_MIN   20     nibbles; high bits (see below)     d*q + m                   Q5_1
   KIND_Q5_K     20     nibbles; high bits (see below)     D*sc*q - DMIN*mn          Q5_K
   KIND_Q5       20     nibbles; high bits (see below)     d*(q - 16)                Q5_0
@@ -24,6 +25,12 @@ element j+16 in its high one):
   KIND_Q2_K      8     crumbs (see below)                 D*sc[half]*q - DMIN*mn[half]  Q2_K
   KIND_IQ4_NL   16     nibbles                            d*V[q]                    IQ4_NL
   KIND_IQ4_XS   16     nibbles                            D*(ls - 32)*V[q]          IQ4_XS
+
+KIND_Q8_LANES is KIND_Q8 with each row's groups of 16 blocks (and a last group of more than
+Q8_LANES_BLOCK_ORDER_MAX blocks) step-major: byte 4Ls + 4l + j of a group of L blocks is byte 4s + j of its block l,
+the order the AVX-512 kernel takes a group in (quant_cpu.cpp, lanes_of); a last group of up to
+Q8_LANES_BLOCK_ORDER_MAX blocks stays block after block. `to_lanes` makes it at load where the kernels run
+AVX-512; d is KIND_Q8's.
 
 V is ggml's table of 16 non-linear values (loader/quants.IQ4_NL_VALUES). KIND_IQ4_XS keeps the file's scales: d
 (N, K/256) float16, each super-block's D, and m (N, K/32) uint8, each block's 6-bit scale ls.
@@ -85,8 +92,9 @@ from ..loader.quants import (
 from . import kernels
 
 (KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
- KIND_Q4_K, KIND_Q5_K, KIND_Q2_K, KIND_IQ4_NL, KIND_IQ4_XS) = range(15)
+ KIND_Q4_K, KIND_Q5_K, KIND_Q2_K, KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q8_LANES) = range(16)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
+              KIND_Q8_LANES: "8-bit blocks, 16 across lanes",
               KIND_Q4_K: "4-bit blocks with Q4_K's scales", KIND_Q5_K: "5-bit blocks with Q5_K's scales",
               KIND_Q5_MIN: "5-bit blocks with offsets", KIND_Q5: "5-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
@@ -95,14 +103,18 @@ KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks",
               KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
-BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q5_MIN: 20, KIND_Q5: 20, KIND_Q5_K: 20,
-               KIND_Q6: 24, KIND_Q3: 12, KIND_Q2_K: 8, KIND_IQ4_NL: 16, KIND_IQ4_XS: 16}
+BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q8_LANES: 32, KIND_Q5_MIN: 20,
+               KIND_Q5: 20, KIND_Q5_K: 20, KIND_Q6: 24, KIND_Q3: 12, KIND_Q2_K: 8, KIND_IQ4_NL: 16, KIND_IQ4_XS: 16}
 _OFFSETS = (KIND_Q4_MIN, KIND_Q5_MIN)  # m: float16 offset per block
 _MULTIPLIERS = (KIND_Q6, KIND_Q3)  # m: int8 multiplier per 16 elements
 # kinds kept in groups of 16 blocks: the bytes of each part
 GROUP_PARTS = {KIND_Q5_MIN: (16, 4), KIND_Q5: (16, 4), KIND_Q5_K: (16, 4), KIND_Q6: (16, 8), KIND_Q3: (8, 4)}
 # kinds with the K-quants' scales -> the per-block kind a cut inside super-blocks takes
 _SUPER_SCALES = {KIND_Q4_K: KIND_Q4_MIN, KIND_Q5_K: KIND_Q5_MIN, KIND_Q2_K: KIND_Q8}
+_EIGHT_BIT = (KIND_Q8, KIND_Q8_LANES)  # qs: (N, K) int8
+# A row's last group of up to this many blocks stays in block order in KIND_Q8_LANES (quant_cpu.cpp TAIL_ALONE_MAX:
+# such a group is computed a block at a time, not across lanes).
+Q8_LANES_BLOCK_ORDER_MAX = 6
 _ZERO = {KIND_Q4: 8, KIND_Q5: 16, KIND_Q6: 32, KIND_Q3: 4}  # implicit zero points
 _F32, _F16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _IQ4_XS, _BF16 = (
     0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 30)
@@ -137,6 +149,8 @@ class Blocks:
         n, k = self.shape
         if is_float_kind(self.kind):
             return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
+        if self.kind == KIND_Q8_LANES:  # its groups start again at the cut's first block
+            return to_lanes(from_lanes(self).columns(start, end))
         if self.kind in (*_SUPER_SCALES, KIND_IQ4_XS) and (start % 256 or end % 256):  # blocks' own scales
             return per_block_scales(self).columns(start, end)
         if start % 32 or end % 32 or not 0 <= start <= end <= k:
@@ -254,8 +268,8 @@ def field_specs(kind: int, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
     if is_float_kind(kind):
         return {"qs": ((n, k), _FLOAT_DTYPES[kind])}
     nb = k // 32
-    specs = {"qs": ((n, nb * BLOCK_BYTES[kind]) if kind != KIND_Q8 else (n, k), torch.int8 if kind == KIND_Q8 else
-                    torch.uint8), "d": ((n, nb), torch.float16)}
+    specs = {"qs": ((n, nb * BLOCK_BYTES[kind]) if kind not in _EIGHT_BIT else (n, k),
+                    torch.int8 if kind in _EIGHT_BIT else torch.uint8), "d": ((n, nb), torch.float16)}
     if kind in _SUPER_SCALES:
         specs["d"], specs["m"] = ((n, k // 128), torch.float16), ((n, nb * 2), torch.uint8)
     elif kind == KIND_IQ4_XS:
@@ -480,6 +494,30 @@ _CONVERT_K = {_Q4_K: _convert_q4_k, _Q5_K: _convert_q5_k, _Q6_K: _convert_q6_k, 
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _lane_groups(nb: int) -> list[tuple[int, int]]:
+    """(first block, blocks) of each group of a KIND_Q8_LANES row of nb blocks that is step-major."""
+    groups = [(g, min(16, nb - g)) for g in range(0, nb, 16)]
+    return [(g, size) for g, size in groups if size > Q8_LANES_BLOCK_ORDER_MAX]
+
+
+def to_lanes(blocks: Blocks) -> Blocks:
+    """KIND_Q8 blocks as KIND_Q8_LANES, their qs reordered in place (the kernels' q8_lanes); d shared."""
+    if blocks.kind != KIND_Q8:
+        raise ValueError(f"only 8-bit blocks go across lanes, not {KIND_NAMES[blocks.kind]}")
+    kernels().q8_lanes(blocks.qs)
+    return Blocks(blocks.qs, blocks.d, None, KIND_Q8_LANES, blocks.shape)
+
+
+def from_lanes(blocks: Blocks) -> Blocks:
+    """KIND_Q8_LANES blocks as KIND_Q8 (a new qs in block order), in torch: the reference for the kernels' order."""
+    n, k = blocks.shape
+    qs = blocks.qs.clone()
+    for g, size in _lane_groups(k // 32):
+        part = blocks.qs[:, 32 * g:32 * (g + size)].reshape(n, 8, size, 4)  # (row, step, block, byte)
+        qs[:, 32 * g:32 * (g + size)] = part.transpose(1, 2).reshape(n, 32 * size)
+    return Blocks(qs, blocks.d, None, KIND_Q8, blocks.shape)
+
+
 def quantize_q8(w: torch.Tensor) -> Blocks:
     """Float weights (N, K) -> 8-bit blocks of 32: scale max|w|/127 rounded to float16, q = round(w/scale).
     The C++ kernels do it in one pass where they are built (a chunk of rows at a time, so a bf16 matrix never
@@ -569,8 +607,8 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     nb, kind = k // 32, blocks.kind
     if is_float_kind(kind):
         return blocks.qs.float()
-    if kind == KIND_Q8:
-        q = blocks.qs.view(n, nb, 32).float()
+    if kind in _EIGHT_BIT:
+        q = (from_lanes(blocks) if kind == KIND_Q8_LANES else blocks).qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)
     q = torch.zeros(n, nb, 32, dtype=torch.int32)
     if kind in GROUP_PARTS:

@@ -80,14 +80,18 @@ constexpr int64_t KIND_Q2_K = 12;   // 2-bit: crumbs, Q2_K's own scales: per 16 
                                     // super-block d, dmin
 constexpr int64_t KIND_IQ4_NL = 13;  // 4-bit indices into ggml's non-linear table (IQ4_NL_VALUES), d per block
 constexpr int64_t KIND_IQ4_XS = 14;  // the same, d per super-block and a 6-bit scale per block (IQ4_XS)
-constexpr int64_t KIND_COUNT = 15;
+constexpr int64_t KIND_Q8_LANES = 15;  // KIND_Q8's values, each group of 16 blocks step-major (see q8_lanes)
+constexpr int64_t KIND_COUNT = 16;
 
 // IQ4_NL's and IQ4_XS's 16 values (ggml's kvalues_iq4nl; loader/quants.IQ4_NL_VALUES): a nibble q stands for
 // IQ4_NL_VALUES[q] times the block's scale.
 alignas(64) constexpr int8_t IQ4_NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 constexpr bool nonlinear(int64_t kind) { return kind == KIND_IQ4_NL || kind == KIND_IQ4_XS; }
+constexpr bool eight_bit(int64_t kind) { return kind == KIND_Q8 || kind == KIND_Q8_LANES; }
+// Kinds whose integer values are signed bytes (the byte dot products take them as v + 128: avx512::half_dots).
+constexpr bool signed_bytes(int64_t kind) { return nonlinear(kind) || kind == KIND_Q8_LANES; }
 
-constexpr bool has_nibbles(int64_t kind) { return kind != KIND_Q8 && kind != KIND_Q3 && kind != KIND_Q2_K; }
+constexpr bool has_nibbles(int64_t kind) { return !eight_bit(kind) && kind != KIND_Q3 && kind != KIND_Q2_K; }
 // The 6-, 3- and 2-bit kinds keep 2 bits of each element as a "crumb" (bits 4-5 of a 6-bit value, 0-1 of a 3-bit
 // one, the whole 2-bit one), the 5- and 3-bit kinds their top bit as a high bit (see the header).
 constexpr bool has_crumbs(int64_t kind) { return kind == KIND_Q6 || kind == KIND_Q3 || kind == KIND_Q2_K; }
@@ -96,12 +100,12 @@ constexpr bool has_high_bits(int64_t kind) {
 }
 constexpr int high_bit(int64_t kind) { return kind == KIND_Q3 ? 2 : 4; }  // the value bit a high bit is
 constexpr int64_t block_bytes(int64_t kind) {
-    return kind == KIND_Q8 ? 32 : 16 * has_nibbles(kind) + 8 * has_crumbs(kind) + 4 * has_high_bits(kind);
+    return eight_bit(kind) ? 32 : 16 * has_nibbles(kind) + 8 * has_crumbs(kind) + 4 * has_high_bits(kind);
 }
 // The grouped kinds: each group of 16 blocks of a row (fewer in its last) holds a first part of every block (the
 // 5- and 6-bit kinds' nibbles, the 3-bit kind's crumbs), then a second one (high bits, crumbs, high bits).
 constexpr bool grouped(int64_t kind) { return has_crumbs(kind) || has_high_bits(kind); }
-constexpr int64_t first_part(int64_t kind) { return has_nibbles(kind) ? 16 : 8; }
+constexpr int64_t first_part(int64_t kind) { return eight_bit(kind) ? 32 : has_nibbles(kind) ? 16 : 8; }
 // Where block i of a row of nb blocks starts (a grouped kind: its first part), and where its second part is.
 constexpr int64_t block_at(int64_t kind, int64_t i) {
     return grouped(kind) ? block_bytes(kind) * (i - i % 16) + first_part(kind) * (i % 16) : block_bytes(kind) * i;
@@ -140,7 +144,22 @@ constexpr bool offset_term(int64_t kind) {
 constexpr int64_t PACKED_TAIL_MAX = 4;
 constexpr bool packed_tail(int64_t tail) { return tail >= 1 && tail <= PACKED_TAIL_MAX; }
 constexpr bool packed_tail_kind(int64_t kind) {
-    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_IQ4_NL;
+    return kind == KIND_Q4 || kind == KIND_Q4_MIN || kind == KIND_Q5 || kind == KIND_Q5_MIN || kind == KIND_IQ4_NL ||
+           kind == KIND_Q8_LANES;
+}
+
+// The most blocks a row's last group may have and still be computed a block at a time (avx512::rows_tile_across;
+// a group across lanes costs about what 6 blocks one at a time do).
+constexpr int64_t TAIL_ALONE_MAX = 6;
+
+// KIND_Q8_LANES: a row's groups of 16 blocks (its last, of L < 16, too when L > TAIL_ALONE_MAX: the ones
+// computed across lanes) hold the blocks step-major, dword s (elements 4s..4s+3) of block l at byte 4Ls + 4l of
+// the group: the 8 registers avx512::rows_tile_across takes a group in, loaded as they are, where KIND_Q8's
+// block order needs a 16 x 8 transpose per group and product. The last group of up to TAIL_ALONE_MAX blocks
+// stays block after block. The lanes of group g of a row of nb blocks (0 for a group kept in block order):
+constexpr int64_t lanes_of(int64_t nb, int64_t g) {
+    const int64_t L = std::min<int64_t>(16, nb - g);
+    return L > TAIL_ALONE_MAX ? L : 0;
 }
 
 // One matrix's blocks: qs rows, d, and the kind's m as offsets (float16 bits), multipliers or Q4_K's scales.
@@ -323,14 +342,24 @@ inline __m256i expand_high_bits(const uint8_t* p, int value_bit) {
     return _mm256_slli_epi16(_mm256_and_si256(s, _mm256_set1_epi8(1)), value_bit);
 }
 
+// Block i's 32 bytes in a KIND_Q8_LANES row of nb blocks (lanes_of): its 8 dwords gathered from a step-major group.
+inline __m256i lanes_block(const uint8_t* row, int64_t nb, int64_t i) {
+    const int64_t g = i - i % 16, L = lanes_of(nb, g);
+    if (L == 0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * i));
+    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(static_cast<int>(4 * L)));  // dword s at 4Ls
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(row + 32 * g + 4 * (i % 16)), at, 1);
+}
+
 // Block i of a weight row as 32 int16 (elements 0-15 in lo, 16-31 in hi): the integers its scale multiplies,
 // i.e. q, or (q - z) * multiplier for kinds with multipliers, q * scale for Q2_K (`mult`: row_multipliers).
 // `nb` is the row's block count (where a grouped kind's second part is).
 template <int64_t KIND>
 inline void load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64_t i, __m256i& lo, __m256i& hi) {
     const uint8_t* b = row + block_at(KIND, i);
-    if (KIND == KIND_Q8) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    if (eight_bit(KIND)) {
+        const __m256i v = KIND == KIND_Q8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))
+                                          : lanes_block(row, nb, i);
         lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
         hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
         return;
@@ -446,7 +475,7 @@ __attribute__((noinline)) void rows_tile(const Weights& w, int64_t k, const XQua
 template <int64_t KIND>
 void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y, int64_t n_out, int64_t n0,
               int64_t n1) {
-    constexpr int TILE = KIND == KIND_Q8 ? 2 : 4;
+    constexpr int TILE = eight_bit(KIND) ? 2 : 4;
     for (int64_t n = n0; n < n1; n++) {
         int64_t b0 = 0;
         for (; b0 + TILE <= m; b0 += TILE) rows_tile<KIND, TILE>(w, k, xq, b0, y, n_out, n);
@@ -534,6 +563,7 @@ template <int64_t KIND>
 inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, int64_t i) {
     const uint8_t* b = row + block_at(KIND, i);
     if (KIND == KIND_Q8) return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    if (KIND == KIND_Q8_LANES) return _mm512_cvtepi8_epi16(avx2::lanes_block(row, nb, i));
     __m512i w = _mm512_setzero_si512();
     if (has_nibbles(KIND)) {
         // 16 bytes -> 16 int16 lanes, each holding a byte: its low nibbles are elements 0-15, high ones 16-31
@@ -597,13 +627,13 @@ inline __m512i load_block(const uint8_t* row, int64_t nb, const int8_t* mult, in
 // to its nibble per step, one shift and one ternary-logic op: a Q5_0 8192 x 2048 product from DRAM, 1 / 8 rows,
 // 0.39-0.40 / 1.73-1.78 ms with the int16 kernel (a bit plane, one masked add per block), 0.335 / 1.28-1.34 ms
 // this way; Q5_1 0.39 / 1.84-1.87 -> 0.36-0.39 / 1.31-1.38 ms.
-// Not for the 8-bit kind, measured no faster this way: its 16 x 8 transpose costs what the conversions save.
+// The 8-bit kind goes across lanes as KIND_Q8_LANES, its bytes laid out at load in the order a group is taken in
+// (lanes_of), signed bytes as the IQ4 kinds' are: transposed here per product instead (KIND_Q8's order), its 16 x 8
+// transpose cost what the conversions save, so KIND_Q8 keeps the int16 kernel. Against it (2 threads, this
+// project's Intel VM, 1 / 8 / 16 rows): 49152 x 576 (SmolLM2's head) from DRAM 1.11 / 3.22 / 6.47 -> 1.06 / 2.18 /
+// 4.45 ms, 8192 x 2048 0.80 / 1.80 / 3.48 -> 0.67 / 1.17 / 2.27 ms.
 // (The ceiling either way: one vpdpbusd or vpdpwssd per cycle on Zen 4, so int16 activations get at most 32
 // multiply-adds per cycle, int8 ones 64.)
-
-// The most blocks a row's last group may have and still be computed a block at a time (rows_tile_across;
-// a group across lanes costs about what 6 blocks one at a time do).
-constexpr int64_t TAIL_ALONE_MAX = 6;
 
 constexpr bool across_kind(int64_t kind) { return kind != KIND_Q8; }
 
@@ -707,6 +737,10 @@ inline __m512i load_dwords(const uint8_t* p, int64_t dwords) {
 template <int64_t KIND>
 inline void load_across(const uint8_t* row, int64_t nb, int64_t g, int left, __m512i w[8]) {
     const uint8_t* p = row + block_at(KIND, g);  // g is a multiple of 16
+    if constexpr (KIND == KIND_Q8_LANES) {  // step-major already (lanes_of(nb, g) == left)
+        for (int st = 0; st < 8; st++) w[st] = load_dwords(p + 4 * left * st, left);
+        return;
+    }
     if constexpr (has_nibbles(KIND)) {
         static_assert(block_at(KIND, 1) == 16, "nibble blocks of 4 dwords");
         __m512i z[4], t[4];  // z: 4 blocks each, 4 dwords per block
@@ -877,7 +911,7 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
         // 256 * sum(hi * v) = 256 * sum(hi * (v + 128)) - 32768 * sum(hi), sum(hi) per block from the activations
         // (XQuant::hi_sums, once per product); the unsigned lo bytes take v as it is.
         __m512i wu[8];
-        if constexpr (nonlinear(KIND))
+        if constexpr (signed_bytes(KIND))
             for (int st = 0; st < 8; st++) wu[st] = _mm512_xor_si512(w[st], _mm512_set1_epi8(static_cast<char>(0x80)));
         if constexpr (has_multipliers(KIND)) {
             // 2 int8 per block -> dword l = block l's pair as two int16
@@ -891,7 +925,7 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
         for (int b = 0; b < NB; b++) {
             const int64_t xo = (b0 + b) * xq.blocks + g;
             __m512i u0, u1;
-            half_dots(nonlinear(KIND) ? wu : w, w, xq.hi_across + xo * 32, xq.lo_across + xo * 32, u0, u1);
+            half_dots(signed_bytes(KIND) ? wu : w, w, xq.hi_across + xo * 32, xq.lo_across + xo * 32, u0, u1);
             const __m512 dx = _mm512_loadu_ps(xq.d + xo);
             if constexpr (has_multipliers(KIND)) {  // zero points 32 and 4: the half sums shifted
                 constexpr int z_shift = KIND == KIND_Q6 ? 5 : 2;
@@ -909,7 +943,7 @@ inline void rows_tile_across(const Weights& wt, int64_t k, const XQuant& xq, int
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mq), _mm512_mul_ps(m16, dx), acc[b]);
             } else {
                 __m512i t = _mm512_add_epi32(u0, u1);
-                if constexpr (nonlinear(KIND))
+                if constexpr (signed_bytes(KIND))
                     t = _mm512_sub_epi32(t, _mm512_slli_epi32(_mm512_load_si512(xq.hi_sums + xo), 15));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scale[0], dx), acc[b]);
                 if constexpr (offset_term(KIND)) acc[b] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(xq.s + xo), acc[b]);
@@ -943,18 +977,24 @@ inline void add_tails(const Weights& wt, int64_t k, const XQuant& xq, int64_t b_
         if (has_offsets(KIND)) std::memcpy(offsets + r * t, wt.offsets + (n + r) * nb + last, 2 * t);
     }
     __m512i w[8];
-    load_across<KIND>(group, 16, 0, static_cast<int>(lanes), w);
+    if constexpr (KIND == KIND_Q8_LANES) {  // tails are kept block after block: transposed here
+        __m512i z[8];
+        for (int u = 0; u < 8; u++) z[u] = _mm512_load_si512(group + 64 * u);
+        transpose_16x8(z, w);
+    } else {
+        load_across<KIND>(group, 16, 0, static_cast<int>(lanes), w);
+    }
     const __m512 d16 = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(d)));
     const __m512 m16 = has_offsets(KIND) ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(offsets)))
                                          : _mm512_mul_ps(d16, _mm512_set1_ps(-static_cast<float>(zero_point(KIND))));
-    __m512i wu[8];  // the IQ4 kinds' signed bytes: as in rows_tile_across
-    if constexpr (nonlinear(KIND))
+    __m512i wu[8];  // signed bytes: as in rows_tile_across
+    if constexpr (signed_bytes(KIND))
         for (int st = 0; st < 8; st++) wu[st] = _mm512_xor_si512(w[st], _mm512_set1_epi8(static_cast<char>(0x80)));
     for (int64_t b = b_begin; b < b_end; b++) {
         __m512i u0, u1;
-        half_dots(nonlinear(KIND) ? wu : w, w, xq.tail_hi + 512 * b, xq.tail_lo + 512 * b, u0, u1);
+        half_dots(signed_bytes(KIND) ? wu : w, w, xq.tail_hi + 512 * b, xq.tail_lo + 512 * b, u0, u1);
         __m512i dot = _mm512_add_epi32(u0, u1);
-        if constexpr (nonlinear(KIND))
+        if constexpr (signed_bytes(KIND))
             dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_load_si512(xq.tail_hs + 16 * b), 15));
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d16, _mm512_load_ps(xq.tail_d + 16 * b)));
         if constexpr (offset_term(KIND)) v = _mm512_fmadd_ps(m16, _mm512_load_ps(xq.tail_s + 16 * b), v);
@@ -971,7 +1011,7 @@ inline void add_tails(const Weights& wt, int64_t k, const XQuant& xq, int64_t b_
 // y[b, n..n+R-1] for the NB activation rows from b0. Each weight block is widened once and used for all NB
 // activation rows; R weight rows at a time keep R*NB independent accumulator chains in flight and spread
 // each row's fixed costs (scales, the final sum). The offset terms m * dx*sum(qx) go into the same
-// accumulators, since only the sum of all lanes matters. Since every kind but the 8-bit one goes across lanes,
+// accumulators, since only the sum of all lanes matters. Since every kind but KIND_Q8 goes across lanes,
 // only KIND_Q8 takes this int16 body, and rows_all calls it with R = 1 (the R and offset generality is unused).
 template <int64_t KIND, int R, int NB>
 inline void rows_tile(const Weights& wt, int64_t k, const XQuant& xq, int64_t b0, float* y, int64_t n_out, int64_t n) {
@@ -1190,9 +1230,9 @@ constexpr int64_t FEW_FLOAT_ROWS = 2;
 constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
 std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
 
-// Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes every kind but the
-// 8-bit one with byte dot products across lanes (avx512::rows_tile_across), rows ending in 1-4 blocks with
-// avx512::add_tails too (ACROSS_TAILS), and the 8-bit kind with int16 ones.
+// Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes every kind but
+// KIND_Q8 with byte dot products across lanes (avx512::rows_tile_across), rows ending in 1-4 blocks with
+// avx512::add_tails too (ACROSS_TAILS), and KIND_Q8 (8-bit blocks in block order) with int16 ones.
 constexpr int64_t BLOCK_PATH_NONE = 0, BLOCK_PATH_AVX2 = 1, BLOCK_PATH_INT16 = 2, BLOCK_PATH_ACROSS = 3,
                   BLOCK_PATH_ACROSS_TAILS = 4;
 std::atomic<int64_t> LAST_BLOCK_PATH{BLOCK_PATH_NONE};
@@ -1397,6 +1437,7 @@ inline void with_kind(int64_t kind, Fn&& fn) {
         case KIND_Q5_K: fn(std::integral_constant<int64_t, KIND_Q5_K>{}); break;
         case KIND_Q4: fn(std::integral_constant<int64_t, KIND_Q4>{}); break;
         case KIND_Q8: fn(std::integral_constant<int64_t, KIND_Q8>{}); break;
+        case KIND_Q8_LANES: fn(std::integral_constant<int64_t, KIND_Q8_LANES>{}); break;
         case KIND_Q5_MIN: fn(std::integral_constant<int64_t, KIND_Q5_MIN>{}); break;
         case KIND_Q5: fn(std::integral_constant<int64_t, KIND_Q5>{}); break;
         case KIND_Q6: fn(std::integral_constant<int64_t, KIND_Q6>{}); break;
@@ -1522,7 +1563,7 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
         return;
     }
     TORCH_CHECK(k > 0 && k % 32 == 0, "in_features must be a multiple of 32, got ", k);
-    TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == (kind == KIND_Q8 ? torch::kInt8 : torch::kUInt8) &&
+    TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == (eight_bit(kind) ? torch::kInt8 : torch::kUInt8) &&
                 qs.dim() == 2 && qs.is_contiguous(), "qs: 2-D contiguous uint8 (int8 for 8-bit blocks) on the CPU");
     const int64_t n = qs.size(0);
     TORCH_CHECK(qs.size(1) == k / 32 * block_bytes(kind), "qs: wrong row length ", qs.size(1), " for K=", k);
@@ -1761,6 +1802,27 @@ torch::Tensor dequantize_into(const torch::Tensor& qs, const c10::optional<torch
     return out;
 }
 
+// KIND_Q8 values (N, K) int8 -> KIND_Q8_LANES's order, in place (lanes_of: each row's groups computed across
+// lanes, step-major). d stays as it is.
+void q8_lanes(torch::Tensor qs) {
+    TORCH_CHECK(qs.scalar_type() == torch::kInt8 && qs.dim() == 2 && qs.is_contiguous() && qs.device().is_cpu() &&
+                qs.size(1) % 32 == 0, "qs: (N, K) contiguous int8 on the CPU, K a multiple of 32");
+    const int64_t n = qs.size(0), nb = qs.size(1) / 32;
+    uint8_t* base = reinterpret_cast<uint8_t*>(qs.data_ptr<int8_t>());
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+        uint8_t block_order[512];
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t g = 0; g < nb; g += 16) {
+                const int64_t lanes = lanes_of(nb, g);
+                uint8_t* p = base + (r * nb + g) * 32;
+                std::memcpy(block_order, p, 32 * lanes);
+                for (int64_t l = 0; l < lanes; l++)
+                    for (int64_t st = 0; st < 8; st++)
+                        std::memcpy(p + 4 * lanes * st + 4 * l, block_order + 32 * l + 4 * st, 4);
+            }
+    });
+}
+
 // Float32 weights (N, K) -> the 8-bit kind's (qs int8 (N, K), d float16 (N, K/32)), as blocks.quantize_q8:
 // one pass over the weights, where PyTorch's whole-tensor operations take six (the bulk of loading a file whose
 // types are computed as 8-bit blocks, and of `--quantize q8_0`).
@@ -1935,6 +1997,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             pybind11::call_guard<pybind11::gil_scoped_release>());
     mod.def("dequantize", &dequantize, "split blocks (qs, d, m, kind, K) -> (N, K) float32 or bfloat16",
             pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("q8_lanes", &q8_lanes, "8-bit blocks (N, K) int8 -> the order of KIND_Q8_LANES, in place");
     mod.def("dequantize_into", &dequantize_into, "split blocks (qs, d, m, kind, K) -> `out`, a contiguous (N, K) "
             "float32 or bfloat16 tensor, returned", pybind11::call_guard<pybind11::gil_scoped_release>());
 }
