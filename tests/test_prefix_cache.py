@@ -201,7 +201,9 @@ def test_blocks_outside_a_sliding_window_are_released_and_change_nothing(tokeniz
     engine = engine_for(model, tokenizer, kv_cache_bytes=5 * per_block, prefix_caching=False)
     try:
         together = run(engine, [prompt, prompt], [p, p])
-        assert engine.blocks.num_used == 0 and engine.snapshot().preemptions_total == 0
     finally:
+        # after the engine's thread has stopped: it releases a finished sequence's blocks at the end of the step
+        # that emitted its last token, which can come after run() has seen that token (a race CI once lost)
         engine.shutdown()
+    assert engine.blocks.num_used == 0 and engine.snapshot().preemptions_total == 0
     assert together[0]["ids"] == together[1]["ids"] == alone
