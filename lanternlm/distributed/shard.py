@@ -153,7 +153,7 @@ def _share(embedding: nn.Module, head: nn.Module) -> None:
         embedding.weight = head.weight
         embedding.num_embeddings = head.weight.shape[0]
     else:
-        embedding.qs, embedding.d, embedding.m = head.qs, head.d, head.m
+        embedding.qs, embedding.d, embedding.m, embedding.kind = head.qs, head.d, head.m, head.kind
         embedding.shape = head.shape
         embedding.num_embeddings = head.shape[0]
 
