@@ -13,10 +13,10 @@ whole, then cut to its columns).
 
 Two implementations, picked by what the machine has:
 - QuantLinear / QuantEmbedding (x86-64 with AVX2, a C++ compiler to build lanternlm/kernels once): weights in
-  32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type), multiplied
-  by Lantern's own kernel, which rounds the activations to int16 per block of 32 (so decoding matches the
-  float32 reference: 256 of 256 greedy tokens on SmolLM2) and reads each weight once per call for all input
-  rows; or a plain bf16/fp16/fp32 matrix (the float kinds), multiplied with float32 activations. From
+  32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type; 8-bit blocks are
+  reordered at load where the kernels run AVX-512, blocks.to_lanes), multiplied by Lantern's own kernel, which
+  rounds the activations to int16 per block of 32 (so decoding matches the float32 reference: 256 of 256 greedy
+  tokens on SmolLM2) and reads each weight once per call for all input rows; or a plain bf16/fp16/fp32 matrix (the float kinds), multiplied with float32 activations. From
   DENSE_FROM_ROWS input rows on (prefill), the matrix is dequantized to bf16 for that call (a bf16 one is
   used as it is) and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU has them), which costs far
   less than the product it enables; bf16 rounding there moves logits by ~1e-2 relative (0.988 top-1
