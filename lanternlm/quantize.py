@@ -16,11 +16,11 @@ Two implementations, picked by what the machine has:
   32-element blocks of the file's own values (kernels/blocks.py lists the layouts per ggml type; 8-bit blocks are
   reordered at load where the kernels run AVX-512, blocks.to_lanes), multiplied by Lantern's own kernel, which
   rounds the activations to int16 per block of 32 (so decoding matches the float32 reference: 256 of 256 greedy
-  tokens on SmolLM2) and reads each weight once per call for all input rows; or a plain bf16/fp16/fp32 matrix (the float kinds), multiplied with float32 activations. From
-  DENSE_FROM_ROWS input rows on (prefill), the matrix is dequantized to bf16 for that call (a bf16 one is
-  used as it is) and a dense bf16 matmul runs (oneDNN; AMX tiles where the CPU has them), which costs far
-  less than the product it enables; bf16 rounding there moves logits by ~1e-2 relative (0.988 top-1
-  agreement over 256 teacher-forced tokens in one prefill).
+  tokens on SmolLM2) and reads each weight once per call for all input rows; or a plain bf16/fp16/fp32 matrix
+  (the float kinds), multiplied with float32 activations. From DENSE_FROM_ROWS input rows on (prefill), the
+  matrix is dequantized to bf16 for that call (a bf16 one is used as it is) and a dense bf16 matmul runs (oneDNN;
+  AMX tiles where the CPU has them), which costs far less than the product it enables; bf16 rounding there moves
+  logits by ~1e-2 relative (0.988 top-1 agreement over 256 teacher-forced tokens in one prefill).
 - Int8Linear (GGUF files on any CPU, PyTorch only): int8 weights with one scale per row, PyTorch's
   `_weight_int8pack_mm` with bf16 activations. Measured on the project's 2-core VM: ~55 us for a 3072x576
   product against ~150 us in fp32; the CPU int4 kernel is far slower (8 tokens/s), hence 8 bits. It re-reads
