@@ -725,6 +725,36 @@ void transpose_16x8(const __m512i z[8], __m512i out[8]) {
     }
 }
 
+// The inverse, from memory to memory: a step-major group of 16 blocks (KIND_Q8_LANES; 8 x 64 bytes, step s holding
+// dword s of blocks 0..15) -> the 16 blocks in block order (16 x 32 bytes). Each 256-bit half (blocks 0-7, 8-15)
+// is an 8 x 8 transpose of dwords: unpacks within 128-bit lanes gather a block's steps 0-3 (e) and 4-7 (f) in
+// one lane, then lanes are paired into blocks.
+void untranspose_group(const uint8_t* p, uint8_t* out) {
+    __m512i t[8], e[4], f[4];
+    for (int st = 0; st < 8; st++) t[st] = _mm512_loadu_si512(p + 64 * st);
+    for (int half = 0; half < 2; half++) {  // steps 0-3 -> e, 4-7 -> f
+        const __m512i* x = t + 4 * half;
+        __m512i* y = half ? f : e;
+        const __m512i a0 = _mm512_unpacklo_epi32(x[0], x[1]), a1 = _mm512_unpackhi_epi32(x[0], x[1]);
+        const __m512i b0 = _mm512_unpacklo_epi32(x[2], x[3]), b1 = _mm512_unpackhi_epi32(x[2], x[3]);
+        y[0] = _mm512_unpacklo_epi64(a0, b0);  // 128-bit lane c: steps of block 4c (4c + 1, 2, 3 in y[1..3])
+        y[1] = _mm512_unpackhi_epi64(a0, b0);
+        y[2] = _mm512_unpacklo_epi64(a1, b1);
+        y[3] = _mm512_unpackhi_epi64(a1, b1);
+    }
+    // r[j]: blocks j (bits 0-255) and j + 8; r[j + 4]: blocks j + 4 and j + 12 (each e's lane then f's)
+    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    __m512i r[8];
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm512_permutex2var_epi64(e[j], low, f[j]);
+        r[j + 4] = _mm512_permutex2var_epi64(e[j], high, f[j]);
+    }
+    for (int u = 0; u < 4; u++) {  // blocks 2u, 2u + 1, and 8 + 2u, 9 + 2u
+        _mm512_storeu_si512(out + 64 * u, _mm512_shuffle_i64x2(r[2 * u], r[2 * u + 1], 0x44));
+        _mm512_storeu_si512(out + 256 + 64 * u, _mm512_shuffle_i64x2(r[2 * u], r[2 * u + 1], 0xEE));
+    }
+}
+
 // `dwords` (<= 16) dwords from p, the rest of the register zero: nothing past them is read.
 inline __m512i load_dwords(const uint8_t* p, int64_t dwords) {
     return dwords >= 16 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << dwords) - 1), p);
@@ -1169,11 +1199,18 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t* row = w.qs + r * nb * block_bytes(KIND);
         const int8_t* mult = row_multipliers<KIND>(w, r, nb);
+        alignas(64) uint8_t block_order[16 * 32];  // KIND_Q8_LANES: a whole group put back (a block's gather is slow)
         for (int64_t i = 0; i < nb; i++) {
             const float dv = avx2::block_scale<KIND>(w, r * nb + i);
             const __m512 d = _mm512_set1_ps(dv);
             const float mo = avx2::block_offset<KIND>(w, r * nb + i, dv);
-            const __m512i q = load_block<KIND>(row, nb, mult, i);
+            __m512i q;
+            if (KIND == KIND_Q8_LANES && lanes_of(nb, i - i % 16) == 16) {
+                if (i % 16 == 0) untranspose_group(row + 32 * i, block_order);
+                q = _mm512_cvtepi8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(block_order + 32 * (i % 16))));
+            } else {
+                q = load_block<KIND>(row, nb, mult, i);
+            }
             for (int h = 0; h < 2; h++) {  // elements 0-15, 16-31
                 const __m512i q32 = _mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q));
                 const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q32), d, _mm512_set1_ps(mo + avx2::half_offset<KIND>(w, r * nb + i, h)));
