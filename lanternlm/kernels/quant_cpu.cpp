@@ -743,7 +743,8 @@ void untranspose_group(const uint8_t* p, uint8_t* out) {
         y[3] = _mm512_unpackhi_epi64(a1, b1);
     }
     // r[j]: blocks j (bits 0-255) and j + 8; r[j + 4]: blocks j + 4 and j + 12 (each e's lane then f's)
-    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     __m512i r[8];
     for (int j = 0; j < 4; j++) {
         r[j] = _mm512_permutex2var_epi64(e[j], low, f[j]);
@@ -1207,7 +1208,8 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
             __m512i q;
             if (KIND == KIND_Q8_LANES && lanes_of(nb, i - i % 16) == 16) {
                 if (i % 16 == 0) untranspose_group(row + 32 * i, block_order);
-                q = _mm512_cvtepi8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(block_order + 32 * (i % 16))));
+                const uint8_t* b = block_order + 32 * (i % 16);
+                q = _mm512_cvtepi8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(b)));
             } else {
                 q = load_block<KIND>(row, nb, mult, i);
             }
