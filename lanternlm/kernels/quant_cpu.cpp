@@ -1194,6 +1194,15 @@ void rows_all(const Weights& w, int64_t k, const XQuant& xq, int64_t m, float* y
 }
 
 // Rows of blocks -> float32 or bfloat16 (round to nearest even), 16 values per instruction.
+// 16 floats -> their bf16 bits, rounded to nearest even as PyTorch rounds (a NaN stays a NaN).
+inline __m256i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));  // ties go to the even
+    __m512i b = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(b);
+}
+
 template <int64_t KIND>
 void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
     const int64_t nb = k / 32;
@@ -1220,10 +1229,7 @@ void dequantize_rows(const Weights& w, int64_t k, int64_t r0, int64_t r1, float*
                 if (out_f32) {
                     _mm512_storeu_ps(out_f32 + off, v);
                 } else {
-                    __m512i bits = _mm512_castps_si512(v);
-                    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                    bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_bf16 + off), _mm512_cvtepi32_epi16(bits));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_bf16 + off), bf16_bits(v));
                 }
             }
         }
@@ -1365,21 +1371,15 @@ inline void float_step(const uint8_t* w, int64_t row_bytes, int64_t k, const flo
     }
 }
 
-// count fp16 or fp32 weights -> bf16, rounded to nearest even (NaN stays a NaN), as PyTorch's conversion does
-// (its own copy_ from fp16 ran at ~2.4 G values/s on 2 threads, its copy_ to fp32 at ~10: the dense path's
-// conversion of an fp16 matrix cost more than its matmul).
+// count fp16 or fp32 weights -> bf16, rounded as PyTorch rounds (bf16_bits). PyTorch's own copy_ from fp16 ran at
+// ~2.4 G values/s on 2 threads (to fp32: ~10), and the dense path's conversion of an fp16 matrix cost more than
+// its matmul.
 template <int64_t KIND>
 void to_bf16(const void* w, int64_t count, uint16_t* out) {
-    const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7FC0);
     for (int64_t i = 0; i < count; i += 16) {
         const __mmask16 mask = count - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                                : static_cast<__mmask16>((1u << (count - i)) - 1);
-        const __m512 v = load16<KIND, false>(w, i, mask);
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);  // ties go to the even bf16
-        __m512i b = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(round, odd)), 16);
-        b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
-        _mm256_mask_storeu_epi16(out + i, mask, _mm512_cvtepi32_epi16(b));
+        _mm256_mask_storeu_epi16(out + i, mask, bf16_bits(load16<KIND, false>(w, i, mask)));
     }
 }
 
