@@ -40,7 +40,7 @@ from tiny_models import ARCHS
 
 pytestmark = pytest.mark.skipif(kernels(quiet=True) is None, reason="Lantern's kernels are unavailable here")
 
-PATH_AVX2, PATH_AVX512, PATH_DPBF16 = 1, 2, 3  # kernels().last_float_path()
+PATH_AVX2, PATH_AVX512, PATH_DPBF16, PATH_DENSE = 1, 2, 3, 4  # kernels().last_float_path()
 PROMPT = "Hello world! The quick brown fox"
 
 
@@ -58,11 +58,13 @@ def float_paths() -> list[tuple[int, int, int]]:
 @pytest.fixture
 def restore_isa():
     k = kernels()
-    isa, dot = k.isa(), k.bf16_dot()
+    isa, dot, dense = k.isa(), k.bf16_dot(), k.dense_bf16_rows()
+    k.set_dense_bf16_rows(0)  # Lantern's own kernels, whatever this CPU's default
     yield
     k.set_isa(2)
     k.set_bf16_dot(dot)
     k.set_isa(isa)
+    k.set_dense_bf16_rows(dense)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -117,6 +119,64 @@ def test_float_kind_rows_from_three_on_get_the_same_bits_in_any_batch(dtype, res
         for start, end in [(0, 3), (2, 7), (5, 13), (9, 12), (1, 12)]:
             got = kernels().qmatmul(x[start:end], w, None, None, float_blocks(w).kind)
             assert torch.equal(got, whole[start:end]), (isa, start, end)
+
+
+def test_dense_bf16_rows_default_follows_amx():
+    """bf16 matrices go to a dense matmul from 16 rows where the CPU has AMX-BF16 (oneDNN's tiles win there), and
+    never elsewhere (its AVX-512 kernels lose to Lantern's up to 64 rows and beyond): the kernels' own CPUID check
+    agrees with PyTorch's."""
+    capability = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    if capability is None:
+        pytest.skip("this PyTorch does not report CPU capabilities")
+    assert kernels().dense_bf16_rows() == (16 if capability().get("amx_bf16") else 0)
+
+
+def test_bf16_matrices_take_a_dense_matmul_from_dense_rows_on(restore_isa):
+    """From dense_bf16_rows() rows on (forced here, whatever the CPU), a bf16 matrix is multiplied by PyTorch's
+    bf16 matmul: the same bits as x.bfloat16() @ W.T; fewer rows, and fp16/fp32 matrices, keep the kernels."""
+    torch.manual_seed(11)
+    k = kernels()
+    assert k.set_dense_bf16_rows(4) == 4
+    w = (torch.randn(70, 96) * 0.2).bfloat16()
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 96)
+        y = k.qmatmul(x, w, None, None, KIND_BF16)
+        if rows < 4:
+            assert k.last_float_path() != PATH_DENSE
+            assert torch.allclose(y, x @ w.float().t(), atol=1e-4, rtol=1e-4)
+        else:
+            assert k.last_float_path() == PATH_DENSE
+            assert torch.equal(y, (x.bfloat16() @ w.t()).float())
+            assert torch.equal(k.qmatmul(x[None], w, None, None, KIND_BF16)[0], y)  # a leading batch shape
+    for dtype in (torch.float16, torch.float32):
+        k.qmatmul(torch.randn(9, 96), w.to(dtype), None, None, float_blocks(w.to(dtype)).kind)
+        assert k.last_float_path() != PATH_DENSE
+    assert k.set_dense_bf16_rows(-3) == 0  # never
+
+
+def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_isa):
+    """The decode stack's products go dense in a batch that reaches dense_bf16_rows(), alternating with the
+    pool's own products (whose spinning workers are sent to sleep first): 6 greedy streams through the Engine
+    finish, every stream as long as asked, and each stream decoded alone (kernels, float32 activations) and in
+    the batch (dense, bf16 activations) picks the same first three tokens. bf16 rounding may part them later on
+    a near tie, as it does in vLLM (here one stream of six parts at its 10th token)."""
+    from lanternlm.engine import Engine
+
+    save_folder(tmp_path, "llama", torch.bfloat16)
+    llm = LLM(str(tmp_path))
+    prompts = [llm.encode(f"{PROMPT} {i}") for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [llm.generate(p, params).token_ids for p in prompts]
+    kernels().set_dense_bf16_rows(4)
+    engine = Engine(llm.model, llm.tokenizer, context=128, max_batch=6)
+    got: dict[int, list[int]] = {i: [] for i in range(6)}
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, lambda e, i=i: got[i].append(e.step.token_id))
+    with torch.inference_mode():
+        while not engine.scheduler.idle:
+            engine.step()
+    assert kernels().last_float_path() == PATH_DENSE
+    assert all(len(got[i]) == 12 and got[i][:3] == alone[i][:3] for i in range(6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

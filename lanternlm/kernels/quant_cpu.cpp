@@ -52,6 +52,7 @@
 #include <vector>
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
+void rest_pool_workers();  // pool.cpp: its spinning workers sleep now
 
 // parallel_rows over output rows, split only at multiples of 4: batched products take rows in tiles of 2 from the
 // start of their range, with a single row at its end, and a tile's rounding differs from single rows'. Aligned
@@ -267,6 +268,7 @@ inline uint32_t load_u32(const uint8_t* p) {
 }  // namespace
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 
 #pragma GCC push_options
@@ -1272,7 +1274,8 @@ constexpr int64_t DPBF16_MAX_ROWS = 2;
 constexpr int64_t FEW_FLOAT_ROWS = 2;
 
 // Which float-kind kernel the last product used (tests assert it): FLOAT_PATH_*.
-constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3;
+constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3,
+                  FLOAT_PATH_DENSE = 4;
 std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
 
 // Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes every kind but
@@ -1553,8 +1556,33 @@ static int detect_isa() { return 0; }
 static bool detect_bf16_dot() { return false; }
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+// AMX-BF16 tiles present and enabled by the OS (XCR0 bits 17-18: the tile state is saved on a switch). The
+// kernels have no AMX code of their own: oneDNN has (PyTorch's bf16 matmuls), see DENSE_BF16_ROWS.
+static bool detect_amx_bf16() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE, so xgetbv may run
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & (3u << 17)) == (3u << 17);
+}
+#else
+static bool detect_amx_bf16() { return false; }
+#endif
+
 static int ISA = detect_isa();
 static bool BF16_DOT = detect_bf16_dot();
+
+// From how many activation rows a bf16 matrix is multiplied by a dense bf16 matmul (PyTorch's, so oneDNN's AMX
+// tiles) instead of Lantern's float kernels; 0: never. On a CPU with AMX-BF16 the tiles win from about 16 rows
+// (Sapphire Rapids-class VM, 2 threads, 3072 x 576: 0.30 vs 0.17 ms at 16 rows, 0.63 vs 0.25 at 32; at 8 rows
+// within 10% either way); without AMX oneDNN's AVX-512 BF16 kernels lose to these up to 64 rows and beyond, so
+// it stays off. The activations and the outputs are rounded to bf16 there (the dense prefill's accuracy and vLLM's,
+// not the float kernels'), and a row's bits then depend on whether its batch reached this size. In a decode step
+// the stack's products alternate with the pool's, so the pool's spinning workers are sent to sleep first.
+constexpr int64_t AMX_DENSE_BF16_ROWS = 16;
+static std::atomic<int64_t> DENSE_BF16_ROWS{detect_amx_bf16() ? AMX_DENSE_BF16_ROWS : 0};
 
 int64_t isa() { return ISA; }
 
@@ -1568,7 +1596,14 @@ int64_t set_bf16_dot(int64_t on) {
     return bf16_dot();
 }
 
-// The float-kind kernel the last product ran: 0 none yet, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16.
+// From how many rows bf16 matrices go to a dense matmul (0: never); tests and measurements set it, returns it.
+int64_t dense_bf16_rows() { return DENSE_BF16_ROWS.load(); }
+int64_t set_dense_bf16_rows(int64_t rows) {
+    DENSE_BF16_ROWS = std::max<int64_t>(rows, 0);
+    return dense_bf16_rows();
+}
+
+// The float-kind kernel the last product ran: 0 none yet, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16, 4 dense.
 int64_t last_float_path() { return LAST_FLOAT_PATH.load(); }
 
 // The block-kind kernel the last product ran (its last part): 0 none yet, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512
@@ -1700,6 +1735,13 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     auto y = torch::empty(shape, x.options());
     if (rows == 0 || n == 0) return y;
     if (is_float_kind(kind)) {
+        const int64_t dense = DENSE_BF16_ROWS.load();
+        if (kind == KIND_BF16 && dense > 0 && rows >= dense) {
+            rest_pool_workers();  // the matmul's OpenMP threads need the cores the pool's would spin on
+            y.view({rows, n}).copy_(torch::matmul(x.view({rows, k}).to(torch::kBFloat16), qs.t()));
+            LAST_FLOAT_PATH = FLOAT_PATH_DENSE;
+            return y;
+        }
         float_matmul(x.data_ptr<float>(), rows, k, qs, kind, y.data_ptr<float>());
         return y;
     }
@@ -2014,7 +2056,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("bf16_dot", &bf16_dot, "1 when bf16 weights are multiplied with AVX-512 BF16 dpbf16 (hi + lo activations)");
     mod.def("set_bf16_dot", &set_bf16_dot, "switch dpbf16 for bf16 weights off (0) or on (1, where the CPU has it)");
     mod.def("last_float_path", &last_float_path,
-            "the kernel of the last float-weight product: 0 none, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16");
+            "the kernel of the last float-weight product: 0 none, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16, "
+            "4 a dense bf16 matmul (DENSE_BF16_ROWS)");
+    mod.def("dense_bf16_rows", &dense_bf16_rows, "from how many rows bf16 matrices go to a dense matmul (0: never)");
+    mod.def("set_dense_bf16_rows", &set_dense_bf16_rows, "set that row count (0: never); returns it");
     mod.def("last_block_path", &last_block_path,
             "the kernel of the last block product: 0 none, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512 bytes across lanes, "
             "4 the same with rows' last 1-4 blocks packed together (add_tails)");
