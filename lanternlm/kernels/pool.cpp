@@ -63,10 +63,6 @@ public:
         while (done_.load(std::memory_order_acquire) != chunks) _mm_pause();
     }
 
-    // Spinning workers go to sleep now rather than after their ~0.2 ms: the caller is about to run threads of
-    // another kind (PyTorch's OpenMP team) on the same cores.
-    void rest() { rests_.fetch_add(1, std::memory_order_acq_rel); }
-
 private:
     // Chunks are claimed from one word: call id (32 bits) | chunk count (16) | next chunk (16). A thread that
     // wakes late finds another call's id, or no chunk left, and claims nothing, so the caller never waits for
@@ -90,13 +86,11 @@ private:
         while (true) {
             // spin for a while (~0.2 ms) for the next call, then sleep until one comes
             uint64_t now = generation_.load(std::memory_order_acquire);
-            const uint64_t rests = rests_.load(std::memory_order_acquire);
             const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
             int checks = 0;
             while (now == seen) {
                 _mm_pause();
-                if (++checks % 64 == 0 && (std::chrono::steady_clock::now() > spin_until ||
-                                           rests_.load(std::memory_order_acquire) != rests)) {
+                if (++checks % 64 == 0 && std::chrono::steady_clock::now() > spin_until) {
                     std::unique_lock<std::mutex> lock(sleep_mutex_);
                     wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
                 }
@@ -133,7 +127,6 @@ private:
     std::atomic<uint64_t> work_{0};         // see help()
     std::atomic<int64_t> done_{0};          // chunks finished in the current call
     std::atomic<bool> stop_{false};
-    std::atomic<uint64_t> rests_{0};        // bumped by rest(): spinning workers then sleep
     const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
     int64_t n_ = 0, chunk_ = 1;
 };
@@ -153,10 +146,6 @@ Pool& pool() {
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     pool().run(n, grain, fn);
-}
-
-void rest_pool_workers() {
-    if (current != nullptr) current->rest();
 }
 
 // The calling thread's OpenMP thread count for PyTorch's own ops (torch.set_num_threads would change every new

@@ -42,17 +42,19 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
+#include <mutex>
 #include <vector>
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
-void rest_pool_workers();  // pool.cpp: its spinning workers sleep now
 
 // parallel_rows over output rows, split only at multiples of 4: batched products take rows in tiles of 2 from the
 // start of their range, with a single row at its end, and a tile's rounding differs from single rows'. Aligned
@@ -1579,8 +1581,7 @@ static bool BF16_DOT = detect_bf16_dot();
 // (Sapphire Rapids-class VM, 2 threads, 3072 x 576: 0.30 vs 0.17 ms at 16 rows, 0.63 vs 0.25 at 32; at 8 rows
 // within 10% either way); without AMX oneDNN's AVX-512 BF16 kernels lose to these up to 64 rows and beyond, so
 // it stays off. The activations and the outputs are rounded to bf16 there (the dense prefill's accuracy and vLLM's,
-// not the float kernels'), and a row's bits then depend on whether its batch reached this size. In a decode step
-// the stack's products alternate with the pool's, so the pool's spinning workers are sent to sleep first.
+// not the float kernels'), and a row's bits then depend on whether its batch reached this size.
 constexpr int64_t AMX_DENSE_BF16_ROWS = 16;
 static std::atomic<int64_t> DENSE_BF16_ROWS{detect_amx_bf16() ? AMX_DENSE_BF16_ROWS : 0};
 
@@ -1737,8 +1738,31 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     if (is_float_kind(kind)) {
         const int64_t dense = DENSE_BF16_ROWS.load();
         if (kind == KIND_BF16 && dense > 0 && rows >= dense) {
-            rest_pool_workers();  // the matmul's OpenMP threads need the cores the pool's would spin on
-            y.view({rows, n}).copy_(torch::matmul(x.view({rows, k}).to(torch::kBFloat16), qs.t()));
+            const auto xb = x.view({rows, k}).to(torch::kBFloat16);
+            auto out = y.view({rows, n});
+            const int64_t threads = std::max(1, at::get_num_threads());
+            const bool inference = c10::InferenceMode::is_enabled();  // thread-local: each thread takes the caller's
+            // Each of the pool's threads runs oneDNN on one thread over its slice of W's rows, rather than one
+            // matmul on PyTorch's OpenMP team: called from the serving Engine's thread (not the first one), that
+            // team's workers slept between products and every call waited for them to wake. bf16 folder, 32
+            // streams on the Engine's thread: 320-334 tok/s with the float kernels, 316-344 with OpenMP's
+            // matmul, 412-431 so (on the first thread OpenMP's is faster: 456-487).
+            std::exception_ptr failed;
+            std::mutex failed_mutex;
+            parallel_rows(n, std::max<int64_t>(16, (n + threads - 1) / threads), [&](int64_t n0, int64_t n1) {
+                try {
+                    c10::InferenceMode mode(inference);
+                    at::get_num_threads();  // PyTorch's once-per-thread setup first: it would reset the count below
+                    const int before = omp_get_max_threads();
+                    omp_set_num_threads(1);
+                    out.narrow(1, n0, n1 - n0).copy_(torch::matmul(xb, qs.narrow(0, n0, n1 - n0).t()));
+                    omp_set_num_threads(before);
+                } catch (...) {  // thrown on the caller's thread below, not out of a pool worker (terminate)
+                    std::lock_guard<std::mutex> lock(failed_mutex);
+                    failed = std::current_exception();
+                }
+            });
+            if (failed) std::rethrow_exception(failed);
             LAST_FLOAT_PATH = FLOAT_PATH_DENSE;
             return y;
         }
