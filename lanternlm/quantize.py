@@ -20,7 +20,9 @@ Two implementations, picked by what the machine has:
   (the float kinds), multiplied with float32 activations. From DENSE_FROM_ROWS input rows on (prefill), the
   matrix is dequantized to bf16 for that call (a bf16 one is used as it is) and a dense bf16 matmul runs (oneDNN;
   AMX tiles where the CPU has them), which costs far less than the product it enables; bf16 rounding there moves
-  logits by ~1e-2 relative (0.988 top-1 agreement over 256 teacher-forced tokens in one prefill).
+  logits by ~1e-2 relative (0.988 top-1 agreement over 256 teacher-forced tokens in one prefill). Where the CPU
+  has AMX-BF16 the kernels hand a bf16 matrix to the dense matmul already from 16 rows (dense_bf16_rows(), a
+  batched decode of an HF folder's weights: see quant_cpu.cpp).
 - Int8Linear (GGUF files on any CPU, PyTorch only): int8 weights with one scale per row, PyTorch's
   `_weight_int8pack_mm` with bf16 activations. Measured on the project's 2-core VM: ~55 us for a 3072x576
   product against ~150 us in fp32; the CPU int4 kernel is far slower (8 tokens/s), hence 8 bits. It re-reads
