@@ -1745,8 +1745,9 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
             // Each of the pool's threads runs oneDNN on one thread over its slice of W's rows, rather than one
             // matmul on PyTorch's OpenMP team: called from the serving Engine's thread (not the first one), that
             // team's workers slept between products and every call waited for them to wake. bf16 folder, 32
-            // streams on the Engine's thread: 320-334 tok/s with the float kernels, 316-344 with OpenMP's
-            // matmul, 412-431 so (on the first thread OpenMP's is faster: 456-487).
+            // streams, Engine in-process on its own thread: 296-334 tok/s with the float kernels, 316-344 with
+            // OpenMP's matmul, 412-431 so (from the first thread OpenMP's did 456-487); `lantern serve`, 32
+            // streams over HTTP: 324-325 with the float kernels, 454-463 so.
             std::exception_ptr failed;
             std::mutex failed_mutex;
             parallel_rows(n, std::max<int64_t>(16, (n + threads - 1) / threads), [&](int64_t n0, int64_t n1) {
