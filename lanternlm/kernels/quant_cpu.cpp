@@ -1578,8 +1578,8 @@ static bool BF16_DOT = detect_bf16_dot();
 
 // From how many activation rows a bf16 matrix is multiplied by a dense bf16 matmul (PyTorch's, so oneDNN's AMX
 // tiles) instead of Lantern's float kernels; 0: never. On a CPU with AMX-BF16 the tiles win from about 16 rows
-// (Sapphire Rapids-class VM, 2 threads, 3072 x 576: 0.30 vs 0.17 ms at 16 rows, 0.63 vs 0.25 at 32; at 8 rows
-// within 10% either way); without AMX oneDNN's AVX-512 BF16 kernels lose to these up to 64 rows and beyond, so
+// (Sapphire Rapids-class VM, 2 threads, 3072 x 576: 0.35 vs 0.18 ms at 16 rows, 0.63 vs 0.25 at 32; at 8 rows
+// 0.20 vs 0.18, and 0.040 vs 0.049 for 576 x 576); without AMX oneDNN's AVX-512 BF16 kernels lose to these up to 64 rows and beyond, so
 // it stays off. The activations and the outputs are rounded to bf16 there (the dense prefill's accuracy and vLLM's,
 // not the float kernels'), and a row's bits then depend on whether its batch reached this size.
 constexpr int64_t AMX_DENSE_BF16_ROWS = 16;
@@ -1751,17 +1751,17 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
             std::exception_ptr failed;
             std::mutex failed_mutex;
             parallel_rows(n, std::max<int64_t>(16, (n + threads - 1) / threads), [&](int64_t n0, int64_t n1) {
+                at::get_num_threads();  // PyTorch's once-per-thread setup first: it would reset the count below
+                const int before = omp_get_max_threads();
+                omp_set_num_threads(1);
                 try {
                     c10::InferenceMode mode(inference);
-                    at::get_num_threads();  // PyTorch's once-per-thread setup first: it would reset the count below
-                    const int before = omp_get_max_threads();
-                    omp_set_num_threads(1);
                     out.narrow(1, n0, n1 - n0).copy_(torch::matmul(xb, qs.narrow(0, n0, n1 - n0).t()));
-                    omp_set_num_threads(before);
                 } catch (...) {  // thrown on the caller's thread below, not out of a pool worker (terminate)
                     std::lock_guard<std::mutex> lock(failed_mutex);
                     failed = std::current_exception();
                 }
+                omp_set_num_threads(before);
             });
             if (failed) std::rethrow_exception(failed);
             LAST_FLOAT_PATH = FLOAT_PATH_DENSE;
