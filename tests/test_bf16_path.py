@@ -159,10 +159,13 @@ def test_bf16_matrices_take_a_dense_matmul_from_dense_rows_on(restore_isa):
 
 def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_isa):
     """The decode stack's products go dense in a batch that reaches dense_bf16_rows(), on the pool's threads
-    beside its own products, from the Engine's thread: 6 greedy streams through the Engine
-    finish, every stream as long as asked, and each stream decoded alone (kernels, float32 activations) and in
-    the batch (dense, bf16 activations) picks the same first three tokens. bf16 rounding may part them later on
-    a near tie, as it does in vLLM (here one stream of six parts at its 10th token)."""
+    beside its own products, called from the Engine's own thread (as in `lantern serve`): 6 greedy streams, all
+    queued before the thread starts, finish, every stream as long as asked, and each stream decoded alone
+    (kernels, float32 activations) and in the batch (dense, bf16 activations) picks the same first three tokens.
+    bf16 rounding may part them later on a near tie, as it does in vLLM (here one stream of six parts at its 10th
+    token)."""
+    import threading
+
     from lanternlm.engine import Engine
 
     save_folder(tmp_path, "llama", torch.bfloat16)
@@ -173,12 +176,21 @@ def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_is
     kernels().set_dense_bf16_rows(4)
     engine = Engine(llm.model, llm.tokenizer, context=128, max_batch=6)
     got: dict[int, list[int]] = {i: [] for i in range(6)}
+    finished = threading.Semaphore(0)
+
+    def on_event(event, i):
+        got[i].append(event.step.token_id)
+        if event.step.finish_reason:
+            finished.release()
+
     for i, p in enumerate(prompts):
-        engine.submit(p, params, lambda e, i=i: got[i].append(e.step.token_id))
-    with torch.inference_mode():
-        while not engine.scheduler.idle:
-            engine.step()
-    assert kernels().last_float_path() == PATH_DENSE
+        engine.submit(p, params, lambda e, i=i: on_event(e, i))
+    engine.start()
+    try:
+        assert all(finished.acquire(timeout=120) for _ in prompts), "a stream never finished"
+    finally:
+        engine.shutdown()
+    assert not engine.dead and kernels().last_float_path() == PATH_DENSE
     assert all(len(got[i]) == 12 and got[i][:3] == alone[i][:3] for i in range(6))
 
 
