@@ -45,6 +45,7 @@ from .kernels import kernels
 from .kernels.blocks import (
     FLOAT_KINDS,
     KIND_BF16,
+    KIND_BF16_TILES,
     KIND_NAMES,
     KIND_Q3,
     KIND_Q6,
@@ -60,7 +61,9 @@ from .kernels.blocks import (
     new_tensor,
     q8_by_rows,
     refill,
+    tileable,
     to_lanes,
+    to_tiles,
 )
 from .loader.gguf import GGUFFile
 from .loader.gguf_model import hf_name, unpermute_rows
@@ -167,6 +170,8 @@ class QuantLinear(_BlocksModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < DENSE_FROM_ROWS * self.in_features:  # (..., in) -> (..., out), any leading shape
             y = kernels().qmatmul(x.float(), self.qs, self.d, self.m, self.kind)
+        elif self.kind == KIND_BF16_TILES:  # bf16 activations, as the dense path's, on AMX tiles
+            y = kernels().tiles_matmul(x.to(torch.bfloat16), self.qs)
         else:
             y = self._dense(x.to(torch.bfloat16))
         return y if self.bias is None else y + self.bias
@@ -206,6 +211,8 @@ class QuantEmbedding(_BlocksModule):
         # index_select, not qs[flat]: PyTorch's advanced indexing opened an OpenMP region even for a decode step's
         # 8 rows, whose spinning threads then held up the kernels' pool (libgomp took 12% of a batched step)
         flat = ids.reshape(-1)
+        if self.kind == KIND_BF16_TILES:  # a tied head's AMX tiles: the rows gathered back into row order
+            return kernels().bf16_tile_rows(self.qs, flat).float().reshape(*ids.shape, self.embedding_dim)
         d = None if self.d is None else self.d.index_select(0, flat)
         m = None if self.m is None else self.m.index_select(0, flat)
         rows = kernels().dequantize(self.qs.index_select(0, flat), d, m, self.kind, self.embedding_dim, torch.float32)
@@ -474,6 +481,8 @@ def _linear(src, weight: Blocks | torch.Tensor, bias: torch.Tensor | None) -> nn
     blocks = src.arena.place(weight)
     if blocks.kind == KIND_Q8 and kernels().isa() == 2:  # the AVX-512 kernel's order (blocks.py, KIND_Q8_LANES)
         blocks = to_lanes(blocks)
+    if tileable(blocks) and kernels().amx_bf16():  # AMX tiles' order (blocks.py, KIND_BF16_TILES)
+        blocks = to_tiles(blocks)
     return QuantLinear(blocks, bias)
 
 

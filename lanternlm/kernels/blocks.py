@@ -32,6 +32,10 @@ the order the AVX-512 kernel takes a group in (quant_cpu.cpp, lanes_of); a last 
 Q8_LANES_BLOCK_ORDER_MAX blocks stays block after block. `to_lanes` makes it at load where the kernels run
 AVX-512; d is KIND_Q8's.
 
+KIND_BF16_TILES is KIND_BF16's matrix (N a multiple of 16, K of 32) in the order AMX tiles take it (amx_cpu.cpp):
+element (r, i) at ((r//16 * K/32 + i//32) * 16 + i%32//2) * 32 + r%16 * 2 + i%2 of qs, which keeps the (N, K) shape.
+`to_tiles` makes it at load where the CPU has AMX-BF16; `from_tiles` is the reference for the order.
+
 V is ggml's table of 16 non-linear values (loader/quants.IQ4_NL_VALUES). KIND_IQ4_XS keeps the file's scales: d
 (N, K/256) float16, each super-block's D, and m (N, K/32) uint8, each block's 6-bit scale ls.
 
@@ -92,7 +96,7 @@ from ..loader.quants import (
 from . import kernels
 
 (KIND_Q4_MIN, KIND_Q4, KIND_Q8, KIND_Q5_MIN, KIND_Q5, KIND_Q6, KIND_Q3, KIND_BF16, KIND_F16, KIND_F32,
- KIND_Q4_K, KIND_Q5_K, KIND_Q2_K, KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q8_LANES) = range(16)
+ KIND_Q4_K, KIND_Q5_K, KIND_Q2_K, KIND_IQ4_NL, KIND_IQ4_XS, KIND_Q8_LANES, KIND_BF16_TILES) = range(17)
 KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks", KIND_Q8: "8-bit blocks",
               KIND_Q8_LANES: "8-bit blocks, 16 across lanes",
               KIND_Q4_K: "4-bit blocks with Q4_K's scales", KIND_Q5_K: "5-bit blocks with Q5_K's scales",
@@ -100,7 +104,8 @@ KIND_NAMES = {KIND_Q4_MIN: "4-bit blocks with offsets", KIND_Q4: "4-bit blocks",
               KIND_Q6: "6-bit blocks with multipliers per 16", KIND_Q3: "3-bit blocks with multipliers per 16",
               KIND_Q2_K: "2-bit blocks with Q2_K's scales", KIND_IQ4_NL: "4-bit non-linear blocks",
               KIND_IQ4_XS: "4-bit non-linear blocks with IQ4_XS's scales",
-              KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32"}
+              KIND_BF16: "bfloat16", KIND_F16: "float16", KIND_F32: "float32",
+              KIND_BF16_TILES: "bfloat16 in AMX tiles"}
 FLOAT_KINDS = {torch.bfloat16: KIND_BF16, torch.float16: KIND_F16, torch.float32: KIND_F32}  # dtype -> kind
 _FLOAT_DTYPES = {kind: dtype for dtype, kind in FLOAT_KINDS.items()}
 BLOCK_BYTES = {KIND_Q4_MIN: 16, KIND_Q4_K: 16, KIND_Q4: 16, KIND_Q8: 32, KIND_Q8_LANES: 32, KIND_Q5_MIN: 20,
@@ -138,7 +143,9 @@ class Blocks:
         return [t for t in (self.qs, self.d, self.m) if t is not None]
 
     def rows(self, index: torch.Tensor) -> Blocks:
-        """The rows at `index` (a permutation or a lookup), as a new Blocks."""
+        """The rows at `index` (a permutation or a lookup), as a new Blocks (a tiled matrix's as plain bf16)."""
+        if self.kind == KIND_BF16_TILES:
+            return float_blocks(kernels().bf16_tile_rows(self.qs, index.reshape(-1).long()))
         return Blocks(self.qs[index], None if self.d is None else self.d[index],
                       None if self.m is None else self.m[index], self.kind, (int(index.numel()), self.shape[1]))
 
@@ -147,6 +154,8 @@ class Blocks:
         row-parallel matrix. Block kinds are cut between whole blocks of 32 (qs, d and per-block offsets by
         block; Q6_K/Q3_K's multipliers per 16 elements); a float kind anywhere."""
         n, k = self.shape
+        if self.kind == KIND_BF16_TILES:  # as plain bf16
+            return from_tiles(self).columns(start, end)
         if is_float_kind(self.kind):
             return Blocks(self.qs[:, start:end].contiguous(), None, None, self.kind, (n, end - start))
         if self.kind == KIND_Q8_LANES:  # its groups start again at the cut's first block
@@ -518,6 +527,28 @@ def from_lanes(blocks: Blocks) -> Blocks:
     return Blocks(qs, blocks.d, None, KIND_Q8, blocks.shape)
 
 
+def tileable(blocks: Blocks) -> bool:
+    """Whether `to_tiles` takes this matrix: bf16 with N a multiple of 16 and K of 32."""
+    n, k = blocks.shape
+    return blocks.kind == KIND_BF16 and n % 16 == 0 and k % 32 == 0
+
+
+def to_tiles(blocks: Blocks) -> Blocks:
+    """A KIND_BF16 matrix as KIND_BF16_TILES, its qs reordered in place (the kernels' bf16_tiles)."""
+    if not tileable(blocks):
+        raise ValueError(f"only bf16 matrices with N % 16 == 0 and K % 32 == 0 take AMX tiles, not "
+                         f"{KIND_NAMES[blocks.kind]} {blocks.shape}")
+    kernels().bf16_tiles(blocks.qs)
+    return Blocks(blocks.qs, None, None, KIND_BF16_TILES, blocks.shape)
+
+
+def from_tiles(blocks: Blocks) -> Blocks:
+    """KIND_BF16_TILES as KIND_BF16 (a new qs in row order), in torch: the reference for the kernels' order."""
+    n, k = blocks.shape
+    tiles = blocks.qs.reshape(n // 16, k // 32, 16, 16, 2)  # (column block, tile, pair p, output c, 2)
+    return float_blocks(tiles.permute(0, 3, 1, 2, 4).reshape(n, k))
+
+
 def quantize_q8(w: torch.Tensor) -> Blocks:
     """Float weights (N, K) -> 8-bit blocks of 32: scale max|w|/127 rounded to float16, q = round(w/scale).
     The C++ kernels do it in one pass where they are built (a chunk of rows at a time, so a bf16 matrix never
@@ -607,6 +638,8 @@ def dequantize_blocks(blocks: Blocks) -> torch.Tensor:
     nb, kind = k // 32, blocks.kind
     if is_float_kind(kind):
         return blocks.qs.float()
+    if kind == KIND_BF16_TILES:
+        return from_tiles(blocks).qs.float()
     if kind in _EIGHT_BIT:
         q = (from_lanes(blocks) if kind == KIND_Q8_LANES else blocks).qs.view(n, nb, 32).float()
         return (q * blocks.d.float()[..., None]).reshape(n, k)

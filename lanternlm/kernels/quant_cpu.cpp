@@ -55,6 +55,9 @@
 #include <vector>
 
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);  // pool.cpp
+bool amx_bf16();  // amx_cpu.cpp
+void amx_bf16_matmul(const float* x, int64_t rows, int64_t k, const torch::Tensor& w, float* y);
+torch::Tensor bf16_tile_rows(const torch::Tensor& w, const torch::Tensor& index);
 
 // parallel_rows over output rows, split only at multiples of 4: batched products take rows in tiles of 2 from the
 // start of their range, with a single row at its end, and a tile's rounding differs from single rows'. Aligned
@@ -84,7 +87,8 @@ constexpr int64_t KIND_Q2_K = 12;   // 2-bit: crumbs, Q2_K's own scales: per 16 
 constexpr int64_t KIND_IQ4_NL = 13;  // 4-bit indices into ggml's non-linear table (IQ4_NL_VALUES), d per block
 constexpr int64_t KIND_IQ4_XS = 14;  // the same, d per super-block and a 6-bit scale per block (IQ4_XS)
 constexpr int64_t KIND_Q8_LANES = 15;  // KIND_Q8's values, each group of 16 blocks step-major (see q8_lanes)
-constexpr int64_t KIND_COUNT = 16;
+constexpr int64_t KIND_BF16_TILES = 16;  // KIND_BF16's values in AMX tile order (amx_cpu.cpp)
+constexpr int64_t KIND_COUNT = 17;
 
 // IQ4_NL's and IQ4_XS's 16 values (ggml's kvalues_iq4nl; loader/quants.IQ4_NL_VALUES): a nibble q stands for
 // IQ4_NL_VALUES[q] times the block's scale.
@@ -1277,7 +1281,7 @@ constexpr int64_t FEW_FLOAT_ROWS = 2;
 
 // Which float-kind kernel the last product used (tests assert it): FLOAT_PATH_*.
 constexpr int64_t FLOAT_PATH_NONE = 0, FLOAT_PATH_AVX2 = 1, FLOAT_PATH_AVX512 = 2, FLOAT_PATH_DPBF16 = 3,
-                  FLOAT_PATH_DENSE = 4;
+                  FLOAT_PATH_DENSE = 4, FLOAT_PATH_AMX = 5;
 std::atomic<int64_t> LAST_FLOAT_PATH{FLOAT_PATH_NONE};
 
 // Which block-kind kernel the last product (its last part) used: BLOCK_PATH_*. AVX-512 computes every kind but
@@ -1558,20 +1562,6 @@ static int detect_isa() { return 0; }
 static bool detect_bf16_dot() { return false; }
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-// AMX-BF16 tiles present and enabled by the OS (XCR0 bits 17-18: the tile state is saved on a switch). The
-// kernels have no AMX code of their own: oneDNN has (PyTorch's bf16 matmuls), see DENSE_BF16_ROWS.
-static bool detect_amx_bf16() {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE, so xgetbv may run
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & (3u << 17)) == (3u << 17);
-}
-#else
-static bool detect_amx_bf16() { return false; }
-#endif
 
 static int ISA = detect_isa();
 static bool BF16_DOT = detect_bf16_dot();
@@ -1581,9 +1571,11 @@ static bool BF16_DOT = detect_bf16_dot();
 // (Sapphire Rapids-class VM, 2 threads, 3072 x 576: 0.35 vs 0.18 ms at 16 rows, 0.63 vs 0.25 at 32; at 8 rows
 // 0.20 vs 0.18, and 0.040 vs 0.049 for 576 x 576); without AMX oneDNN's AVX-512 BF16 kernels lose to these up to 64 rows and beyond, so
 // it stays off. The activations and the outputs are rounded to bf16 there (the dense prefill's accuracy and vLLM's,
-// not the float kernels'), and a row's bits then depend on whether its batch reached this size.
+// not the float kernels'), and a row's bits then depend on whether its batch reached this size. Since the matrices
+// with N % 16 == 0 and K % 32 == 0 are kept in AMX tiles on such CPUs (KIND_BF16_TILES, amx_cpu.cpp: Lantern's own
+// product at every row count), this is the path of the other bf16 matrices there.
 constexpr int64_t AMX_DENSE_BF16_ROWS = 16;
-static std::atomic<int64_t> DENSE_BF16_ROWS{detect_amx_bf16() ? AMX_DENSE_BF16_ROWS : 0};
+static std::atomic<int64_t> DENSE_BF16_ROWS{amx_bf16() ? AMX_DENSE_BF16_ROWS : 0};
 
 int64_t isa() { return ISA; }
 
@@ -1604,7 +1596,8 @@ int64_t set_dense_bf16_rows(int64_t rows) {
     return dense_bf16_rows();
 }
 
-// The float-kind kernel the last product ran: 0 none yet, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16, 4 dense.
+// The float-kind kernel the last product ran: 0 none yet, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16, 4 dense,
+// 5 AMX tiles.
 int64_t last_float_path() { return LAST_FLOAT_PATH.load(); }
 
 // The block-kind kernel the last product ran (its last part): 0 none yet, 1 AVX2 int16, 2 AVX-512 int16, 3 AVX-512
@@ -1630,6 +1623,13 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
                   const c10::optional<torch::Tensor>& m, int64_t kind, int64_t k) {
     TORCH_CHECK(ISA > 0, "Lantern's quantized CPU kernels need an x86-64 CPU with AVX2 and FMA");
     TORCH_CHECK(kind >= 0 && kind < KIND_COUNT, "unknown block kind ", kind);
+    if (kind == KIND_BF16_TILES) {
+        TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == torch::kBFloat16 && qs.dim() == 2 &&
+                    qs.is_contiguous() && qs.size(1) == k && qs.size(0) % 16 == 0 && k % 32 == 0,
+                    "tiled bf16 weights: (N, K=", k, ") contiguous bfloat16 on the CPU, N a multiple of 16 and K of "
+                    "32, got ", qs.scalar_type(), " ", qs.sizes());
+        return;
+    }
     if (is_float_kind(kind)) {
         const auto dtype = kind == KIND_BF16 ? torch::kBFloat16 : kind == KIND_F16 ? torch::kHalf : torch::kFloat32;
         TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == dtype && qs.dim() == 2 && qs.is_contiguous() &&
@@ -1735,6 +1735,11 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& qs, const 
     shape.back() = n;
     auto y = torch::empty(shape, x.options());
     if (rows == 0 || n == 0) return y;
+    if (kind == KIND_BF16_TILES) {  // AMX tiles at every row count (amx_cpu.cpp)
+        amx_bf16_matmul(x.data_ptr<float>(), rows, k, qs, y.data_ptr<float>());
+        LAST_FLOAT_PATH = FLOAT_PATH_AMX;
+        return y;
+    }
     if (is_float_kind(kind)) {
         const int64_t dense = DENSE_BF16_ROWS.load();
         if (kind == KIND_BF16 && dense > 0 && rows >= dense) {
@@ -1856,6 +1861,10 @@ void dequantize_to(const torch::Tensor& qs, const c10::optional<torch::Tensor>& 
                 out.is_contiguous(), "out: a contiguous (N, K) tensor on the CPU");
     TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
                 "dequantize to float32 or bfloat16");
+    if (kind == KIND_BF16_TILES) {
+        out.copy_(bf16_tile_rows(qs, torch::arange(qs.size(0), qs.options().dtype(torch::kInt64))));
+        return;
+    }
     float* f = out.scalar_type() == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
     uint16_t* h = out.scalar_type() == torch::kBFloat16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -2057,6 +2066,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                double scale, int64_t window);
 
 void register_decode_stack(pybind11::module& mod);
+void register_amx(pybind11::module& mod);  // amx_cpu.cpp
 
 // logits_cpu.cpp
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> top_logits(const torch::Tensor& x, int64_t k);
@@ -2065,6 +2075,7 @@ int64_t set_torch_threads(int64_t n);  // pool.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     register_decode_stack(mod);
+    register_amx(mod);
     mod.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * (w + offset) over the last dimension, float32");
     mod.def("gated_act", &gated_act, "act(gate) * up for x = [gate | up]; act 0 SiLU, 1 GELU-tanh");
     mod.def("decode_attention", &decode_attention,
@@ -2082,7 +2093,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("set_bf16_dot", &set_bf16_dot, "switch dpbf16 for bf16 weights off (0) or on (1, where the CPU has it)");
     mod.def("last_float_path", &last_float_path,
             "the kernel of the last float-weight product: 0 none, 1 AVX2 FMA, 2 AVX-512 FMA, 3 AVX-512 dpbf16, "
-            "4 a dense bf16 matmul (DENSE_BF16_ROWS)");
+            "4 a dense bf16 matmul (DENSE_BF16_ROWS), 5 AMX tiles (KIND_BF16_TILES)");
     mod.def("dense_bf16_rows", &dense_bf16_rows, "from how many rows bf16 matrices go to a dense matmul (0: never)");
     mod.def("set_dense_bf16_rows", &set_dense_bf16_rows, "set that row count (0: never); returns it");
     mod.def("last_block_path", &last_block_path,
