@@ -245,18 +245,23 @@ bool amx_bf16() {
 namespace {
 
 // y (rows, N) float32 = A (rows, K) @ W.T, A as bf16 hi (+ lo, when given) parts of `padded` rows (zero past `rows`).
+// The decode products (hi + lo) run on the kernels' pool, as the other decode kernels; the prefill's (bf16
+// activations, tiles_matmul) on PyTorch's OpenMP threads, as the dense phase's other ops: two sets of spinning
+// threads on the same cores made a 56-token prefill of the bf16 folder ~2x slower (quant_cpu.cpp, dequantize_to).
 void tiles_product(const uint16_t* hi, const uint16_t* lo, int64_t rows, int64_t k, const torch::Tensor& w, float* y) {
 #if defined(__x86_64__) || defined(_M_X64)
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
     const int64_t n = w.size(0), blocks = n / TILE_OUT, groups = (blocks + GROUP - 1) / GROUP;
     // Tasks of whole groups of column blocks, each configuring the tiles once: about two per thread.
     const int64_t grain = std::max<int64_t>(1, groups / (2 * std::max(1, at::get_num_threads())));
-    parallel_rows(groups, grain, [&](int64_t g0, int64_t g1) {
+    auto task = [&](int64_t g0, int64_t g1) {
         const int64_t b0 = g0 * GROUP, b1 = std::min(blocks, g1 * GROUP);
         if (lo) amx::column_blocks<true>(wp, k, hi, lo, rows, n, b0, b1, y);
         else if (rows > 16) amx::block_pairs(wp, k, hi, rows, n, b0, b1, y);
         else amx::column_blocks<false>(wp, k, hi, nullptr, rows, n, b0, b1, y);
-    });
+    };
+    if (lo) parallel_rows(groups, grain, task);
+    else at::parallel_for(0, groups, grain, task);
 #endif
 }
 
@@ -336,7 +341,11 @@ torch::Tensor bf16_tile_rows(const torch::Tensor& w, const torch::Tensor& index)
 
 void register_amx(pybind11::module& mod) {
     mod.def("amx_bf16", &amx_bf16, "whether this CPU and OS run the AMX-BF16 product of tiled bf16 matrices");
-    mod.def("bf16_tiles", &bf16_tiles, "bf16 weights (N, K), N % 16 == 0, K % 32 == 0 -> the tiled order, in place");
-    mod.def("tiles_matmul", &tiles_matmul, "(..., N) float32 = x (..., K) bf16 @ W.T for a tiled bf16 W (AMX)");
-    mod.def("bf16_tile_rows", &bf16_tile_rows, "rows of a tiled bf16 matrix, as a plain (len, K) bf16 tensor");
+    // The GIL is let go as in quant_cpu.cpp's products: a server's event loop runs meanwhile.
+    mod.def("bf16_tiles", &bf16_tiles, "bf16 weights (N, K), N % 16 == 0, K % 32 == 0 -> the tiled order, in place",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("tiles_matmul", &tiles_matmul, "(..., N) float32 = x (..., K) bf16 @ W.T for a tiled bf16 W (AMX)",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
+    mod.def("bf16_tile_rows", &bf16_tile_rows, "rows of a tiled bf16 matrix, as a plain (len, K) bf16 tensor",
+            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
