@@ -188,6 +188,42 @@ def test_choices_of_one_prompt_share_its_blocks(model, tokenizer):
     assert [r["ids"] for r in together] == [r["ids"] for r in separate]
 
 
+@pytest.mark.parametrize("shared,own,waits", [(16, 24, False), (40, 8, True)])
+def test_a_burst_waits_for_a_twin_only_for_most_of_its_prompt(shared, own, waits, tokenizer):
+    """Four prompts of `shared` tokens in common and `own` of their own, submitted before the engine starts.
+    Sharing one block of 40 tokens (as a chat template's default system prompt), they prefill together in one
+    forward, each computing that block; sharing 2 full blocks of 48, the first prefills alone and the other three
+    then take its 2 blocks from the cache, together: the wait is not passed on from one to the next. Tokens
+    equal runs without the cache."""
+    model = lantern_from_hf(make_hf_model("llama"))
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(0, model.config.vocab_size, (shared,), generator=g).tolist()
+    prompts = [head + torch.randint(0, model.config.vocab_size, (own,), generator=g).tolist() for _ in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * 4
+    engine = Engine(model, tokenizer, context=256)
+    calls = []
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda batch: calls.append([count for _, count in batch]) or prefill(batch)
+    results = submit_all(engine, prompts, params)
+    engine.start()
+    try:
+        wait_all(results)
+    finally:
+        engine.shutdown()
+    full = len(prompts[0])
+    if waits:
+        assert calls == [[full], [full - 32] * 3]
+        assert [r["cached"] for r in results] == [0, 32, 32, 32]
+    else:
+        assert calls == [[full] * 4]
+        assert [r["cached"] for r in results] == [0, 0, 0, 0]
+    fresh = engine_for(model, tokenizer, prefix_caching=False)
+    try:
+        assert [r["ids"] for r in results] == [r["ids"] for r in run(fresh, prompts, params)]
+    finally:
+        fresh.shutdown()
+
+
 def test_blocks_outside_a_sliding_window_are_released_and_change_nothing(tokenizer):
     """Mistral (every layer windowed, 5 positions here): the engine releases the blocks that fell out of the
     window, and a 60-token generation still equals generate()'s, which keeps every block. Holding 2 blocks at

@@ -71,15 +71,28 @@ class Scheduler:
             self.running.append(seq)
 
     def _twin_prefilling(self, seq: Sequence) -> bool:
-        """A running sequence is still prefilling the same first block under the same salt (n > 1 choices, or a
-        burst with a shared system prompt): wait for it, and take its blocks from the cache, rather than
-        compute the same prefix twice."""
+        """A running sequence is still prefilling a prefix this one shares (n > 1 choices, a burst with a long
+        shared system prompt), and would serve at least half of this prompt from the cache beyond what the cache
+        serves now: wait for it rather than compute the same blocks twice. A shorter share is computed again
+        instead: a burst whose prompts share only a chat template's first block (SmolLM2's default system prompt)
+        waited one prefill per step, each in turn the twin of the next (32 chat prompts of ~37 tokens: 32
+        prefills, 2.5 s of a 6.8 s run, on the Engine's thread), and now prefills together."""
         if not self.prefix_caching or self._cacheable(seq) == 0:
             return False
-        size = self.blocks.block_size
-        head = seq.target[:size]
-        return len(seq.target) > size and any(
-            r.prefilling and r.salt == seq.salt and r.target[:size] == head for r in self.running)
+        size, target = self.blocks.block_size, seq.target
+        cached = None
+        for r in self.running:
+            if not (r.prefilling and r.salt == seq.salt and r.target[:size] == target[:size]):
+                continue
+            shared = size  # whole blocks both prompts have, the first known to match
+            while shared + size <= min(len(target), len(r.target)) and \
+                    r.target[shared:shared + size] == target[shared:shared + size]:
+                shared += size
+            if cached is None:
+                cached = self.blocks.cached_tokens(target, seq.salt, self._cacheable(seq))
+            if 2 * (shared - cached) >= len(target):
+                return True
+        return False
 
     def prefills(self, budget: int) -> list[tuple[Sequence, int]]:
         """The sequences whose prompts get a chunk this step, with each chunk's length: several at once (one
