@@ -198,3 +198,26 @@ def test_serve_api_keys_come_from_flags_and_a_file(tmp_path):
         api_keys(argparse.Namespace(api_key=[], api_key_file=None, prefix_cache_per_key=True))
     with pytest.raises(LanternError, match="cannot read --api-key-file"):
         api_keys(argparse.Namespace(api_key=[], api_key_file=str(tmp_path / "none"), prefix_cache_per_key=False))
+
+
+def test_serve_loads_the_model_on_a_thread_that_ends(monkeypatch):
+    """`lantern serve` loads on a thread of its own that has ended by the time it serves (so the load's OpenMP
+    team is gone: cli._open_on_a_passing_thread says why); a load error is raised on the main thread as it was."""
+    import threading
+    import types
+
+    from lanternlm import cli
+
+    seen = []
+
+    def fake_open(args):
+        seen.append(threading.current_thread())
+        if args.model == "bad":
+            raise cli.LanternError("no such model: bad")
+        return "the model"
+
+    monkeypatch.setattr(cli, "open_model", fake_open)
+    assert cli._open_on_a_passing_thread(types.SimpleNamespace(model="good")) == "the model"
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+    with pytest.raises(cli.LanternError, match="no such model: bad"):
+        cli._open_on_a_passing_thread(types.SimpleNamespace(model="bad"))
