@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from test_bf16_path import batch_on_engine_thread
 
 from lanternlm import LLM, SamplingParams
 from lanternlm.kernels import kernels
@@ -161,28 +160,11 @@ def test_engine_batch_on_tiles_gives_each_stream_its_tokens_alone(tmp_path):
     """Six greedy streams decoded as one batch on the Engine's own thread (as in `lantern serve`), against each
     decoded alone: the same tokens, all of them, since a tiled product's row does not depend on its batch (the
     prompts keep the batched prefill under 32 rows, where activations keep their hi + lo parts on both sides)."""
-    from lanternlm.engine import Engine
-
     save_folder(tmp_path, "llama", torch.bfloat16)
     llm = LLM(str(tmp_path))
     prompts = [llm.encode(f"fox {i}")[:4] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = [greedy(llm, p) for p in prompts]
-    engine = Engine(llm.model, llm.tokenizer, context=128, max_batch=6, kv_dtype=llm.kv_dtype)
-    got: dict[int, list[int]] = {i: [] for i in range(6)}
-    finished = threading.Semaphore(0)
-
-    def on_event(event, i):
-        got[i].append(event.step.token_id)
-        if event.step.finish_reason:
-            finished.release()
-
-    for i, p in enumerate(prompts):
-        engine.submit(p, params, lambda e, i=i: on_event(e, i))
-    engine.start()
-    try:
-        assert all(finished.acquire(timeout=120) for _ in prompts), "a stream never finished"
-    finally:
-        engine.shutdown()
-    assert not engine.dead and kernels().last_float_path() == PATH_AMX
-    assert [got[i] for i in range(6)] == alone
+    got = batch_on_engine_thread(llm, prompts, params, kv_dtype=llm.kv_dtype)
+    assert kernels().last_float_path() == PATH_AMX
+    assert got == alone

@@ -10,6 +10,8 @@ Lantern's kernels (the float kinds), and quantized at load with --quantize.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -168,10 +170,6 @@ def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_is
     (kernels, float32 activations) and in the batch (dense, bf16 activations) picks the same first three tokens.
     bf16 rounding may part them later on a near tie, as it does in vLLM (seed 1 here; with seeds 0 and 3 one stream
     of six parts at its 2nd / 3rd token)."""
-    import threading
-
-    from lanternlm.engine import Engine
-
     # in_features 80 and 120, no multiples of 32: plain bf16 matrices on every CPU (AMX tiles take the others;
     # test_amx_tiles.py)
     save_folder(tmp_path, "llama", torch.bfloat16, hidden_size=80, intermediate_size=120, seed=1)
@@ -181,8 +179,18 @@ def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_is
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = [llm.generate(p, params).token_ids for p in prompts]
     kernels().set_dense_bf16_rows(4)
-    engine = Engine(llm.model, llm.tokenizer, context=128, max_batch=6)
-    got: dict[int, list[int]] = {i: [] for i in range(6)}
+    got = batch_on_engine_thread(llm, prompts, params)
+    assert kernels().last_float_path() == PATH_DENSE
+    assert all(len(got[i]) == 12 and got[i][:3] == alone[i][:3] for i in range(6))
+
+
+def batch_on_engine_thread(llm: LLM, prompts: list[list[int]], params: SamplingParams, **engine_args) -> list[list[int]]:
+    """Each prompt's tokens, decoded as one batch by an Engine on its own thread (as in `lantern serve`), every
+    request queued before the thread starts; every stream must finish and the engine stay alive."""
+    from lanternlm.engine import Engine
+
+    engine = Engine(llm.model, llm.tokenizer, context=128, max_batch=len(prompts), **engine_args)
+    got: list[list[int]] = [[] for _ in prompts]
     finished = threading.Semaphore(0)
 
     def on_event(event, i):
@@ -197,8 +205,8 @@ def test_bf16_folder_decodes_a_batch_through_dense_products(tmp_path, restore_is
         assert all(finished.acquire(timeout=120) for _ in prompts), "a stream never finished"
     finally:
         engine.shutdown()
-    assert not engine.dead and kernels().last_float_path() == PATH_DENSE
-    assert all(len(got[i]) == 12 and got[i][:3] == alone[i][:3] for i in range(6))
+    assert not engine.dead
+    return got
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
