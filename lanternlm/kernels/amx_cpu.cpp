@@ -71,12 +71,6 @@ bool detect_amx_bf16() {
 bool detect_amx_bf16() { return false; }
 #endif
 
-void check_tiled(const torch::Tensor& w) {
-    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && w.is_contiguous() &&
-                w.size(0) % TILE_OUT == 0 && w.size(1) % TILE_IN == 0,
-                "tiled bf16 weights: a contiguous (N, K) bfloat16 CPU tensor, N a multiple of 16 and K of 32, got ",
-                w.scalar_type(), " ", w.sizes());
-}
 
 // Index of element (r, i) of a (N, K) matrix in the tiled order.
 inline int64_t tiled_at(int64_t r, int64_t i, int64_t k) {
@@ -85,6 +79,14 @@ inline int64_t tiled_at(int64_t r, int64_t i, int64_t k) {
 }
 
 }  // namespace
+
+// A tiled matrix's tensor: quant_cpu.cpp's check() of KIND_BF16_TILES and this file's entry points call it.
+void check_tiled(const torch::Tensor& w) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && w.is_contiguous() &&
+                w.size(0) % TILE_OUT == 0 && w.size(1) % TILE_IN == 0,
+                "tiled bf16 weights: a contiguous (N, K) bfloat16 CPU tensor, N a multiple of 16 and K of 32, got ",
+                w.scalar_type(), " ", w.sizes());
+}
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
@@ -269,11 +271,10 @@ int64_t padded_rows(int64_t rows) { return rows <= 16 ? rows : (rows + 15) / 16 
 
 }  // namespace
 
-// y (rows, N) float32 = x (rows, K) float32 @ W.T, W tiled (N, K) bf16: x split into hi + lo (quant_cpu.cpp's
-// qmatmul, the decode products).
+// y (rows, N) float32 = x (rows, K) float32 @ W.T, W tiled (N, K) bf16 (checked by the caller, quant_cpu.cpp's
+// qmatmul): x split into hi + lo, the decode products.
 void amx_bf16_matmul(const float* x, int64_t rows, int64_t k, const torch::Tensor& w, float* y) {
     TORCH_CHECK(amx_bf16(), "tiled bf16 weights need a CPU with AMX-BF16 (Intel Xeon, Sapphire Rapids or later)");
-    check_tiled(w);
     std::vector<uint16_t> hi(padded_rows(rows) * k, 0), lo(padded_rows(rows) * k, 0);
 #if defined(__x86_64__) || defined(_M_X64)
     avx512bf16::split_rows(x, rows, k, k, hi.data(), lo.data());

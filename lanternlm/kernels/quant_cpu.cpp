@@ -58,6 +58,7 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 bool amx_bf16();  // amx_cpu.cpp
 void amx_bf16_matmul(const float* x, int64_t rows, int64_t k, const torch::Tensor& w, float* y);
 torch::Tensor bf16_tile_rows(const torch::Tensor& w, const torch::Tensor& index);
+void check_tiled(const torch::Tensor& w);
 
 // parallel_rows over output rows, split only at multiples of 4: batched products take rows in tiles of 2 from the
 // start of their range, with a single row at its end, and a tile's rounding differs from single rows'. Aligned
@@ -1624,10 +1625,8 @@ static void check(const torch::Tensor& qs, const c10::optional<torch::Tensor>& d
     TORCH_CHECK(ISA > 0, "Lantern's quantized CPU kernels need an x86-64 CPU with AVX2 and FMA");
     TORCH_CHECK(kind >= 0 && kind < KIND_COUNT, "unknown block kind ", kind);
     if (kind == KIND_BF16_TILES) {
-        TORCH_CHECK(qs.device().is_cpu() && qs.scalar_type() == torch::kBFloat16 && qs.dim() == 2 &&
-                    qs.is_contiguous() && qs.size(1) == k && qs.size(0) % 16 == 0 && k % 32 == 0,
-                    "tiled bf16 weights: (N, K=", k, ") contiguous bfloat16 on the CPU, N a multiple of 16 and K of "
-                    "32, got ", qs.scalar_type(), " ", qs.sizes());
+        check_tiled(qs);
+        TORCH_CHECK(qs.size(1) == k, "tiled bf16 weights: (N, K=", k, "), got ", qs.sizes());
         return;
     }
     if (is_float_kind(kind)) {
