@@ -1,7 +1,7 @@
 """Compiles Lantern's C++ CPU kernels into the package when it is built or installed (the metadata is pyproject.toml's).
 
 The extension, `lanternlm.kernels._lantern_kernels`, is built with torch's CppExtension/BuildExtension from every
-.cpp in lanternlm/kernels/, with the same flags as the run-time build and no -march: the AVX-512 VNNI and AVX2+FMA
+.cpp in lanternlm/kernels/, with the same flags as the run-time build and no -march: the AMX, AVX-512 VNNI and AVX2+FMA
 paths carry their own target attributes and are chosen from CPUID at load, so one binary runs on any x86-64 CPU.
 Beside it goes `_build_info.json`: the sources' hash, the PyTorch/Python versions and the compiler flags, which
 lanternlm.kernels checks before loading it (see its docstring).

@@ -1,6 +1,6 @@
 // Lantern's CPU kernels for linear layers whose weights stay quantized in 32-element blocks.
 //
-// Built with the package (setup.py compiles this file, decode_cpu.cpp and pool.cpp into one extension); when
+// Built with the package (setup.py compiles every .cpp beside this file into one extension); when
 // that build is missing or stale, lanternlm/kernels/__init__.py builds it at first use and caches it.
 // The weights come in the "split block" layouts that kernels/blocks.py repacks ggml's types into without
 // changing a value (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K and IQ4_XS keep their scales):
